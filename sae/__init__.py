@@ -1,0 +1,27 @@
+"""sae: sparse autoencoders for language-model activations.
+
+    import sae
+    model = sae.load(RUN)
+    store = sae.ActivationStore(STORE)
+    with sae.splice(hf_model, model, site="resid_post", layer=6): ...
+"""
+__version__ = "0.1.0"
+
+__all__ = ["load", "ActivationStore", "splice", "UserError", "__version__"]
+
+
+def __getattr__(name):
+    # lazy, so that `sae --help` does not import torch
+    if name == "load":
+        from sae.io import load
+        return load
+    if name == "ActivationStore":
+        from sae.store import ActivationStore
+        return ActivationStore
+    if name == "splice":
+        from sae.splice import splice
+        return splice
+    if name == "UserError":
+        from sae.errors import UserError
+        return UserError
+    raise AttributeError(name)

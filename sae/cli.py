@@ -1,0 +1,61 @@
+"""The `sae` console script: a thin dispatcher over sae/commands/<name>.py.
+
+Each command module defines HELP (one line), add_arguments(parser) and run(args) -> int | None.
+Bad input raises sae.errors.UserError: printed as one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from sae.errors import UserError
+
+COMMANDS = ["collect", "train", "eval", "analyze", "sweep", "export", "dashboard"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line (no usage dump), like every other error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: CUDA when present (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sae", description="Sparse autoencoders for language-model activations.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        module = importlib.import_module(f"sae.commands.{name}")
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = os.environ.get("SAE_DEBUG") == "1"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            sys.exit(2)
+        status = args._run(args)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(status or 0))
