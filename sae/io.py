@@ -2,6 +2,7 @@
 sae.interop, SAELens and sparsify folders). Nothing here reads a pickle."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ def package_version() -> str:
         return "0+unknown"
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -54,6 +56,10 @@ def save_run(model, run_dir, extra: dict | None = None) -> None:
 def read_config(run_dir) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
+        from sae import interop
+        foreign = interop.describe(run_dir)  # a SAELens / sparsify folder: its config in our terms
+        if foreign is not None:
+            return foreign
         raise UserError(f"{run_dir} is not a run folder (no {CONFIG})")
     try:
         return json.loads(path.read_text())
@@ -71,6 +77,9 @@ def load(path, device: str | torch.device = "cpu", weights: str | None = None, *
     """Open a trained SAE: a run folder of this project, or (via sae.interop) another tool's layout."""
     path_str = str(path)
     run_dir = Path(path_str)
+    if kwargs.get("subfolder") and run_dir.exists():  # a local copy of a Hub repo, or RUN/layer_L
+        run_dir = run_dir / kwargs.pop("subfolder")
+        path_str = str(run_dir)
     if not run_dir.exists():
         from sae import interop
         return interop.load_foreign(path_str, device=device, **kwargs)
@@ -85,3 +94,54 @@ def load(path, device: str | torch.device = "cpu", weights: str | None = None, *
         return model.to(device).eval()
     from sae import interop
     return interop.load_foreign(path_str, device=device, **kwargs)
+
+
+# ---- Hugging Face Hub: a run folder is a Hub repo as it is ----------------------------------
+MODEL_CARD = "README.md"
+
+
+def save_pretrained(model, save_directory, extra: dict | None = None, model_card: bool = True) -> Path:
+    """Write a module as a run folder (config.json + sae.safetensors, and a README.md model card unless
+    one exists) that `from_pretrained` reads back and `push_to_hub` uploads as it is."""
+    save_directory = Path(save_directory)
+    context = {k: v for k, v in (getattr(model, "run_config", None) or {}).items()
+               if k not in ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes",
+                            "version", "git_commit")}
+    save_run(model, save_directory, {**context, **(extra or {})})
+    if model_card and not (save_directory / MODEL_CARD).exists():
+        from sae.store import write_atomic_bytes
+        write_atomic_bytes(save_directory / MODEL_CARD, model_card_text(read_config(save_directory)).encode())
+    return save_directory
+
+
+def model_card_text(config: dict) -> str:
+    where = ", ".join(f"{k} {config[k]}" for k in ("model", "layer", "site") if config.get(k) is not None)
+    return (f"---\nlibrary_name: sae\ntags:\n- sparse-autoencoder\n- interpretability\n"
+            f"- sae-{config.get('variant')}\n---\n\n"
+            f"# {config.get('variant')} sparse autoencoder{' (' + where + ')' if where else ''}\n\n"
+            f"d_in = {config.get('d_in')}, d_sae = {config.get('d_sae')}, knobs: {config.get('knobs', {})}.\n\n"
+            f"```python\nimport sae\nmodel = sae.io.from_pretrained(\"<this repo id>\")   # or sae.load(\"<repo id>\")\n"
+            f"codes = model.encode(x)      # x: [n, {config.get('d_in')}] raw activations\n"
+            f"x_hat = model.decode(codes)\n```\n\n"
+            f"Files: config.json (variant, knobs, training context), sae.safetensors (weights; the input scale is "
+            f"the `input_scale` buffer); analysis/ and eval.json when present.\n")
+
+
+def from_pretrained(name_or_path, subfolder: str | None = None, revision: str | None = None,
+                    device: str | torch.device = "cpu"):
+    """`sae.load` for a local folder or a Hub repo id (fetched with huggingface_hub; only `subfolder/*`
+    when a subfolder is named). Opens this project's runs and SAELens / sparsify layouts alike."""
+    return load(name_or_path, device=device, subfolder=subfolder, **({"revision": revision} if revision else {}))
+
+
+def push_to_hub(run_dir, repo_id: str, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload sparse autoencoder") -> str:
+    """Upload a run folder to the Hub as it is (config.json, sae.safetensors, analysis/ ...)."""
+    from huggingface_hub import HfApi
+    run_dir = Path(run_dir)
+    read_config(run_dir)  # refuse what is not a run folder before touching the network
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(run_dir), repo_id=repo_id, commit_message=commit_message,
+                      ignore_patterns=[".*", "**/.*", "*.tmp*", "checkpoint*/**"])
+    return f"https://huggingface.co/{repo_id}"

@@ -23,3 +23,70 @@ def smollm2():
 def smollm2_tokenizer():
     from sae.models import load_tokenizer
     return load_tokenizer("smollm2")
+
+
+# ---- tiny language models for collection/model tests (engineer A) ------------------------------
+
+TINY_FAMILIES = ("llama", "gpt2", "gpt_neox", "bert")
+
+
+def _char_tokenizer():
+    """A character-level fast tokenizer with <s>, </s>, <pad>, <unk>; built locally, never downloaded."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    chars = list(string.ascii_letters + string.digits + " .,;:'\"!?-\n()")
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def build_tiny_lm(family: str, n_layers: int = 4, hidden: int = 32, seed: int = 0, tokenizer=None):
+    """A random-weight transformers model of one family (vocab 96, hidden 32) as a sae.models.LoadedModel."""
+    import transformers as tf
+
+    from sae.models import wrap
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96)
+    if family == "llama":
+        config = tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = tf.LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = tf.GPT2Config(n_embd=hidden, n_inner=2 * hidden, n_layer=n_layers, n_head=4, n_positions=256,
+                                bos_token_id=1, eos_token_id=2, **common)
+        model = tf.GPT2LMHeadModel(config)
+    elif family == "gpt_neox":
+        config = tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+                                  num_attention_heads=4, max_position_embeddings=256, **common)
+        model = tf.GPTNeoXForCausalLM(config)
+    elif family == "bert":
+        config = tf.BertConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+                               num_attention_heads=4, max_position_embeddings=256, **common)
+        model = tf.BertForMaskedLM(config)
+    else:
+        raise ValueError(family)
+    return wrap(model.eval(), tokenizer or _char_tokenizer(), name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """Factory: tiny_lm(family, n_layers=4, hidden=32, seed=0) -> LoadedModel (families: TINY_FAMILIES)."""
+    return build_tiny_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama saved with its tokenizer in a folder, for `--model DIR` in subprocess tests."""
+    loaded = build_tiny_lm("llama")
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    loaded.model.save_pretrained(str(folder))
+    loaded.tokenizer.save_pretrained(str(folder))
+    return folder

@@ -1,11 +1,38 @@
-"""`sae eval` (stub: to be written)."""
-HELP = "eval (not yet implemented)"
+"""`sae eval --run RUN --activations STORE`: score a trained SAE on the store's held-out documents."""
+HELP = "score a trained SAE on a store's held-out documents; writes RUN/eval.json and prints it"
 
 
 def add_arguments(parser):
-    pass
+    from sae.cli import add_common_arguments
+    parser.add_argument("--run", required=True, help="the run folder (config.json + sae.safetensors)")
+    parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
+    parser.add_argument("--layer", default=None, help="the store's layer (default: the run's layer)")
+    parser.add_argument("--no-model", action="store_true",
+                        help="skip the downstream part (no language model is loaded)")
+    parser.add_argument("--windows", type=int, default=64,
+                        help="held-out context windows replayed through the model (default 64)")
+    parser.add_argument("--lm-batch-size", type=int, default=4, help="windows per model forward (default 4)")
+    parser.add_argument("--no-probing", action="store_true", help="skip sparse probing on labelled stores")
+    parser.add_argument("--probe-rows", type=int, default=200_000,
+                        help="at most this many rows (whole documents) are pooled for sparse probing")
+    parser.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+    add_common_arguments(parser)
 
 
 def run(args):
+    import json
+
+    from sae.devices import resolve
     from sae.errors import UserError
-    raise UserError("sae eval is not implemented yet")
+    from sae.evaluate import EVAL_FILE, evaluate, format_table
+
+    if args.windows < 1 or args.lm_batch_size < 1:
+        raise UserError("--windows and --lm-batch-size must be at least 1")
+    result = evaluate(args.run, args.activations, layer=args.layer, with_model=not args.no_model,
+                      device=resolve(args.device), batch_size=args.batch_size or 4096, max_windows=args.windows,
+                      lm_batch_size=args.lm_batch_size, probe=not args.no_probing, probe_max_rows=args.probe_rows,
+                      seed=args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if not args.json:
+        print(f"(written to {args.run}/{EVAL_FILE})")
+    return 0

@@ -1,11 +1,18 @@
-"""`sae export` (stub: to be written)."""
-HELP = "export (not yet implemented)"
+"""`sae export RUN --format saelens|sparsify|html OUT`."""
+HELP = "write a trained SAE in SAELens's (or sparsify's) layout, or its analysed features as static HTML"
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("run", metavar="RUN", help="a run folder (RUN/config.json + RUN/sae.safetensors)")
+    parser.add_argument("--format", required=True, choices=["saelens", "sparsify", "html"],
+                        help="saelens: cfg.json + sae_weights.safetensors (+ sparsity.safetensors); "
+                             "sparsify: cfg.json + sae.safetensors (topk only); "
+                             "html: index + one page per feature from RUN/analysis")
+    parser.add_argument("out", metavar="OUT", help="output folder (must be empty unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
 
 
 def run(args):
-    from sae.errors import UserError
-    raise UserError("sae export is not implemented yet")
+    from sae.export import export
+    out = export(args.run, args.out, args.format, force=args.force)
+    print(f"wrote {args.format} export of {args.run} to {out}")

@@ -1,11 +1,49 @@
-"""`sae sweep` (stub: to be written)."""
-HELP = "sweep (not yet implemented)"
+"""`sae sweep --activations STORE --out DIR`: train and evaluate a grid of variants in one pass over the data."""
+HELP = "train and evaluate a grid of variants in one pass over the data; writes DIR/sweep.{parquet,csv,png}"
 
 
 def add_arguments(parser):
-    pass
+    from sae.cli import add_common_arguments
+    from sae.sweep import DEFAULT_TOKENS
+    parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the sweep folder (one run folder per SAE)")
+    parser.add_argument("--layer", default=None, help="the store's layer (required when it holds several)")
+    parser.add_argument("--variants", default=None, metavar="SPEC",
+                        help="comma-separated variants, each optionally with knob values: "
+                             "'topk,l1' (their default points) or 'topk:k=16/32/64,kl:kl_coefficient=0.1/1'. "
+                             "Default: the modern family at k in {16,32,64} (or three penalties) and the "
+                             "classic family at its defaults")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"training tokens, shared by every SAE (default {DEFAULT_TOKENS})")
+    parser.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion × d_in (default 8)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: each variant's own)")
+    parser.add_argument("--no-model", action="store_true", help="skip the downstream (CE loss) evaluation")
+    parser.add_argument("--windows", type=int, default=16,
+                        help="held-out windows replayed through the model per SAE (default 16)")
+    parser.add_argument("--probe-rows", type=int, default=50_000,
+                        help="rows (whole documents) pooled for sparse probing on labelled stores")
+    parser.add_argument("--resume", action="store_true", help="keep the SAEs already finished in DIR, train the rest")
+    parser.add_argument("--force", action="store_true", help="replace an existing sweep in DIR")
+    add_common_arguments(parser)
 
 
 def run(args):
     from sae.errors import UserError
-    raise UserError("sae sweep is not implemented yet")
+    from sae.sweep import format_table, run_sweep
+
+    if args.tokens < 1 or args.expansion <= 0 or args.windows < 1:
+        raise UserError("--tokens, --expansion and --windows must be positive")
+    if args.force and args.resume:
+        raise UserError("--force and --resume contradict each other: pick one")
+    table = run_sweep(args.activations, args.out, variants_spec=args.variants, layer=args.layer, tokens=args.tokens,
+                      batch_size=args.batch_size or 1024, expansion=args.expansion, lr=args.lr, seed=args.seed,
+                      device=args.device, with_model=not args.no_model, windows=args.windows,
+                      probe_rows=args.probe_rows, force=args.force, resume=args.resume)
+    if table is not None:
+        import json
+        from pathlib import Path
+        record = json.loads((Path(args.out) / "sweep.json").read_text())
+        print(format_table(table))
+        print(f"wall time {record['wall_seconds']:.1f} s (training {record['train_wall_seconds']:.1f} s); "
+              f"written to {args.out}/sweep.parquet, sweep.csv, sweep.png")
+    return 0

@@ -1,11 +1,184 @@
-"""`sae train` (stub: to be written)."""
-HELP = "train (not yet implemented)"
+"""`sae train`: train one SAE of a variant on an activation store (or, with --model, straight from a model).
+
+Every knob of every registered variant becomes an option (--k, --l1-coefficient, ...); a knob given to a
+variant that does not take it is refused, naming the variants that do.
+"""
+from __future__ import annotations
+
+import argparse
+
+from sae.errors import UserError
+
+HELP = "train a sparse autoencoder on an activation store (or live from a model)"
+
+# TrainOptions fields set from the command line: option name -> field
+_OPTION_FIELDS = {"tokens": "tokens", "lr": "lr", "noise_std": "noise_std", "mask_prob": "mask_prob",
+                  "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints",
+                  "log_every": "log_every", "dead_after_tokens": "dead_after_tokens", "lr_warmup": "lr_warmup",
+                  "lr_decay": "lr_decay", "sparsity_warmup": "sparsity_warmup", "grad_clip": "grad_clip",
+                  "eval_rows": "eval_rows"}
 
 
-def add_arguments(parser):
-    pass
+def _bool(text: str) -> bool:
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def run(args):
-    from sae.errors import UserError
-    raise UserError("sae train is not implemented yet")
+def _knob_table() -> dict[str, tuple[object, list[str]]]:
+    """knob name -> (first Knob seen, variants that take it), over every registered variant."""
+    from sae import variants
+    table: dict[str, tuple[object, list[str]]] = {}
+    for name in variants.names():
+        for knob_name, knob in variants.get(name).KNOBS.items():
+            table.setdefault(knob_name, (knob, []))[1].append(name)
+    return table
+
+
+def add_arguments(parser) -> None:
+    from sae import variants
+    from sae.cli import add_common_arguments
+    add_common_arguments(parser)
+    names = variants.names()
+    parser.add_argument("--activations", metavar="STORE", help="activation store to train on")
+    parser.add_argument("--variant", required=True, metavar="V", help=f"one of: {', '.join(names)}")
+    parser.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
+    parser.add_argument("--layer", default=None, help="layer to train on (required when the store holds several)")
+    width = parser.add_mutually_exclusive_group()
+    width.add_argument("--expansion", type=float, default=None, help="d_sae = expansion × d_in (default 8)")
+    width.add_argument("--d-sae", type=int, default=None, help="number of latents (codebook size for vq)")
+    parser.add_argument("--tokens", type=int, default=None, help="training budget in tokens (default 524,288)")
+    parser.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (default: scaled with d_sae)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--noise-std", type=float, default=None,
+                        help="Gaussian input corruption (std per dimension of the scaled input); any variant")
+    parser.add_argument("--mask-prob", type=float, default=None, help="mask input dimensions with this probability")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
+    parser.add_argument("--keep-checkpoints", type=int, default=None, help="checkpoints kept (default 3; 0 = all)")
+    parser.add_argument("--log-every", type=int, default=None, help="steps between metrics.jsonl lines (default 10)")
+    parser.add_argument("--dead-after-tokens", type=int, default=None,
+                        help="tokens without firing after which a latent counts as dead")
+    parser.add_argument("--lr-warmup", type=float, default=None, help="fraction of steps of LR warm-up (0.02)")
+    parser.add_argument("--lr-decay", type=float, default=None, help="final fraction of steps of LR decay (0.2)")
+    parser.add_argument("--sparsity-warmup", type=float, default=None, help="fraction of steps of penalty warm-up")
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (off by default)")
+    parser.add_argument("--eval-rows", type=int, default=None, help="held-out tokens scored at the end (16,384)")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
+    parser.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                        help="torch.distributed backend under torchrun")
+    live = parser.add_argument_group("live training (no store): one SAE per layer from one forward pass")
+    live.add_argument("--model", default=None, help="model to run (HF id, folder, or smollm2)")
+    live.add_argument("--dataset", default=None, help="dataset (HF id, file, folder, or bbc)")
+    live.add_argument("--layers", default=None, help="comma-separated layers")
+    live.add_argument("--site", default=None, help="site (resid_post, attn_out, mlp_out, ...)")
+    live.add_argument("--context-size", type=int, default=None, help="tokens per context window")
+    knobs = parser.add_argument_group("variant knobs (each applies only to the variants listed)")
+    for knob_name, (knob, takers) in sorted(_knob_table().items()):
+        kind = _bool if knob.type is bool else knob.type
+        knobs.add_argument(f"--{knob_name.replace('_', '-')}", dest=f"knob_{knob_name}", type=kind, default=None,
+                           metavar=knob.type.__name__.upper(),
+                           help=f"{knob.help} (default {knob.default}; variants: {', '.join(takers)})")
+
+
+def given_knobs(args, variant: str) -> dict:
+    """The knobs set on the command line, refused when the variant does not take them."""
+    from sae import variants
+    cls = variants.get(variant)
+    table = _knob_table()
+    given = {name: getattr(args, f"knob_{name}") for name in table if getattr(args, f"knob_{name}", None) is not None}
+    for name in given:
+        if name not in cls.KNOBS:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to variant {variant}; "
+                            f"it is taken by: {', '.join(table[name][1])}")
+    return given
+
+
+def options_from_args(args):
+    """TrainOptions from the parsed command line (unset options keep the defaults)."""
+    from sae.train import TrainOptions
+    values = {"seed": args.seed, "device": args.device}
+    if args.batch_size is not None:
+        values["batch_size"] = args.batch_size
+    for option, field in _OPTION_FIELDS.items():
+        if getattr(args, option, None) is not None:
+            values[field] = getattr(args, option)
+    options = TrainOptions(**values)
+    check_options(options)
+    return options
+
+
+def check_options(o) -> None:
+    if o.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {o.batch_size}")
+    if o.tokens < o.batch_size:
+        raise UserError(f"--tokens {o.tokens} is less than one batch ({o.batch_size})")
+    if o.lr is not None and not (o.lr > 0 and o.lr < 10):
+        raise UserError(f"--lr must be in (0, 10), got {o.lr}")
+    if o.noise_std is not None and not o.noise_std >= 0:
+        raise UserError(f"--noise-std must be ≥ 0, got {o.noise_std}")
+    if not 0 <= o.mask_prob < 1:
+        raise UserError(f"--mask-prob must be in [0, 1), got {o.mask_prob}")
+    for name in ("lr_warmup", "lr_decay", "sparsity_warmup"):
+        if not 0 <= getattr(o, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(o, name)}")
+    for name in ("checkpoint_every", "keep_checkpoints", "eval_rows"):
+        if getattr(o, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(o, name)}")
+    if o.log_every <= 0:
+        raise UserError(f"--log-every must be positive, got {o.log_every}")
+    if o.dead_after_tokens is not None and o.dead_after_tokens <= 0:
+        raise UserError(f"--dead-after-tokens must be positive, got {o.dead_after_tokens}")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise UserError(f"--grad-clip must be positive, got {o.grad_clip}")
+
+
+def run(args) -> int:
+    from sae import distributed, variants
+    from sae.devices import resolve
+    variants.get(args.variant)  # unknown variant: list the valid ones
+    knobs = given_knobs(args, args.variant)
+    if args.expansion is not None and not args.expansion > 0:
+        raise UserError(f"--expansion must be positive, got {args.expansion}")
+    options = options_from_args(args)
+    if args.model is not None:
+        if args.activations is not None:
+            raise UserError("give either --activations (train on a store) or --model (train live), not both")
+        from sae import live  # live training: one SAE per layer from one forward pass
+        return live.run_from_args(args, options, knobs)
+    if args.activations is None:
+        raise UserError("--activations STORE (or --model for live training) is required")
+    device = resolve(args.device)
+    dist = distributed.setup(device.type, args.dist_backend)
+    try:
+        from sae.store import ActivationStore
+        from sae.train import train_on_store
+        store = ActivationStore(args.activations)
+        logger = _wandb(args, dist) if args.wandb else None
+        summary = train_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
+                                 d_sae=args.d_sae, expansion=args.expansion, resume=args.resume, force=args.force,
+                                 progress=True, on_log=(lambda m: logger.log(_numbers(m), step=m["step"]))
+                                 if logger is not None else None)
+        if logger is not None:
+            logger.finish()
+        return 130 if summary.get("interrupted") else 0
+    finally:
+        distributed.teardown()
+
+
+def _wandb(args, dist):
+    """wandb is optional (not a dependency): refuse clearly when it is missing."""
+    if not dist.is_main:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package (pip install wandb)") from None
+    return wandb.init(project=args.wandb, name=str(args.out), config={k: v for k, v in vars(args).items()
+                                                                  if isinstance(v, (str, int, float, bool))})
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -66,6 +66,7 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = True   # keep decoder rows at unit norm; remove the parallel gradient
     revive_dead: ClassVar[bool] = False        # trainer calls revive() on dead latents (resampling / code restart)
     default_noise_std: ClassVar[float] = 0.0   # input corruption applied by the trainer unless the user sets it
+    default_lr: ClassVar[float | None] = None  # a learning rate this variant trains well with (None: trainer's)
 
     def __init__(self, d_in: int, d_sae: int, **knobs):
         super().__init__()
@@ -221,3 +222,18 @@ def kaiming_pair(d_in: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
 def xavier(d_out: int, d_in: int) -> torch.Tensor:
     bound = math.sqrt(6 / (d_in + d_out))
     return torch.empty(d_out, d_in).uniform_(-bound, bound)
+
+
+def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_d (x̂ − x)² per token, averaged over the batch (the reconstruction term of every penalty)."""
+    return (x_hat - x).pow(2).sum(dim=-1).mean()
+
+
+def batch_fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Fraction of the batch's variance left unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+
+
+def fired(codes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """[batch, d_sae] codes -> [d_sae] number of tokens on which each latent fired (code > τ)."""
+    return (codes.detach() > threshold).sum(dim=0)

@@ -1,0 +1,1 @@
+"""The sae Streamlit dashboard (dashboard/app.py is the entry point)."""

@@ -1,0 +1,68 @@
+"""The sae feature browser.
+
+    sae dashboard RUN… [--port P] [--host H]
+    streamlit run dashboard/app.py -- RUN…            (SAE_DASHBOARD_RUNS=RUN1:RUN2 also works)
+
+Runs, Feature list, Feature (?feature=N), Live probe, Steer, Compare. It reads what `sae eval` and
+`sae analyze` wrote; the model is loaded only by the probe, loss-effect and steering views.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by streamlit: make `dashboard` and `sae` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import streamlit as st
+
+from dashboard import nav
+from dashboard.runs import DataProblem, runs_from
+from dashboard.views import compare, feature, feature_list, probe, runs_page, steer
+
+VIEWS = {
+    "runs": runs_page.show,
+    "features": feature_list.show,
+    "feature": feature.show,
+    "probe": probe.show,
+    "steer": steer.show,
+    "compare": compare.show,
+}
+
+
+def run_paths() -> list[str]:
+    """The runs to show: SAE_DASHBOARD_RUNS (os.pathsep-separated) or the arguments after `--`."""
+    listed = os.environ.get("SAE_DASHBOARD_RUNS")
+    if listed:
+        return [p for p in listed.split(os.pathsep) if p]
+    return [a for a in sys.argv[1:] if not a.startswith("-")]
+
+
+def main() -> None:
+    st.set_page_config(page_title="sae dashboard", layout="wide")
+    paths = run_paths()
+    if not paths:
+        st.title("sae dashboard")
+        st.error("No run given. Start it with `sae dashboard RUN…` "
+                 "(or `streamlit run dashboard/app.py -- RUN…`).")
+        return
+    runs = runs_from(paths)
+    place = nav.current(len(runs))
+    nav.sidebar(runs, place)
+    run = runs[place.run]
+    if run.problem and place.page not in ("runs", "compare"):
+        st.title(nav.PAGES[place.page])
+        st.error(run.problem)
+        return
+    try:
+        VIEWS[place.page](runs, place)
+    except DataProblem as problem:
+        st.error(str(problem))
+    except Exception as error:  # noqa: BLE001 - a bad file must give a message, not a traceback
+        if os.environ.get("SAE_DEBUG") == "1":
+            raise
+        st.error(f"This page could not be shown: {type(error).__name__}: {error}")
+
+
+main()

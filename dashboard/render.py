@@ -1,0 +1,85 @@
+"""HTML for shaded text: every string from the data is escaped first, then wrapped in spans.
+
+Nothing here trusts its input: token strings, labels and typed text all go through `escape`, so a
+corpus holding `<script>` or `<img onerror=…>` shows them as text. The result is passed to st.html
+(which sanitises again with DOMPurify); no JavaScript is ever emitted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from sae import render as shared
+from sae.render import escape  # noqa: F401 - the one escaping function, shared with the HTML export
+
+STYLE = "<style>" + shared.TOKEN_CSS + """
+.sae-ex {font-size: 0.85rem; margin: 0 0 0.3rem 0; padding: 0.1rem 0.4rem; border-left: 3px solid #ddd;}
+.sae-val {display: inline-block; min-width: 4.2rem; color: #666; font-size: 0.75rem;
+          font-family: ui-monospace, Menlo, monospace;}
+.sae-chip {display: inline-block; font-family: ui-monospace, monospace; font-size: 0.8rem; margin: 2px;
+           padding: 1px 6px; border-radius: 4px; white-space: pre;}
+.sae-links a {margin-right: 0.8rem;}
+</style>"""
+
+
+def _finite(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def shade_tokens(tokens: Sequence[str], values: Sequence[float], scale: float | None = None,
+                 center: int | None = None, titles: Sequence[str] | None = None,
+                 prefix: str | None = None) -> str:
+    """One example as a <div class="ctx sae-ex">: each token escaped (sae.render), shaded by its value,
+    with a hover title (the value, or titles[i]).
+
+    tokens: decoded token strings; values: one number per token; scale: the value at full colour
+    (default: max |value|); center: index of the token the example is about (outlined);
+    prefix: plain text shown before the tokens (e.g. the example's activation).
+    """
+    values = [_finite(v) for v in values]
+    if len(values) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(values)} values")
+    if scale is None or not scale > 0:
+        scale = max((abs(v) for v in values), default=0.0)
+    head = f'<span class="sae-val">{escape(prefix)}</span>' if prefix is not None else ""
+    if titles is None:
+        body = shared.shade_tokens(tokens, values, scale, center=center)
+    else:
+        spans = []
+        for index, (token, value) in enumerate(zip(tokens, values)):
+            css = "tok center" if index == center else "tok"
+            spans.append(f'<span class="{css}" style="background:{shared.shade_colour(value, scale)}" '
+                         f'title="{escape(titles[index])}">{shared.visible_token(token)}</span>')
+        body = "".join(spans)
+    return f'<div class="ctx sae-ex">{head}{body}</div>'
+
+
+def chips(tokens: Sequence[str], values: Sequence[float], positive: bool = True) -> str:
+    """Promoted (green) or suppressed (red) tokens with their logit effect on hover."""
+    rgb = "0,160,60" if positive else "220,40,40"
+    values = [_finite(v) for v in values]
+    scale = max((abs(v) for v in values), default=0.0) or 1.0
+    spans = [f'<span class="sae-chip" style="background:rgba({rgb},{0.15 + 0.6 * abs(v) / scale:.3f})" '
+             f'title="{v:+.4g}">{escape(t)}</span>' for t, v in zip(tokens, values)]
+    return "<div>" + "".join(spans) + "</div>"
+
+
+def feature_href(feature: int, run: int = 0, page: str | None = None) -> str:
+    """A relative link that opens a feature (same tab, shareable)."""
+    query = f"?feature={int(feature)}"
+    if run:
+        query += f"&run={int(run)}"
+    if page:
+        query += f"&page={page}"
+    return query
+
+
+def feature_links(features: Sequence[int], labels: Sequence[str], run: int = 0) -> str:
+    """Links to features, each followed by an (escaped) label, e.g. the decoder cosine."""
+    links = [f'<div><a href="{feature_href(f, run)}" target="_self">#{int(f)}</a>'
+             f'<span style="color:#666"> {escape(label)}</span></div>' for f, label in zip(features, labels)]
+    return '<div class="sae-links">' + "".join(links) + "</div>"

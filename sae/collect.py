@@ -1,0 +1,508 @@
+"""Collection: run a language model over packed windows and write a site's activations to a store.
+
+One forward pass per batch of windows captures every requested layer and stops right after the
+deepest one. Rows are the kept token positions (BOS/EOS/padding dropped unless asked), optionally
+minus tokens whose norm exceeds `max_norm_ratio` × the layer's median (median over the first
+8,192 kept tokens, stored in the manifest so that a resumed run drops the same rows).
+
+Bookkeeping: batches are fixed groups of this rank's windows; shards are flushed between batches
+(no window spans two shards), each written under a temporary name and renamed; after each shard
+the manifest (under torchrun: the rank's progress file) records how far the run got, so `resume`
+continues with the next batch and ends with exactly the rows of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sae import store as store_lib
+from sae.data import PAD_DOC, load_documents, pack_windows
+from sae.errors import UserError
+from sae.models import LoadedModel, capture, layer_index, load_model, run_until_captured, site_point
+
+MEDIAN_TOKENS = 8192
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMAT = "sae-activation-store/1"
+# options that must match when a collection is resumed
+RECIPE_KEYS = ("model", "layers", "site", "dataset", "text_column", "split", "context_size", "dtype",
+               "special_tokens_kept", "max_norm_ratio", "world_size")
+
+
+@dataclass
+class CollectOptions:
+    model: str
+    layers: list
+    site: str
+    dataset: str
+    out: Path
+    tokens: int | None = None          # rows to write (all ranks together); None: the whole dataset
+    context_size: int = 128
+    batch_size: int | None = None      # windows per forward pass
+    dtype: str = "float32"
+    device: str = "cpu"
+    text_column: str | None = None
+    split: str | None = None
+    keep_special_tokens: bool = False
+    max_norm_ratio: float | None = None
+    shard_tokens: int | None = None    # rows per shard (default: about 256 MB of activations)
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CollectResult:
+    path: Path
+    n_tokens: int
+    n_shards: int
+    size_bytes: int
+    exhausted: bool                    # the dataset ran out before --tokens rows
+    manifest: dict = field(default_factory=dict)
+
+
+# ---- the output folder --------------------------------------------------------------------------
+
+def _store_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name == store_lib.MANIFEST or p.name.startswith(("shard_", ".shard_", "progress_", ".manifest", ".progress_"))]
+
+
+def prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
+    """Check --out; returns the existing manifest when resuming, else None (folder ready and empty of store files)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and resume:
+        manifest_path = out / store_lib.MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"--resume: {out} holds no manifest.json, so there is nothing to resume")
+        import json
+        try:
+            return json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"--resume: {manifest_path} is not valid JSON") from None
+    if existing and not force:
+        raise UserError(f"--out {out} is not empty: pass --resume to continue it or --force to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    if existing and force:
+        for path in _store_files(out):
+            path.unlink()
+    return None
+
+
+def _remove_temporaries(out: Path) -> None:
+    for path in out.glob(".*.tmp*"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+# ---- distributed ----------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _barrier(d: Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _gather_norms(d: Dist, norms: torch.Tensor) -> torch.Tensor:
+    """[n, L] norms of this rank -> those of all ranks (NaN rows pad ranks with fewer)."""
+    if not d.active:
+        return norms
+    import torch.distributed as dist
+    padded = torch.full((MEDIAN_TOKENS, norms.shape[1]), float("nan"))
+    padded[:len(norms)] = norms[:MEDIAN_TOKENS]
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)
+
+
+# ---- per-batch rows ----------------------------------------------------------------------------------
+
+@dataclass
+class BatchRows:
+    """The rows one batch contributes. n = kept rows, w = windows."""
+    window_tokens: torch.Tensor   # [w, context] int32
+    window_ids: torch.Tensor      # [w] int64, global window numbers
+    window_in_batch: torch.Tensor  # [n] int64
+    position: torch.Tensor        # [n] int32
+    token_ids: torch.Tensor       # [n] int32
+    doc_id: torch.Tensor          # [n] int64
+    label: torch.Tensor           # [n] int64
+    acts: dict                    # layer -> [n, d] stored dtype
+    norms: torch.Tensor           # [n, L] float32
+    next_window: int              # the rank's next window number after this batch
+
+    def __len__(self) -> int:
+        return len(self.doc_id)
+
+    def select(self, keep: torch.Tensor) -> "BatchRows":
+        return BatchRows(self.window_tokens, self.window_ids, self.window_in_batch[keep], self.position[keep],
+                         self.token_ids[keep], self.doc_id[keep], self.label[keep],
+                         {k: v[keep] for k, v in self.acts.items()}, self.norms[keep], self.next_window)
+
+    def head(self, n: int) -> "BatchRows":
+        """The first n rows, and only the windows they come from."""
+        rows = self.select(torch.arange(n))
+        n_windows = int(rows.window_in_batch.max()) + 1 if n else 0
+        rows.window_tokens, rows.window_ids = self.window_tokens[:n_windows], self.window_ids[:n_windows]
+        return rows
+
+
+def batch_rows(windows, captured: dict, layers, special: torch.Tensor, keep_special: bool,
+               stored_dtype: torch.dtype, next_window: int) -> BatchRows:
+    ids = torch.stack([w.input_ids for w in windows])      # [B, T]
+    docs = torch.stack([w.doc_ids for w in windows])       # [B, T]
+    labels = torch.stack([w.labels for w in windows])      # [B, T]
+    keep = docs != PAD_DOC                                  # [B, T]
+    if not keep_special:
+        keep &= ~torch.isin(ids, special)
+    batch_index, position = keep.nonzero(as_tuple=True)    # [n] each, row-major order
+    acts, norms = {}, []
+    for layer in layers:
+        site_acts = captured[layer]                         # [B, T, d] on the model's device
+        rows = site_acts[keep.to(site_acts.device)]         # [n, d]
+        norms.append(rows.float().norm(dim=-1).cpu())
+        acts[layer] = rows.to(stored_dtype).cpu()
+    return BatchRows(
+        window_tokens=ids.to(torch.int32), window_ids=torch.tensor([w.index for w in windows], dtype=torch.int64),
+        window_in_batch=batch_index, position=position.to(torch.int32), token_ids=ids[keep].to(torch.int32),
+        doc_id=docs[keep], label=labels[keep], acts=acts,
+        norms=torch.stack(norms, dim=1) if norms else torch.empty(0, 0), next_window=next_window)
+
+
+def _shard_tensors(parts: list[BatchRows], layers, labelled: bool) -> dict:
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += len(part.window_tokens)
+    tensors = {f"activations.{layer}": torch.cat([p.acts[layer] for p in parts]) for layer in layers}
+    tensors.update(
+        token_ids=torch.cat([p.token_ids for p in parts]),
+        window_tokens=torch.cat([p.window_tokens for p in parts]),
+        window_ids=torch.cat([p.window_ids for p in parts]),
+        window_index=torch.cat([p.window_in_batch + o for p, o in zip(parts, offsets)]),
+        position=torch.cat([p.position for p in parts]),
+        doc_id=torch.cat([p.doc_id for p in parts]),
+    )
+    if labelled:
+        tensors["label"] = torch.cat([p.label for p in parts])
+    return tensors
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def _batches(window_iter, d: Dist, batch_size: int, start_window: int, seen: list):
+    """This rank's windows (number % world == rank, number >= start_window) in fixed groups."""
+    group = []
+    for window in window_iter:
+        seen[0] += 1
+        if window.index % d.world != d.rank or window.index < start_window:
+            continue
+        group.append(window)
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _rank_budget(tokens: int | None, d: Dist) -> int | None:
+    if tokens is None:
+        return None
+    return tokens // d.world + (1 if d.rank < tokens % d.world else 0)
+
+
+def _norm_stats(out: Path, manifest: dict) -> dict:
+    """{layer: {median, p99, p999}} of the stored rows' norms, read back from the shards."""
+    import numpy as np
+    from safetensors import safe_open
+    stats = {}
+    for layer in manifest["layers"]:
+        norms = []
+        for name in manifest["shards"]:
+            with safe_open(str(out / name), framework="pt") as handle:
+                block = handle.get_slice(f"activations.{layer}")
+                n = block.get_shape()[0]
+                for lo in range(0, n, 65536):
+                    norms.append(block[lo:min(n, lo + 65536)].float().norm(dim=-1).numpy())
+        values = np.concatenate(norms) if norms else np.zeros(0)
+        if len(values):
+            median, p99, p999 = np.percentile(values, [50, 99, 99.9]).tolist()
+            stats[str(layer)] = {"median": median, "p99": p99, "p999": p999,
+                                 "max": float(values.max()), "p999_over_median": p999 / median if median else None}
+    return stats
+
+
+def _recipe(options: CollectOptions, d: Dist) -> dict:
+    return {"model": options.model, "layers": list(options.layers), "site": options.site, "dataset": options.dataset,
+            "text_column": options.text_column, "split": options.split, "context_size": options.context_size,
+            "dtype": options.dtype, "special_tokens_kept": options.keep_special_tokens,
+            "max_norm_ratio": options.max_norm_ratio, "world_size": d.world}
+
+
+def _check_recipe(old: dict, new: dict) -> None:
+    for key in RECIPE_KEYS:
+        if old.get(key) != new.get(key):
+            raise UserError(f"--resume: the store was collected with {key}={old.get(key)!r}, "
+                            f"not {new.get(key)!r}: use the same options (or --force to start over)")
+
+
+def _progress_path(out: Path, rank: int) -> Path:
+    return out / f"progress_r{rank:03d}.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> CollectResult:
+    """Run a collection (see the module docstring). Returns where the store is and what it holds."""
+    from sae.devices import resolve
+    out = Path(options.out)
+    device = resolve(options.device)
+    if options.dtype not in DTYPES:
+        raise UserError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    if options.tokens is not None and options.tokens <= 0:
+        raise UserError(f"--tokens must be positive, got {options.tokens}")
+    if options.max_norm_ratio is not None and options.max_norm_ratio <= 0:
+        raise UserError(f"--max-norm-ratio must be positive, got {options.max_norm_ratio}")
+    if options.batch_size is not None and options.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {options.batch_size}")
+    if not options.layers:
+        raise UserError("--layers names no layer")
+    d = setup_distributed(device)
+    old_manifest = prepare_out(out, options.resume, options.force) if d.rank == 0 or not d.active else None
+    _barrier(d)
+    if d.active and d.rank != 0:
+        old_manifest = prepare_out(out, options.resume, True) if options.resume else None
+    if loaded is None:
+        loaded = load_model(options.model, device=device)
+    layers = [int(layer) if str(layer).lstrip("-").isdigit() else layer for layer in options.layers]
+    for layer in layers:
+        site_point(loaded.model, options.site, layer)  # validates site and layer range
+    layers = sorted(set(layers), key=lambda layer: (layer_index(loaded.model, options.site, layer), str(layer)))
+    options.layers = layers
+    recipe = _recipe(options, d)
+
+    # resume state
+    state = {"shards": [], "shard_rows": [], "next_window": 0, "rows": 0, "norm_median": None,
+             "batch_size": options.batch_size or 8, "exhausted": False}
+    if old_manifest is not None:
+        _check_recipe(old_manifest, recipe)
+        saved = old_manifest.get("progress", {}).get(str(d.rank)) if not d.active else _read_json(_progress_path(out, d.rank))
+        if saved:
+            state.update(saved)
+        if options.batch_size is None:
+            state["batch_size"] = old_manifest.get("batch_size", state["batch_size"])
+        if d.active and state["norm_median"] is None:
+            for rank in range(d.world):
+                other = _read_json(_progress_path(out, rank))
+                if other and other.get("norm_median") is not None:
+                    state["norm_median"] = other["norm_median"]
+                    break
+        _remove_temporaries(out)
+    batch_size = state["batch_size"]
+
+    documents, label_names = load_documents(options.dataset, options.text_column, options.split)
+    windows = pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id, loaded.eos_id, loaded.pad_id)
+    stored_dtype = DTYPES[options.dtype]
+    element = torch.tensor([], dtype=stored_dtype).element_size()
+    shard_tokens = options.shard_tokens or max(1024, (256 << 20) // (loaded.d_model * element * len(layers)))
+    budget = _rank_budget(options.tokens, d)
+    special = torch.tensor(sorted(loaded.special_ids), dtype=torch.int64)
+    labelled = label_names is not None
+
+    def manifest(complete: bool, shards, shard_rows, n_tokens, extra=None) -> dict:
+        body = {"format": FORMAT, **recipe, "model_note": loaded.note, "family": loaded.family,
+                "d_model": loaded.d_model, "n_tokens": n_tokens, "shards": shards, "shard_rows": shard_rows,
+                "held_out": {"rule": store_lib.HELD_OUT_RULE, "modulus": store_lib.HELD_OUT_MODULUS},
+                "label_names": label_names, "bos_fed": loaded.bos_id is not None, "batch_size": batch_size,
+                "tokens_requested": options.tokens, "norm_median": state["norm_median"], "complete": complete}
+        body.update(extra or {})
+        return body
+
+    def save_state():
+        if d.active:
+            store_lib.write_json(_progress_path(out, d.rank), state)
+        else:
+            store_lib.write_json(out / store_lib.MANIFEST, manifest(
+                False, state["shards"], state["shard_rows"], state["rows"], {"progress": {"0": state}}))
+
+    if d.active and d.rank == 0 and old_manifest is None:
+        store_lib.write_json(out / store_lib.MANIFEST, manifest(False, [], [], 0))
+    _barrier(d)
+
+    pending: list[BatchRows] = []    # rows waiting for the next shard
+    prelude: list[BatchRows] = []    # rows held until the norm median is known
+
+    def flush():
+        if not pending:
+            return
+        index = len(state["shards"])
+        name = store_lib.shard_name(index, d.rank if d.active else None)
+        next_window = pending[-1].next_window
+        if sum(len(p) for p in pending) == 0:  # nothing kept: no empty shard
+            state["next_window"] = next_window
+            pending.clear()
+            return
+        tensors = _shard_tensors(pending, layers, labelled)
+        n_rows = len(tensors["doc_id"])
+        store_lib.write_shard(out / name, tensors, {"rank": d.rank, "index": index})
+        state["shards"].append(name)
+        state["shard_rows"].append(n_rows)
+        state["rows"] += n_rows
+        state["next_window"] = next_window
+        pending.clear()
+        save_state()
+
+    def accept(rows: BatchRows) -> bool:
+        """Filter by norm, cut to the budget, queue for a shard. False once the budget is met."""
+        if options.max_norm_ratio is not None and len(rows):
+            limit = torch.tensor([state["norm_median"][str(layer)] for layer in layers]) * options.max_norm_ratio
+            rows = rows.select((rows.norms <= limit).all(dim=1))
+        queued = sum(len(p) for p in pending)
+        more = budget is None or state["rows"] + queued + len(rows) < budget
+        if not more:
+            rows = rows.head(budget - state["rows"] - queued)
+        pending.append(rows)
+        if progress_bar is not None:
+            progress_bar.update(len(rows))
+        if not more:
+            return False
+        if queued + len(rows) >= shard_tokens:
+            flush()
+        return True
+
+    def settle_median():
+        norms = torch.cat([p.norms for p in prelude])[:MEDIAN_TOKENS] if prelude else torch.empty(0, len(layers))
+        norms = _gather_norms(d, norms)
+        medians = torch.nanmedian(norms, dim=0).values if len(norms) else torch.full((len(layers),), float("nan"))
+        state["norm_median"] = {str(layer): float(m) for layer, m in zip(layers, medians.tolist())}
+
+    done = budget is not None and state["rows"] >= budget
+    progress_bar = _progress(options, budget, state["rows"], d)
+    start_time = time.perf_counter()
+    finished_data = False
+    seen = [0]  # windows packed, all ranks
+    hf = loaded.model
+    forward_kwargs = {"use_cache": False} if getattr(hf.config, "use_cache", None) is not None else {}
+    try:
+        with torch.inference_mode(), capture(hf, options.site, layers, stop=True) as captured:
+            for group in ([] if done else _batches(windows, d, batch_size, state["next_window"], seen)):
+                input_ids = torch.stack([w.input_ids for w in group]).to(device)   # [B, T]
+                inputs = {"input_ids": input_ids, **forward_kwargs}
+                padding = torch.stack([w.doc_ids for w in group]) == PAD_DOC
+                if bool(padding.any()) and not loaded.is_causal:
+                    inputs["attention_mask"] = (~padding).long().to(device)
+                captured.clear()
+                run_until_captured(hf, **inputs)
+                rows = batch_rows(group, captured, layers, special, options.keep_special_tokens, stored_dtype,
+                                  next_window=group[-1].index + 1)
+                if state["norm_median"] is None:
+                    prelude.append(rows)
+                    if sum(len(p) for p in prelude) < MEDIAN_TOKENS:
+                        continue
+                    settle_median()
+                    held, prelude[:] = list(prelude), []
+                    if not all(accept(p) for p in held):
+                        break
+                    continue
+                if not accept(rows):
+                    break
+            else:
+                finished_data = True
+                if seen[0] == 0 and not done:
+                    raise UserError(f"dataset {options.dataset!r} holds no text to collect from")
+            if state["norm_median"] is None:
+                settle_median()
+            held, prelude[:] = list(prelude), []
+            for p in held:
+                if not accept(p):
+                    finished_data = False
+                    break
+            flush()
+    except KeyboardInterrupt:
+        # the shard in flight is discarded; the manifest still describes every shard on disk
+        _remove_temporaries(out)
+        print(f"\ninterrupted: {out} keeps {state['rows']:,} rows in {len(state['shards'])} shards; "
+              f"continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+    elapsed = time.perf_counter() - start_time
+    exhausted = finished_data and (budget is None or state["rows"] < budget)
+    state["exhausted"] = bool(exhausted)
+    save_state()
+    return _finish(out, d, state, manifest, options, exhausted, elapsed)
+
+
+def _finish(out: Path, d: Dist, state: dict, manifest, options: CollectOptions, exhausted: bool,
+            elapsed: float) -> CollectResult:
+    _barrier(d)
+    body = None
+    if d.rank == 0:
+        if d.active:
+            ranks = [_read_json(_progress_path(out, rank)) for rank in range(d.world)]
+            shards = [name for r in ranks for name in r["shards"]]
+            shard_rows = [n for r in ranks for n in r["shard_rows"]]
+            exhausted = any(r.get("exhausted") for r in ranks)
+            extra = {"progress": {str(rank): r for rank, r in enumerate(ranks)}}
+        else:
+            shards, shard_rows, extra = state["shards"], state["shard_rows"], {"progress": {"0": state}}
+        body = manifest(True, shards, shard_rows, sum(shard_rows), extra)
+        body["norm_stats"] = _norm_stats(out, body)
+        body["collect_seconds"] = round(elapsed, 3)
+        store_lib.write_json(out / store_lib.MANIFEST, body)
+    _barrier(d)
+    if body is None:
+        body = _read_json(out / store_lib.MANIFEST)
+    size = sum((out / name).stat().st_size for name in body["shards"])
+    return CollectResult(out, int(body["n_tokens"]), len(body["shards"]), size, bool(exhausted), body)
+
+
+def _progress(options: CollectOptions, budget: int | None, initial: int, d: Dist):
+    if not options.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=budget, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True,
+                desc=f"collect{f' rank {d.rank}' if d.active else ''}", disable=None if d.rank == 0 else True,
+                file=sys.stderr)
+
+
+def options_dict(options: CollectOptions) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}

@@ -1,0 +1,131 @@
+"""`sae export`: a trained run in another tool's layout.
+
+    export(RUN, OUT, "saelens")  -> OUT/cfg.json, OUT/sae_weights.safetensors, OUT/sparsity.safetensors
+    export(RUN, OUT, "sparsify") -> OUT/cfg.json, OUT/sae.safetensors (topk only)
+    export(RUN, OUT, "html")     -> static pages from RUN/analysis (sae.html_export.write_html)
+
+The output folder is written next to its final place and renamed in at the end, so a reader never
+sees half an export; a non-empty OUT is refused unless force=True.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sae.errors import UserError
+
+FORMATS = ("saelens", "sparsify", "html")
+
+
+def export(run_dir, out_dir, fmt: str, force: bool = False) -> Path:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} is not empty: pass --force to replace it")
+    if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
+        raise UserError("the output folder must lie outside the run folder")
+    staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        {"saelens": write_saelens, "sparsify": write_sparsify, "html": write_html}[fmt](run_dir, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # empty, or force was given
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _load_run(run_dir: Path):
+    from sae.io import load
+    return load(run_dir, device="cpu")
+
+
+def _store_manifest(config: dict) -> dict:
+    """The run's store manifest when its folder is still there (context size, dataset), else {}."""
+    store = config.get("store")
+    if store and (Path(store) / "manifest.json").is_file():
+        try:
+            return json.loads((Path(store) / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+    return {}
+
+
+def log_sparsity(run_dir: Path, d_sae: int) -> torch.Tensor | None:
+    """SAELens's sparsity tensor: log10(feature density + 1e-10) per latent, from RUN/analysis."""
+    table = run_dir / "analysis" / "features.parquet"
+    if not table.is_file():
+        return None
+    import pandas as pd
+    frame = pd.read_parquet(table, columns=["feature", "density"])
+    density = torch.zeros(d_sae, dtype=torch.float64)
+    features = torch.tensor(frame["feature"].to_numpy(copy=True), dtype=torch.int64)
+    density[features] = torch.tensor(frame["density"].to_numpy(copy=True), dtype=torch.float64)
+    return torch.log10(density + 1e-10).float()
+
+
+def layer_runs(run_dir: Path) -> list[Path]:
+    """The run itself, or, for `sae train --layers A,B` (RUN/layer_A/, RUN/layer_B/), each layer's run."""
+    if (run_dir / "config.json").is_file():
+        return [run_dir]
+    runs = sorted((p.parent for p in run_dir.glob("layer_*/config.json")), key=lambda p: p.name)
+    if not runs:
+        raise UserError(f"{run_dir} is not a run folder (no config.json, no layer_*/config.json)")
+    return runs
+
+
+def write_saelens(run_dir: Path, out: Path) -> None:
+    """One SAE: OUT/cfg.json ...; a multi-layer run: OUT/<hook name>/cfg.json ... per layer, the layout
+    of a SAELens release on the Hub (e.g. blocks.6.hook_resid_post/)."""
+    runs = layer_runs(run_dir)
+    if runs == [run_dir]:
+        _write_one_saelens(run_dir, out)
+        return
+    from sae.interop.naming import hook_name
+    from sae.io import read_config
+    for run in runs:
+        config = read_config(run)
+        folder = out / (hook_name(config.get("site"), config.get("layer")) or run.name)
+        folder.mkdir(parents=True)
+        _write_one_saelens(run, folder)
+
+
+def _write_one_saelens(run_dir: Path, out: Path) -> None:
+    from sae.interop.saelens import CFG, SPARSITY, WEIGHTS, to_saelens
+    model = _load_run(run_dir)
+    config = getattr(model, "run_config", {}) or {}
+    cfg, tensors = to_saelens(model, config, _store_manifest(config))
+    save_file(tensors, str(out / WEIGHTS))
+    sparsity = log_sparsity(run_dir, model.d_sae)
+    if sparsity is not None:
+        save_file({"sparsity": sparsity}, str(out / SPARSITY))
+    (out / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def write_sparsify(run_dir: Path, out: Path) -> None:
+    from sae.interop.sparsify import CFG, WEIGHTS, to_sparsify
+    cfg, tensors = to_sparsify(_load_run(run_dir))
+    save_file(tensors, str(out / WEIGHTS))
+    (out / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def write_html(run_dir: Path, out: Path) -> None:
+    if not (run_dir / "analysis").is_dir():
+        raise UserError(f"{run_dir} has no analysis/ folder: run `sae analyze --run {run_dir} --activations STORE` first")
+    try:
+        from sae.html_export import write_html as write_pages
+    except ImportError:
+        raise UserError("HTML export is not available in this installation (sae.html_export is missing)") from None
+    write_pages(run_dir, out)

@@ -1,0 +1,153 @@
+"""Other tools' layouts, in and out: SAELens and sparsify SAE folders, Hugging Face Hub repos of
+either, and SAELens activation caches.
+
+    sae.load("path/to/saelens_folder")                        # cfg.json + sae_weights.safetensors
+    sae.load("path/to/sparsify_folder")                       # cfg.json + sae.safetensors
+    sae.load("org/repo", subfolder="blocks.8.hook_resid_pre") # a Hub release (huggingface_hub)
+    store = open_store(PATH)    # an ActivationStore, or a SAELens activation cache read lazily
+
+Each foreign SAE comes back as an instance of this project's registered variant that computes the
+same function (SAELens "standard" -> l1, "topk" -> topk, "gated" -> gated, "jumprelu" -> jumprelu;
+sparsify -> topk), with `run_config` describing it, so analysis and the dashboard work on it.
+Nothing here reads a pickle.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from sae.errors import UserError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+
+
+def detect_format(path) -> str | None:
+    """'run' (this project), 'saelens', 'sparsify', 'saelens_cache', or None for an unknown folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "config.json").is_file() and (path / "sae.safetensors").is_file():
+        return "run"
+    if (path / "cfg.json").is_file():
+        if (path / "sae_weights.safetensors").is_file():
+            return "saelens"
+        if (path / "sae.safetensors").is_file():
+            return "sparsify"
+    from sae.interop.saelens_cache import is_saelens_cache
+    if is_saelens_cache(path):
+        return "saelens_cache"
+    return None
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """'org/name' (no leading ./, /, ~, no backslash, exactly one slash)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "~"))
+
+
+def fetch_hub(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> Path:
+    """Download a Hub repo (only `subfolder/*` when given) with huggingface_hub; return the local folder
+    that holds the SAE (the snapshot's subfolder when given)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise UserError("loading from the Hugging Face Hub needs huggingface_hub (pip install huggingface_hub)")
+    subfolder = subfolder.strip("/") if subfolder else None
+    patterns = [f"{subfolder}/*"] if subfolder else None
+    try:
+        local = Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, revision=revision))
+    except Exception as error:  # network, auth, missing repo: one line for the user
+        raise UserError(f"could not fetch {repo_id!r} from the Hugging Face Hub: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    folder = local / subfolder if subfolder else local
+    if not folder.is_dir():
+        raise UserError(f"{repo_id} has no folder {subfolder!r}")
+    return folder
+
+
+def _subfolders_with_sae(path: Path) -> list[str]:
+    return sorted(str(p.parent.relative_to(path)) for p in path.glob("**/cfg.json")
+                  if detect_format(p.parent) in ("saelens", "sparsify"))[:8] + \
+        sorted(str(p.parent.relative_to(path)) for p in path.glob("**/config.json")
+               if detect_format(p.parent) == "run")[:8]
+
+
+def load_foreign(path, device="cpu", subfolder: str | None = None, revision: str | None = None, **kwargs):
+    """Open an SAE saved by another tool (or fetched from the Hub) as this project's module."""
+    if kwargs:
+        raise UserError(f"sae.load does not take {', '.join(sorted(kwargs))}")
+    path_str = str(path)
+    local = Path(path_str).expanduser()
+    if not local.exists():
+        if looks_like_hub_id(path_str):
+            local = fetch_hub(path_str, subfolder, revision)
+            subfolder = None
+        else:
+            raise UserError(f"{path_str} does not exist (nor is it a Hub id like org/name)")
+    if subfolder:
+        local = local / subfolder
+        if not local.is_dir():
+            raise UserError(f"{path_str} has no subfolder {subfolder!r}")
+    if local.is_file():
+        _refuse_file(local)
+    kind = detect_format(local)
+    if kind == "run":
+        from sae.io import load
+        return load(local, device=device)
+    if kind == "saelens":
+        from sae.interop.saelens import load_saelens
+        return load_saelens(local, device=device)
+    if kind == "sparsify":
+        from sae.interop.sparsify import load_sparsify
+        return load_sparsify(local, device=device)
+    if kind == "saelens_cache":
+        raise UserError(f"{local} is a SAELens activation cache, not an SAE: pass it to --activations")
+    pickles = [p.name for p in local.iterdir() if p.suffix in PICKLE_SUFFIXES] if local.is_dir() else []
+    if pickles:
+        _refuse_file(local / pickles[0])
+    inside = _subfolders_with_sae(local) if local.is_dir() else []
+    if inside:
+        raise UserError(f"{local} holds several SAEs; pick one with subfolder=, e.g. {', '.join(inside[:4])}")
+    raise UserError(f"{local} is not an SAE folder this tool knows (this project's config.json + sae.safetensors, "
+                    f"SAELens cfg.json + sae_weights.safetensors, or sparsify cfg.json + sae.safetensors)")
+
+
+def _refuse_file(path: Path):
+    if path.suffix in PICKLE_SUFFIXES:
+        owner = " (dictionary_learning's format)" if path.name == "ae.pt" else ""
+        raise UserError(f"{path.name}{owner} is a pickle, which can run arbitrary code when loaded; this tool "
+                        f"only reads safetensors: convert it with its own library (load, then save the tensors "
+                        f"with safetensors) first")
+    raise UserError(f"{path} is a file; sae.load takes a folder")
+
+
+def describe(path) -> dict | None:
+    """A config.json-like dict for a foreign SAE folder (what analysis and the dashboard read), or None."""
+    kind = detect_format(path)
+    if kind == "saelens":
+        from sae.interop.saelens import describe_saelens
+        return describe_saelens(Path(path))
+    if kind == "sparsify":
+        from sae.interop.sparsify import describe_sparsify
+        return describe_sparsify(Path(path))
+    return None
+
+
+def open_store(path):
+    """An activation store for `sae train --activations`: this project's store, or a SAELens
+    activation cache (a `datasets` folder saved with save_to_disk) read lazily through Arrow."""
+    from sae.interop.saelens_cache import SAELensCacheStore, is_saelens_cache
+    from sae.store import MANIFEST, ActivationStore
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return ActivationStore(path)
+    if is_saelens_cache(path):
+        return SAELensCacheStore(path)
+    raise UserError(f"{path} is not an activation store (no {MANIFEST}) nor a SAELens activation cache")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None

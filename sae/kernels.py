@@ -1,0 +1,159 @@
+"""The TopK family's fast path: sparse encoder selection and sparse decoding with hand-written backwards.
+
+Training a TopK-style SAE needs one dense product, the encoder's (2·d_in·d_sae FLOP a token). Everything
+else touches only the k selected latents of each token:
+
+- `topk_select(x, W_enc, b_enc, k, ...)` — forward: pre = x @ W_enc + b_enc, top-k per token, ReLU;
+  optionally a batch top-k (BatchTopK / Matryoshka) and an auxiliary top-k among dead latents (AuxK).
+  Backward: weight and bias gradients through a sparse [d_sae, batch] matrix (CSR, only the selected
+  entries) times x; input gradient by `embedding_bag` over the selected encoder columns. No dense
+  [batch, d_sae] gradient is ever formed.
+- `sparse_decode(values, indices, W_dec)` — forward: `embedding_bag` gather-and-sum of the selected
+  decoder rows. Backward: the value gradient by a sampled dense-dense product at the selected entries,
+  the decoder gradient through the same sparse [d_sae, batch] matrix.
+
+Shapes: x [batch, d_in], W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
+values/indices [batch, k] (values ≥ 0; a slot with value 0 contributes nothing and gets no gradient).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+
+class Selection(NamedTuple):
+    values: torch.Tensor       # [batch, k] codes of the selected latents (0 where a slot is unused)
+    indices: torch.Tensor      # [batch, k] int64 latent ids
+    aux_values: torch.Tensor   # [batch, k_aux] AuxK codes among dead latents ([batch, 0] when off)
+    aux_indices: torch.Tensor  # [batch, k_aux]
+
+
+def latent_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The sparse [d_sae, batch] matrix holding values at (indices[b, j], b), as CSR (fp32)."""
+    batch, k = indices.shape
+    flat = indices.reshape(-1)                                        # [batch*k]
+    order = torch.argsort(flat)
+    rows = flat[order]
+    tokens = torch.div(order, k, rounding_mode="floor")               # [batch*k]
+    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(rows, minlength=d_sae).cumsum(0)
+    return _csr(crow, tokens, values.reshape(-1)[order].float(), (d_sae, batch))
+
+
+def token_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The sparse [batch, d_sae] matrix holding values at (b, indices[b, j]), as CSR (fp32)."""
+    batch, k = indices.shape
+    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+    return _csr(crow, indices.reshape(-1), values.reshape(-1).float(), (batch, d_sae))
+
+
+def _csr(crow, cols, values, size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # "CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
+
+
+def _batch_topk(values: torch.Tensor, indices: torch.Tensor, batch_k: int, pre: torch.Tensor):
+    """Keep the batch_k largest of the candidates over the whole batch; zero the rest.
+
+    Exact: a token whose every candidate survives may own more; then widen its candidates and retry."""
+    width = values.shape[1]
+    while True:
+        flat = values.reshape(-1)
+        n_keep = min(batch_k, flat.numel())
+        kth = flat.topk(n_keep, sorted=False).values.min() if n_keep > 0 else flat.new_tensor(float("inf"))
+        keep = (values >= kth) & (values > 0)                          # [batch, width]
+        if width >= pre.shape[1] or not bool(keep.all(dim=1).any()):
+            return values * keep, indices
+        width = min(pre.shape[1], width * 2)
+        values, indices = pre.topk(width, dim=1, sorted=False)
+        values = values.clamp_min(0)
+
+
+class _TopKSelect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, batch_k, aux_mask, k_aux):
+        pre = torch.addmm(b_enc.to(x.dtype), x, W_enc.to(x.dtype))    # [batch, d_sae]
+        values, indices = pre.topk(k, dim=1, sorted=False)             # [batch, k]
+        values = values.clamp_min(0)
+        if batch_k is not None:
+            values, indices = _batch_topk(values, indices, batch_k, pre)
+        if aux_mask is not None and k_aux > 0:
+            masked = pre.masked_fill(~aux_mask, float("-inf"))
+            aux_values, aux_indices = masked.topk(k_aux, dim=1, sorted=False)
+            aux_values = aux_values.clamp_min(0)                        # [batch, k_aux]
+        else:
+            aux_values = pre.new_zeros(pre.shape[0], 0)
+            aux_indices = torch.zeros(pre.shape[0], 0, dtype=torch.int64, device=pre.device)
+        ctx.save_for_backward(x, W_enc, values > 0, indices, aux_values > 0, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+        x, W_enc, live, indices, aux_live, aux_indices = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        grads = [(grad_values if grad_values is not None else torch.zeros_like(live, dtype=x.dtype)) * live]
+        all_indices = [indices]
+        if aux_indices.shape[1] > 0 and grad_aux is not None:
+            grads.append(grad_aux * aux_live)
+            all_indices.append(aux_indices)
+        grad_sel = torch.cat(grads, dim=1).float()                      # [batch, k (+ k_aux)]
+        sel = torch.cat(all_indices, dim=1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(sel, W_enc.t().float(), mode="sum",
+                                     per_sample_weights=grad_sel).to(x.dtype)            # [batch, d_in]
+        if ctx.needs_input_grad[1]:
+            grad_rows = latent_major(grad_sel, sel, d_sae) @ x.float()                      # [d_sae, d_in]
+            grad_W = grad_rows.t().to(W_enc.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(d_sae, device=x.device).index_add_(0, sel.reshape(-1), grad_sel.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
+                batch_k: int | None = None, aux_mask: torch.Tensor | None = None, k_aux: int = 0) -> Selection:
+    """Encoder + ReLU + top-k with a sparse backward. batch_k: keep only the batch_k largest of the
+    batch's candidates (BatchTopK; then k is the per-token candidate count). aux_mask [d_sae] bool with
+    k_aux > 0: also select the k_aux largest pre-activations among the masked (dead) latents."""
+    if aux_mask is not None:
+        k_aux = min(int(k_aux), int(aux_mask.sum()))
+        aux_mask = aux_mask.to(x.device)[None, :]
+    return Selection(*_TopKSelect.apply(x, W_enc, b_enc, int(k), batch_k, aux_mask, int(k_aux)))
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values.to(W_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        d_sae = W_dec.shape[0]
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            pattern = token_major(torch.ones_like(values), indices, d_sae)
+            sampled = torch.sparse.sampled_addmm(pattern, grad_out.float(), W_dec.t().float(), beta=0.0)
+            grad_values = sampled.values().view_as(values).to(values.dtype)            # [batch, k]
+        if ctx.needs_input_grad[2]:
+            grad_W = (latent_major(values, indices, d_sae) @ grad_out.float()).to(W_dec.dtype)  # [d_sae, d_in]
+        return grad_values, None, grad_W
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[b, j] · W_dec[indices[b, j]]  ->  [batch, d_in] (no bias)."""
+    if indices.shape[1] == 0:
+        return values.new_zeros(values.shape[0], W_dec.shape[1])
+    return _SparseDecode.apply(values, indices, W_dec)
+
+
+def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """Scatter a selection into dense [batch, d_sae] codes (for encode() at inference)."""
+    return values.new_zeros(values.shape[0], d_sae).scatter_(1, indices, values)

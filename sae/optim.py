@@ -1,0 +1,62 @@
+"""Adam, in place with foreach ops: the same update as torch.optim.Adam, without the few seconds that
+importing torch.optim's compiler machinery adds to every `sae train`, and with a state that is plain
+tensors (checkpointed as safetensors). The step count is a Python int, so no host sync on GPU."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Adam:
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.steps = 0
+        self.state = {p: {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                          "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                      for p in self.params}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [p for p in self.params if p.grad is not None]
+        if not live:
+            return
+        self.steps += 1
+        beta1, beta2 = self.betas
+        grads = [p.grad for p in live]
+        exp_avg = [self.state[p]["exp_avg"] for p in live]
+        exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in live]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+        bias1 = 1 - beta1 ** self.steps
+        bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(live, exp_avg, denom, -self.lr / bias1)
+
+    # ---- checkpoints: tensors + JSON ---------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for index, p in enumerate(self.params):
+            for key, value in self.state[p].items():
+                out[f"optim.{index}.{key}"] = value
+        return out
+
+    def state_meta(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "shapes": [list(p.shape) for p in self.params]}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["shapes"] != [list(p.shape) for p in self.params]:
+            raise ValueError("optimizer state does not match the model's parameters")
+        self.steps = int(meta["steps"])
+        for index, p in enumerate(self.params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.state[p][key].copy_(tensors[f"optim.{index}.{key}"])

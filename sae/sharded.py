@@ -1,0 +1,249 @@
+"""Sharded training of very wide TopK-family dictionaries: the latents are split across ranks.
+
+Each rank of a torch.distributed process group owns a contiguous slice of the latents: its
+encoder columns W_enc[:, lo:hi], b_enc[lo:hi] and decoder rows W_dec[lo:hi]. b_dec and the input
+scale are replicated. Every rank sees the same batch. One forward:
+
+    x_in      = copy_to_shards(x - b_dec)          identity; backward all-reduces the gradient
+    pre_local = x_in @ W_enc_local + b_enc_local   [batch, d_local]
+    local top-k (values, global indices)           [batch, k] each
+    all-gather the candidates                      [world, batch, k]
+    global top-k of the world·k candidates         (no gradient: a selection)
+    partial   = Σ_{selected, owned here} value · W_dec_local[idx]   [batch, d_in]
+    x_hat     = reduce_from_shards(partial) + b_dec identity backward: the loss is replicated
+
+so gradients, Adam steps and decoder normalisation on each slice equal those of the unsharded
+model's rows (checked against the unsharded TopK by tests/test_sharded.py on CPU/gloo). Memory per
+rank is d_in × d_sae / world for each matrix plus [batch, d_sae / world] pre-activations: the layout
+that lets a 1M-latent SAE train on several GPUs.
+
+    model = ShardedTopK.from_full(sae.variants.create("topk", d_in, d_sae, k=32))
+    out = model.training_loss(x_in, x_target, ctx)       # same on every rank
+    full = model.gather_full()                           # an ordinary SAE (for saving, on any rank)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sae.errors import UserError
+from sae.variants.base import LossOutput, StepContext
+
+SHARDED_VARIANTS = ("topk", "batchtopk", "matryoshka")
+
+
+# ---- collectives with the gradients tensor parallelism needs -----------------------------------
+class _CopyToShards(torch.autograd.Function):
+    """Forward: identity (the input is replicated). Backward: sum the ranks' partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromShards(torch.autograd.Function):
+    """Forward: sum the ranks' partial tensors. Backward: identity (the loss is replicated)."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        total = partial.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def shard_bounds(d_sae: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The latent slice [lo, hi) a rank owns: contiguous, sizes differing by at most one."""
+    base, extra = divmod(d_sae, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class Selection(NamedTuple):
+    """The global top-k of one batch, seen from one rank."""
+    values: torch.Tensor   # [batch, k] this rank's candidate values, zero where not selected (with grad)
+    local: torch.Tensor    # [batch, k] int64 indices into this rank's slice (0 where not selected)
+    keep: torch.Tensor     # [batch, k] bool: the candidate is in the global top-k
+
+
+class ShardedOutput(NamedTuple):
+    x_hat: torch.Tensor        # [batch, d_in] full reconstruction, scaled units, same on every rank
+    selection: Selection
+    pre_local: torch.Tensor    # [batch, d_local] pre-activations of this rank's latents
+
+
+class ShardedTopK(nn.Module):
+    """One rank's slice of a TopK SAE (parameter names as in sae/variants/base.py)."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, group=None, auxk_alpha: float = 1 / 32,
+                 auxk_k: int | None = None, variant: str = "topk", knobs: dict | None = None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise UserError("sharded training needs torch.distributed (run it under torchrun)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if d_sae < self.world_size:
+            raise UserError(f"d_sae {d_sae} is smaller than the world size {self.world_size}")
+        self.d_in, self.d_sae, self.k = int(d_in), int(d_sae), int(k)
+        self.lo, self.hi = shard_bounds(self.d_sae, self.rank, self.world_size)
+        self.d_local = self.hi - self.lo
+        self.auxk_alpha = auxk_alpha
+        self.auxk_k = auxk_k
+        self.variant = variant
+        self.knobs = dict(knobs or {"k": k})
+        self.W_enc = nn.Parameter(torch.empty(d_in, self.d_local))   # [d_in, d_local]
+        self.b_enc = nn.Parameter(torch.zeros(self.d_local))          # [d_local]
+        self.W_dec = nn.Parameter(torch.empty(self.d_local, d_in))   # [d_local, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(d_in))                  # [d_in], replicated
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    # ---- conversion to and from the ordinary SAE --------------------------------------------
+    @classmethod
+    def from_full(cls, full, group=None) -> "ShardedTopK":
+        """This rank's slice of an unsharded TopK-family SAE (every rank passes the same weights)."""
+        if full.name not in SHARDED_VARIANTS:
+            raise UserError(f"sharded training supports {', '.join(SHARDED_VARIANTS)}, not {full.name}")
+        knobs = dict(full.knobs)
+        model = cls(full.d_in, full.d_sae, int(knobs["k"]), group=group, variant=full.name, knobs=knobs,
+                    auxk_alpha=float(knobs.get("auxk_alpha", getattr(full, "auxk_alpha", 1 / 32))),
+                    auxk_k=knobs.get("auxk_k"))
+        with torch.no_grad():
+            model.W_enc.copy_(full.W_enc[:, model.lo:model.hi])
+            model.b_enc.copy_(full.b_enc[model.lo:model.hi])
+            model.W_dec.copy_(full.W_dec[model.lo:model.hi])
+            model.b_dec.copy_(full.b_dec)
+            model.input_scale.copy_(full.input_scale)
+        return model.to(full.W_enc.device)
+
+    @torch.no_grad()
+    def gather_full(self):
+        """The unsharded SAE assembled from every rank's slice (a collective: call it on all ranks)."""
+        from sae import variants
+        full = variants.create(self.variant, self.d_in, self.d_sae, **self.knobs).to(self.W_enc.device)
+        full.W_enc.copy_(torch.cat(self._gather_rows(self.W_enc.T.contiguous()), dim=0).T)
+        full.b_enc.copy_(torch.cat(self._gather_rows(self.b_enc.data), dim=0))
+        full.W_dec.copy_(torch.cat(self._gather_rows(self.W_dec.data), dim=0))
+        full.b_dec.copy_(self.b_dec)
+        full.input_scale.copy_(self.input_scale)
+        return full
+
+    def _gather_rows(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """All ranks' row blocks, in rank order (blocks may differ in length by one row)."""
+        sizes = [shard_bounds(self.d_sae, r, self.world_size) for r in range(self.world_size)]
+        longest = max(hi - lo for lo, hi in sizes)
+        padded = torch.zeros((longest,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[:len(local)] = local
+        blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(blocks, padded, group=self.group)
+        return [block[:hi - lo] for block, (lo, hi) in zip(blocks, sizes)]
+
+    # ---- the sharded forward ------------------------------------------------------------------
+    def select(self, scores: torch.Tensor, k: int) -> Selection:
+        """Global top-k over all ranks of scores [batch, d_local] (already ReLU'd / masked)."""
+        batch = scores.shape[0]
+        k_local = min(k, self.d_local)
+        values, local = scores.topk(k_local, dim=1, sorted=False)     # [batch, k_local]
+        if k_local < k:                                               # pad to a common shape
+            pad = k - k_local
+            values = torch.cat([values, values.new_full((batch, pad), float("-inf"))], dim=1)
+            local = torch.cat([local, local.new_zeros(batch, pad)], dim=1)
+        gathered = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(gathered, values.detach().contiguous(), group=self.group)
+        candidates = torch.stack(gathered, dim=1).reshape(batch, self.world_size * k)  # [batch, world·k]
+        winners = candidates.topk(k, dim=1, sorted=False).indices     # [batch, k] into world·k
+        chosen = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, winners, True)
+        keep = chosen.view(batch, self.world_size, k)[:, self.rank]  # [batch, k]
+        keep = keep & torch.isfinite(values)
+        return Selection(torch.where(keep, values, torch.zeros_like(values)),
+                         torch.where(keep, local, torch.zeros_like(local)), keep)
+
+    def decode_partial(self, selection: Selection) -> torch.Tensor:
+        """This rank's share of the reconstruction (no b_dec). [batch, d_in]"""
+        return F.embedding_bag(selection.local, self.W_dec, per_sample_weights=selection.values, mode="sum")
+
+    def reconstruct(self, selection: Selection) -> torch.Tensor:
+        """Sum of every rank's share plus b_dec. [batch, d_in], identical on all ranks."""
+        return _ReduceFromShards.apply(self.decode_partial(selection), self.group) + self.b_dec
+
+    def forward_scaled(self, x: torch.Tensor) -> ShardedOutput:
+        x_in = _CopyToShards.apply(x - self.b_dec, self.group)
+        pre_local = x_in @ self.W_enc + self.b_enc                    # [batch, d_local]
+        selection = self.select(F.relu(pre_local), self.k)
+        return ShardedOutput(self.reconstruct(selection), selection, pre_local)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw activations -> (values [n, k], global latent indices [n, k]) owned by this rank."""
+        out = self.forward_scaled(x * self.input_scale)
+        sel = out.selection
+        return sel.values, torch.where(sel.keep, sel.local + self.lo, torch.full_like(sel.local, -1))
+
+    def training_loss(self, x_input: torch.Tensor, x_target: torch.Tensor, ctx: StepContext) -> LossOutput:
+        """MSE reconstruction (+ AuxK on dead latents), the same value on every rank.
+        fire_counts is [d_local]: the dead-latent statistics of this rank's slice."""
+        out = self.forward_scaled(x_input)
+        error = x_target - out.x_hat                                  # [batch, d_in]
+        mse = error.pow(2).sum(dim=1).mean()
+        loss = mse
+        terms = {"mse": mse.detach()}
+        dead = ctx.dead_mask
+        if dead is not None and self.auxk_alpha > 0:
+            any_dead = torch.tensor(float(bool(dead.any())), device=x_input.device)
+            dist.all_reduce(any_dead, group=self.group)
+            if any_dead.item() > 0:
+                auxk = self._auxk_loss(out.pre_local, dead, error.detach())
+                loss = loss + self.auxk_alpha * auxk
+                terms["auxk"] = auxk.detach()
+        fire_counts = torch.zeros(self.d_local, device=x_input.device)
+        sel = out.selection
+        fired = sel.keep & (sel.values > 0)
+        fire_counts.index_add_(0, sel.local[fired], torch.ones(int(fired.sum()), device=x_input.device))
+        return LossOutput(loss, out.x_hat, fire_counts, terms)
+
+    def _auxk_loss(self, pre_local: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the residual from the top k_aux dead latents across all ranks (normalised MSE)."""
+        k_aux = int(self.auxk_k or max(1, self.d_in // 2))
+        scores = torch.where(dead[None, :], F.relu(pre_local), torch.zeros_like(pre_local))
+        selection = self.select(scores, min(k_aux, self.d_sae))
+        residual_hat = _ReduceFromShards.apply(self.decode_partial(selection), self.group)
+        scale = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-8)
+        return (residual_hat - residual).pow(2).sum(dim=1).mean() / scale
+
+    # ---- what the trainer does between steps ---------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        if self.W_dec.grad is not None:
+            grad, rows = self.W_dec.grad, self.W_dec
+            grad.sub_((grad * rows).sum(dim=1, keepdim=True) * rows)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of the whole (unsharded) gradient: sharded parts summed over ranks."""
+        sharded = sum(p.grad.pow(2).sum() for p in (self.W_enc, self.b_enc, self.W_dec) if p.grad is not None)
+        sharded = torch.as_tensor(sharded, dtype=torch.float32, device=self.W_enc.device).clone()
+        dist.all_reduce(sharded, group=self.group)
+        replicated = self.b_dec.grad.pow(2).sum() if self.b_dec.grad is not None else 0.0
+        total = (sharded + replicated).sqrt()
+        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        return total

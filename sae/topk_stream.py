@@ -1,0 +1,129 @@
+"""Streaming per-latent top-N selection that never holds all codes.
+
+A `TopKeeper` keeps, for every latent, the N entries with the largest score seen so far, in a
+[N, d_sae] layout (row 0 = best), with each entry's activation, global row and (optionally) the
+latent's codes on the entry's ±radius neighbouring tokens. `offer()` takes a sparse list of
+candidate (latent, score, row) entries from one batch; candidates at or below a latent's running
+threshold (its N-th best score) are dropped before any sorting, so after the first few batches a
+batch costs almost nothing here.
+
+The same keeper serves as a per-latent reservoir sample: give each entry a pseudo-random key
+(`hash_keys`) as its score and keep the N largest keys; that is a uniform sample without
+replacement of the latent's entries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchContext:
+    """What context capture needs to know about the rows of one batch (all [B], batch order)."""
+    codes: torch.Tensor                  # [B, d_sae] the batch's codes (contexts are read from here)
+    global_rows: torch.Tensor            # [B] int64 each batch row's global index in the store
+    window: torch.Tensor | None = None   # [B] int64 window id (a window's rows contiguous, by position)
+    position: torch.Tensor | None = None  # [B] int64 position inside the window
+
+
+def capture_contexts(ctx: BatchContext, rows: torch.Tensor, latents: torch.Tensor, radius: int) -> torch.Tensor:
+    """Codes of `latents` on the tokens at positions p-radius..p+radius of each row's window.
+
+    rows, latents: [n] batch-local rows and their latents. Returns [n, 2*radius+1] float32; slot
+    radius is the row itself; positions with no row (outside the window, or dropped special tokens)
+    are 0. Relies on rows of a window being contiguous and ordered by position in the batch.
+    """
+    width = 2 * radius + 1
+    n, n_rows = rows.shape[0], ctx.codes.shape[0]
+    offsets = torch.arange(-radius, radius + 1, device=rows.device)                  # [W]
+    neighbours = rows[:, None] + offsets[None, :]                                    # [n, W]
+    inside = (neighbours >= 0) & (neighbours < n_rows)
+    neighbours = neighbours.clamp(0, n_rows - 1)
+    slots = ctx.position[neighbours] - ctx.position[rows][:, None] + radius           # [n, W]
+    valid = inside & (ctx.window[neighbours] == ctx.window[rows][:, None]) & (slots >= 0) & (slots < width)
+    values = ctx.codes[neighbours, latents[:, None].expand(n, width)].float()        # [n, W]
+    out = torch.zeros(n, width + 1, dtype=torch.float32, device=rows.device)
+    out.scatter_(1, torch.where(valid, slots, torch.full_like(slots, width)), torch.where(valid, values, 0.0))
+    return out[:, :width]
+
+
+def hash_keys(global_rows: torch.Tensor, latents: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Deterministic pseudo-random keys in [0, 1) for (row, latent) pairs ([n] int64 each -> [n] float64)."""
+    mask = 0xFFFFFFFF
+    x = (global_rows * 2654435761 + latents * 40503 + seed * 97 + 0x9E3779B9) & mask
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x45D9F3B) & mask
+    x = x ^ (x >> 16)
+    return x.double() / 2.0**32
+
+
+class TopKeeper:
+    """Per-latent top-N of (score, activation, row[, context]) in [N, d_sae] layout, best first."""
+
+    def __init__(self, n_keep: int, d_sae: int, radius: int | None, device="cpu", floor: float = float("-inf")):
+        self.n_keep, self.d_sae, self.radius = int(n_keep), int(d_sae), radius
+        self.scores = torch.full((n_keep, d_sae), float("-inf"), dtype=torch.float64, device=device)  # [N, d_sae]
+        self.acts = torch.zeros(n_keep, d_sae, dtype=torch.float32, device=device)                   # [N, d_sae]
+        self.rows = torch.full((n_keep, d_sae), -1, dtype=torch.int64, device=device)                # [N, d_sae]
+        width = 0 if radius is None else 2 * radius + 1
+        self.contexts = torch.zeros(n_keep, d_sae, width, dtype=torch.float32, device=device) \
+            if radius is not None else None                                                        # [N, d_sae, W]
+        # a candidate must beat this (the N-th best score so far, and never less than floor)
+        self.threshold = torch.full((d_sae,), float(floor), dtype=torch.float64, device=device)     # [d_sae]
+        self.floor = float(floor)
+
+    def offer(self, latents: torch.Tensor, scores: torch.Tensor, acts: torch.Tensor, rows: torch.Tensor,
+              batch: BatchContext) -> int:
+        """Merge candidates (all [m]: latent, score, activation, batch-local row) into the kept sets.
+
+        Returns how many candidates entered. Contexts are captured from `batch` for entries that enter.
+        """
+        scores = scores.double()
+        keep = scores > self.threshold[latents]
+        if not bool(keep.any()):
+            return 0
+        latents, scores, acts, rows = latents[keep], scores[keep], acts[keep], rows[keep]
+        n_keep = self.n_keep
+        # sort by (latent asc, score desc); rank each candidate within its latent
+        order = torch.argsort(scores, descending=True, stable=True)
+        order = order[torch.argsort(latents[order], stable=True)]
+        latents, scores, acts, rows = latents[order], scores[order], acts[order], rows[order]
+        touched, counts = torch.unique_consecutive(latents, return_counts=True)          # [T]
+        group = torch.repeat_interleave(torch.arange(len(touched), device=latents.device), counts)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(latents), device=latents.device) - first[group]
+        top = rank < n_keep
+        group, rank = group[top], rank[top]
+        cand = top.nonzero().squeeze(1)                                                  # indices into sorted lists
+        n_touched = len(touched)
+        cand_scores = torch.full((n_keep, n_touched), float("-inf"), dtype=torch.float64, device=latents.device)
+        cand_index = torch.full((n_keep, n_touched), -1, dtype=torch.int64, device=latents.device)
+        cand_scores[rank, group] = scores[cand]
+        cand_index[rank, group] = cand
+        # merge with the kept entries of the touched latents
+        merged = torch.cat([self.scores[:, touched], cand_scores])                      # [2N, T]
+        new_scores, pick = merged.topk(n_keep, dim=0)                                    # [N, T], sorted
+        from_old = pick < n_keep
+        column = torch.arange(n_touched, device=latents.device).expand(n_keep, n_touched)
+        old_pick = pick.clamp(max=n_keep - 1)
+        cand_pick = cand_index[(pick - n_keep).clamp(min=0), column]                     # [N, T]
+        from_cand = ~from_old & (cand_pick >= 0)
+        new_acts = torch.where(from_old, self.acts[:, touched][old_pick, column], 0.0)
+        new_rows = torch.where(from_old, self.rows[:, touched][old_pick, column], -1)
+        chosen = cand_pick[from_cand]
+        new_acts[from_cand] = acts[chosen].float()
+        new_rows[from_cand] = batch.global_rows[rows[chosen]]
+        if self.contexts is not None:
+            old_contexts = self.contexts[:, touched]                                      # [N, T, W]
+            new_contexts = old_contexts[old_pick, column]
+            new_contexts[~from_old] = 0.0
+            if len(chosen):
+                new_contexts[from_cand] = capture_contexts(batch, rows[chosen], latents[chosen], self.radius)
+            self.contexts[:, touched] = new_contexts
+        self.scores[:, touched] = new_scores
+        self.acts[:, touched] = new_acts
+        self.rows[:, touched] = new_rows
+        self.threshold[touched] = new_scores[-1].clamp(min=self.floor)
+        return int(from_cand.sum())

@@ -1,0 +1,51 @@
+"""`batchtopk` (Bussmann et al. 2024): top-k over the whole batch in training, a learned threshold at inference.
+
+Training keeps the batch's k·batch largest ReLU pre-activations (tokens get more or fewer than k latents; the
+mean is exactly k). A threshold θ is learned alongside as a running average of the smallest code kept in each
+batch; `encode` at inference applies θ to each token on its own (codes = pre · 1[pre > θ]), never a batch top-k,
+so a token's code does not depend on its batch-mates. AuxK as in `topk`.
+"""
+from __future__ import annotations
+
+import torch
+
+from sae.kernels import Selection, topk_select
+from sae.variants.base import register
+from sae.variants.topk import TopKSAE
+
+THRESHOLD_MOMENTUM = 0.99
+
+
+@register
+class BatchTopKSAE(TopKSAE):
+    name = "batchtopk"
+
+    def build(self) -> None:
+        super().build()
+        self.register_buffer("threshold", torch.tensor(-1.0))   # θ; negative until the first training batch
+
+    def select(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> Selection:
+        k = self.knobs["k"]
+        aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
+        sel = topk_select(x - self.b_dec, self.W_enc, self.b_enc, min(self.d_sae, 2 * k), batch_k=k * len(x),
+                          aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
+        width = int((sel.values > 0).sum(dim=1).max()) if sel.values.numel() else 0
+        if 0 < width < sel.values.shape[1]:                     # drop the all-zero tail of the candidates
+            keep = sel.values.detach().topk(width, dim=1).indices
+            sel = sel._replace(values=sel.values.gather(1, keep), indices=sel.indices.gather(1, keep))
+        if self.training:
+            self.update_threshold(sel.values.detach())
+        return sel
+
+    @torch.no_grad()
+    def update_threshold(self, values: torch.Tensor) -> None:
+        smallest = values.masked_fill(values <= 0, float("inf")).min()          # no host sync
+        running = THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
+        updated = torch.where(self.threshold < 0, smallest, running)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold < 0:                                  # untrained: fall back to a per-token top-k
+            return super().encode_scaled(x)
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc        # [batch, d_sae]
+        return pre * (pre > self.threshold.clamp_min(0))

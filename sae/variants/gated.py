@@ -1,0 +1,64 @@
+"""`gated` (Rajamanoharan et al. 2024): separate *which* latents fire from *how strongly*.
+
+π_gate = (x − b_dec) W_enc + b_enc decides which latents fire (f_gate = 1[π_gate > 0]); the magnitude path shares
+the encoder directions, rescaled per latent: π_mag = (x − b_dec) (W_enc · exp(r_mag)) + b_mag,
+codes = f_gate · ReLU(π_mag), x̂ = codes W_dec + b_dec (unit-norm decoder rows).
+loss = ‖x − x̂‖² + λ · s · ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², the last ("aux") term decoding the
+gate's ReLU through a frozen copy of the decoder, so that the gate learns to reconstruct too (the L1 term
+alone would only shrink it).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
+                               squared_error)
+
+
+@register
+class GatedSAE(SAE):
+    name = "gated"
+    KNOBS = {"l1_coefficient": Knob(1.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0)}
+    revive_dead = True
+
+    def build(self) -> None:
+        W_enc, W_dec = kaiming_pair(self.d_in, self.d_sae)
+        self.W_enc = nn.Parameter(W_enc)                        # [d_in, d_sae] gate (and magnitude) directions
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))      # [d_sae] gate bias
+        self.r_mag = nn.Parameter(torch.zeros(self.d_sae))      # [d_sae] log rescaling of the magnitude path
+        self.b_mag = nn.Parameter(torch.zeros(self.d_sae))      # [d_sae]
+        self.W_dec = nn.Parameter(W_dec)                        # [d_sae, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    def paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        projected = (x - self.b_dec) @ self.W_enc               # [batch, d_sae]
+        pi_gate = projected + self.b_enc
+        pi_mag = projected * self.r_mag.exp() + self.b_mag
+        return pi_gate, pi_mag
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        pi_gate, pi_mag = self.paths(x)
+        return (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
+
+    def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_dec
+
+    def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
+        pi_gate, pi_mag = self.paths(x_input)
+        codes = (pi_gate > 0).to(x_input.dtype) * torch.relu(pi_mag)           # [batch, d_sae]
+        x_hat = self.decode_scaled(codes)
+        recon = squared_error(x_hat, x_target)
+        gate = torch.relu(pi_gate)
+        l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * gate.sum(dim=1).mean()
+        aux = squared_error(gate @ self.W_dec.detach() + self.b_dec.detach(), x_target)
+        return LossOutput(recon + l1 + aux, x_hat, fired(codes),
+                          {"recon": recon.detach(), "l1": l1.detach(), "aux": aux.detach(),
+                           "fvu": batch_fvu(x_hat.detach(), x_target)})
+
+    @torch.no_grad()
+    def revive(self, dead_mask, x, x_hat) -> int:
+        revived = super().revive(dead_mask, x, x_hat)
+        self.r_mag[dead_mask] = 0.0
+        self.b_mag[dead_mask] = 0.0
+        return revived

@@ -1,0 +1,103 @@
+"""`jumprelu` (Rajamanoharan et al. 2024; Gemma Scope): a ReLU with a learned per-latent jump threshold θ.
+
+pre = (x − b_dec) W_enc + b_enc, codes = pre · H(pre − θ), x̂ = codes W_dec + b_dec,
+loss = ‖x − x̂‖² + λ · s · Σ_j H(pre_j − θ_j)  (an L0 penalty, averaged over the batch).
+H has no useful derivative, so θ learns through straight-through estimators with a kernel-density pseudo-
+gradient: with the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε,
+  ∂/∂θ [pre · H(pre − θ)] := −(θ/ε) K((pre − θ)/ε),   ∂/∂θ H(pre − θ) := −(1/ε) K((pre − θ)/ε),
+and H passes no gradient to pre. θ = exp(log_threshold) stays positive. Codes are exactly zero below θ.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
+                               squared_error)
+
+INITIAL_THRESHOLD = 0.1   # scaled units (inputs have about unit RMS per coordinate)
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (-(threshold / eps) * rectangle((pre - threshold) / eps) * grad).sum(dim=0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = (-(1.0 / eps) * rectangle((pre - threshold) / eps) * grad).sum(dim=0)
+        return torch.zeros_like(pre), grad_threshold, None
+
+
+@register
+class JumpReLUSAE(SAE):
+    name = "jumprelu"
+    KNOBS = {
+        "l0_coefficient": Knob(0.5, "weight λ of the L0 penalty", float, minimum=0.0),
+        "bandwidth": Knob(0.05, "width ε of the rectangle kernel of the threshold's pseudo-gradient", float,
+                          positive=True),
+    }
+    revive_dead = True
+
+    def build(self) -> None:
+        W_enc, W_dec = kaiming_pair(self.d_in, self.d_sae)
+        self.W_enc = nn.Parameter(W_enc)                         # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), float(torch.tensor(INITIAL_THRESHOLD).log())))
+        self.W_dec = nn.Parameter(W_dec)                         # [d_sae, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()                          # [d_sae]
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc       # [batch, d_sae]
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        return pre * (pre > self.threshold)
+
+    def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_dec
+
+    def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
+        pre = self.pre_acts(x_input)
+        threshold, eps = self.threshold, self.knobs["bandwidth"]
+        codes = _JumpReLU.apply(pre, threshold, eps)              # [batch, d_sae]
+        x_hat = self.decode_scaled(codes)
+        recon = squared_error(x_hat, x_target)
+        l0 = _Step.apply(pre, threshold, eps).sum(dim=1).mean()
+        loss = recon + self.knobs["l0_coefficient"] * ctx.sparsity_scale * l0
+        return LossOutput(loss, x_hat, fired(codes),
+                          {"recon": recon.detach(), "l0": l0.detach(), "fvu": batch_fvu(x_hat.detach(), x_target)})
+
+    @torch.no_grad()
+    def revive(self, dead_mask, x, x_hat) -> int:
+        revived = super().revive(dead_mask, x, x_hat)
+        self.log_threshold[dead_mask] = float(torch.tensor(INITIAL_THRESHOLD).log())
+        return revived

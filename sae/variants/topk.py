@@ -1,0 +1,87 @@
+"""`topk` (Gao et al. 2024): keep each token's k largest ReLU pre-activations, zero the rest; AuxK on by default.
+
+codes = TopK_k(ReLU((x − b_dec) W_enc + b_enc)), x̂ = codes W_dec + b_dec; loss = FVU of the batch + α · AuxK.
+AuxK: the k_aux = min(d_in / 2, #dead) largest pre-activations among dead latents (ctx.dead_mask) reconstruct the
+main model's residual e = x − x̂, *detached*, as ê = Σ aux codes · W_dec — without b_dec, which x̂ already holds
+(adding it again is the classic bug); AuxK = min(1, #dead / k_aux) · ‖e − ê‖² / Σ‖x − mean x‖².
+Training runs on the sparse kernels (sae.kernels): the encoder product is the only dense work.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae.errors import UserError
+from sae.kernels import Selection, dense_codes, sparse_decode, topk_select
+from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register
+
+
+@register
+class TopKSAE(SAE):
+    name = "topk"
+    KNOBS = {
+        "k": Knob(32, "latents kept per token", int, positive=True),
+        "auxk_coefficient": Knob(1 / 32, "weight α of the AuxK loss that revives dead latents (0: off)", float,
+                                 minimum=0.0),
+    }
+    unit_norm_decoder = True
+
+    @classmethod
+    def check_knobs(cls, d_in, d_sae, knobs):
+        super().check_knobs(d_in, d_sae, knobs)
+        if knobs["k"] >= d_sae:
+            raise UserError(f"--k must be smaller than d_sae ({d_sae}) for {cls.name}, got {knobs['k']}")
+
+    def build(self) -> None:
+        W_enc, W_dec = kaiming_pair(self.d_in, self.d_sae)
+        self.W_enc = nn.Parameter(W_enc)                        # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))      # [d_sae]
+        self.W_dec = nn.Parameter(W_dec)                        # [d_sae, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))       # [d_in]
+
+    # ---- selection: what differs between topk, batchtopk and matryoshka -------------------------
+    def select(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> Selection:
+        aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
+        return topk_select(x - self.b_dec, self.W_enc, self.b_enc, self.knobs["k"],
+                           aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        sel = topk_select(x - self.b_dec, self.W_enc, self.b_enc, self.knobs["k"])
+        return dense_codes(sel.values, sel.indices, self.d_sae)  # [batch, d_sae]
+
+    def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_dec
+
+    # ---- loss ------------------------------------------------------------------------------------
+    def reconstruction_loss(self, sel: Selection, x_target: torch.Tensor, total_variance: torch.Tensor):
+        """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats)."""
+        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec) + self.b_dec   # [batch, d_in]
+        return (x_hat - x_target).pow(2).sum() / total_variance, x_hat, {}
+
+    def auxk_loss(self, sel: Selection, x_target: torch.Tensor, x_hat: torch.Tensor,
+                  total_variance: torch.Tensor, n_dead: int) -> torch.Tensor:
+        residual = (x_target - x_hat).detach()                                      # [batch, d_in]
+        residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec)   # no b_dec
+        scale = min(1.0, n_dead / max(1, sel.aux_indices.shape[1]))
+        return scale * (residual_hat - residual).pow(2).sum() / total_variance
+
+    def losses(self, x_input, x_target, ctx: StepContext):
+        """(x_hat, selection, named loss terms with gradients, logged stats)."""
+        sel = self.select(x_input, ctx.dead_mask)
+        total_variance = (x_target - x_target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        recon, x_hat, stats = self.reconstruction_loss(sel, x_target, total_variance)
+        terms = {"recon": recon}
+        if sel.aux_indices.shape[1] > 0:
+            n_dead = int(ctx.dead_mask.sum())
+            terms["auxk"] = self.knobs["auxk_coefficient"] * self.auxk_loss(sel, x_target, x_hat,
+                                                                              total_variance, n_dead)
+        stats["fvu"] = ((x_hat - x_target).pow(2).sum() / total_variance).detach()
+        return x_hat, sel, terms, stats
+
+    def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
+        x_hat, sel, terms, stats = self.losses(x_input, x_target, ctx)
+        loss = sum(terms.values())
+        live = (sel.values > 0).reshape(-1)
+        fire_counts = torch.bincount(sel.indices.reshape(-1), weights=live.float(), minlength=self.d_sae)
+        return LossOutput(loss, x_hat.detach(), fire_counts.long(),
+                          {**{name: value.detach() for name, value in terms.items()}, **stats})

@@ -1,0 +1,199 @@
+"""The classic autoencoder family, trained with a minimal Adam loop of the test's own (not the trainer)."""
+import math
+
+import pytest
+import torch
+
+import sae
+from sae.errors import UserError
+from sae.io import save_run
+from sae.variants import create
+from sae.variants.base import StepContext
+from sae.variants.kl import kl_sparsity
+from sae.variants.vae import gaussian_kl
+
+CLASSIC = ["linear", "relu", "l1", "kl", "denoising", "contractive", "vae", "vq"]
+
+
+def sparse_data(n=3072, d_in=32, n_atoms=96, active=4, seed=0):
+    """Activation-shaped data: a large mean, sparse non-negative mixtures of random atoms, small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d_in, generator=gen)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    coeffs = torch.rand(n, n_atoms, generator=gen) * 3
+    keep = torch.rand(n, n_atoms, generator=gen).argsort(dim=1) < active
+    x = (coeffs * keep) @ atoms + 2.0 * torch.randn(d_in, generator=gen)
+    return x + 0.05 * torch.randn(n, d_in, generator=gen)
+
+
+def fit(model, x, steps=300, batch=256, lr=3e-3, seed=0, dead_after=None):
+    """A bare training loop: scale to mean norm √d_in, init from data, Adam, warm-up, unit-norm decoder."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.input_scale.fill_(math.sqrt(x.shape[1]) / x.norm(dim=1).mean())
+    scaled = x * model.input_scale
+    model.init_from_data(scaled[:1024])
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    last_fired = torch.zeros(model.d_sae)
+    losses = []
+    for step in range(steps):
+        target = scaled[torch.randint(len(x), (batch,), generator=gen)]
+        noisy = target + model.default_noise_std * torch.randn_like(target)
+        dead = None
+        if dead_after is not None:
+            dead = (step * batch - last_fired) >= dead_after
+        ctx = StepContext(step=step, progress=step / steps, sparsity_scale=min(1.0, step / (0.1 * steps)),
+                          dead_mask=dead)
+        out = model.training_loss(noisy, target, ctx)
+        optimiser.zero_grad()
+        out.loss.backward()
+        model.remove_parallel_gradient()
+        optimiser.step()
+        model.normalize_decoder()
+        if out.fire_counts is not None:
+            last_fired[out.fire_counts > 0] = (step + 1) * batch
+        losses.append(float(out.loss))
+    return model.eval(), losses
+
+
+def fvu(model, x):
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(x))
+    return float((x_hat - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
+
+
+@pytest.mark.parametrize("name", CLASSIC)
+def test_each_classic_variant_trains_and_beats_the_mean(name):
+    x = sparse_data()
+    train, held_out = x[:2560], x[2560:]
+    width = {"linear": 8, "vae": 32}.get(name, 64)
+    model, losses = fit(create(name, d_in=32, d_sae=width), train)
+    assert sum(losses[-20:]) / 20 < sum(losses[:5]) / 5
+    assert fvu(model, held_out) < 0.6, name
+    if name == "vae":
+        assert model.extra_metrics(held_out * model.input_scale)["active_dims"] >= 4   # no posterior collapse
+    if name == "vq":
+        metrics = model.extra_metrics(held_out * model.input_scale)
+        assert metrics["usage"] > 0.5 and 1 < metrics["perplexity"] <= 64
+
+
+def test_linear_learns_the_principal_subspace():
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(8, 2, generator=gen)).Q                    # [8, 2] the true plane
+    x = (torch.randn(4000, 2, generator=gen) * torch.tensor([3.0, 2.0])) @ basis.T
+    x = x + 0.05 * torch.randn(4000, 8, generator=gen) + 1.5
+    model, _ = fit(create("linear", d_in=8, d_sae=2), x, steps=1500, lr=1e-2)
+    centred = x - x.mean(dim=0)
+    pca = torch.linalg.svd(centred, full_matrices=False).Vh[:2].T                  # [8, 2] top-2 PCA axes
+    learned = torch.linalg.qr(model.W_dec.detach().T).Q                            # [8, 2]
+    cosines = torch.linalg.svdvals(learned.T @ pca)                                # cos(principal angles)
+    assert float(cosines.min()) >= 0.999
+
+
+def test_overcomplete_unregularised_relu_codes_are_dense():
+    x = sparse_data(d_in=16, n_atoms=48)
+    model, _ = fit(create("relu", d_in=16, d_sae=64), x, steps=400)
+    with torch.no_grad():
+        codes = model.encode(x[:512])
+    l0 = float((codes > 0).sum(dim=1).float().mean())
+    assert l0 > 16          # more latents fire per token than the input has dimensions
+    assert fvu(model, x[2560:]) < 0.05
+
+
+def test_vq_codes_are_one_hot_and_decode_to_codebook_rows():
+    x = sparse_data()
+    model, _ = fit(create("vq", d_in=32, d_sae=64), x, steps=100)
+    with torch.no_grad():
+        codes = model.encode(x[:200])
+        assert torch.equal(codes.sum(dim=1), torch.ones(200)) and set(codes.unique().tolist()) == {0.0, 1.0}
+        index = codes.argmax(dim=1)
+        scaled = x[:200] * model.input_scale
+        brute = ((scaled - model.b_dec)[:, None, :] - model.W_dec[None]).pow(2).sum(-1).argmin(dim=1)
+        assert torch.equal(index, brute)
+        assert torch.allclose(model.decode(codes), (model.W_dec[index] + model.b_dec) / model.input_scale)
+
+
+def test_vq_revive_restarts_codes_at_poorly_reconstructed_tokens():
+    model = create("vq", d_in=8, d_sae=16)
+    x = torch.randn(64, 8)
+    x_hat = x.clone()
+    x_hat[5] += 10.0                                   # only token 5 is badly reconstructed
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[2, 7]] = True
+    assert model.revive(dead, x, x_hat) == 2
+    assert torch.allclose(model.W_dec[2], x[5] - model.b_dec) and torch.allclose(model.W_dec[7], x[5] - model.b_dec)
+
+
+def test_vae_closed_form_kl_equals_monte_carlo():
+    gen = torch.Generator().manual_seed(2)
+    mu, logvar = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    n = 400_000
+    std = (0.5 * logvar).exp()
+    z = mu + std * torch.randn(n, 5, generator=gen)
+    log_q = -0.5 * (((z - mu) / std).pow(2) + logvar + math.log(2 * math.pi))
+    log_p = -0.5 * (z.pow(2) + math.log(2 * math.pi))
+    samples = log_q - log_p                                                      # [n, 5]
+    estimate, stderr = samples.mean(dim=0), samples.std(dim=0) / math.sqrt(n)
+    assert torch.all((estimate - gaussian_kl(mu, logvar)).abs() < 4 * stderr + 1e-4)
+
+
+def test_vae_samples_have_the_posterior_mean_and_std():
+    model = create("vae", d_in=8, d_sae=4)
+    mu, logvar = torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([0.0, -2.0, 1.0, -4.0])
+    torch.manual_seed(0)
+    z = model.sample(mu.expand(200_000, 4), logvar.expand(200_000, 4))
+    assert torch.allclose(z.mean(dim=0), mu, atol=0.02)
+    assert torch.allclose(z.std(dim=0), (0.5 * logvar).exp(), rtol=0.01)
+    assert torch.equal(model.encode_scaled(torch.ones(3, 8)), model.posterior(torch.ones(3, 8))[0])  # encode = μ
+
+
+def test_contractive_penalty_equals_autograd_jacobian_norm():
+    torch.manual_seed(3)
+    model = create("contractive", d_in=12, d_sae=40)
+    model.b_enc.data.normal_()
+    x = torch.randn(6, 12)
+    closed = model.jacobian_penalty(x)
+    for i in range(6):
+        jac = torch.func.jacrev(lambda row: model.encode_scaled(row[None])[0])(x[i])   # [d_sae, d_in]
+        assert torch.allclose(closed[i], jac.pow(2).sum(), rtol=1e-5)
+    codes = model.encode_scaled(x)
+    term = model.penalty(x, codes, StepContext())["contractive"]
+    assert torch.allclose(term, model.knobs["contractive_coefficient"] * closed.mean())
+
+
+def test_kl_sparsity_penalty_matches_the_bernoulli_kl():
+    rho_hat = torch.tensor([0.02, 0.3, 0.9])
+    want = sum(0.05 * math.log(0.05 / r) + 0.95 * math.log(0.95 / (1 - r)) for r in rho_hat.tolist())
+    assert abs(float(kl_sparsity(0.05, rho_hat)) - want) < 1e-5
+    assert float(kl_sparsity(0.05, torch.full((4,), 0.05))) == pytest.approx(0.0, abs=1e-6)
+    assert create("kl", d_in=8, d_sae=16).fire_threshold == 0.5
+
+
+@pytest.mark.parametrize("name", CLASSIC)
+def test_save_load_gives_identical_outputs(name, tmp_path):
+    x = sparse_data(n=600)
+    model, _ = fit(create(name, d_in=32, d_sae=8 if name == "linear" else 48), x, steps=20)
+    save_run(model, tmp_path / "run")
+    loaded = sae.load(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), model.encode(x))
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("name, d_sae, knobs", [
+    ("linear", 32, {}), ("linear", 40, {}), ("vq", 0, {}), ("relu", -3, {}),
+    ("l1", 64, {"l1_coefficient": -1.0}), ("kl", 64, {"sparsity_target": 1.5}),
+    ("kl", 64, {"sparsity_target": 0.0}), ("kl", 64, {"kl_coefficient": -0.1}),
+    ("contractive", 64, {"contractive_coefficient": -1.0}), ("vae", 16, {"beta": -1.0}),
+    ("relu", 64, {"k": 4}),
+])
+def test_bad_widths_and_knobs_are_user_errors(name, d_sae, knobs):
+    with pytest.raises(UserError):
+        create(name, d_in=32, d_sae=d_sae, **knobs)
+
+
+def test_default_widths():
+    assert create("linear", d_in=64).d_sae == 8
+    assert create("relu", d_in=16).d_sae == 128
+    assert create("vae", d_in=16).d_sae == 16
+    assert create("denoising", d_in=16).default_noise_std > 0
