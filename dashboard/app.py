@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by streamlit: make `dashboard` and `sae` importable
@@ -20,6 +21,7 @@ import streamlit as st
 from dashboard import nav
 from dashboard.runs import DataProblem, runs_from
 from dashboard.views import compare, feature, feature_list, probe, runs_page, steer
+from sae.errors import UserError
 
 VIEWS = {
     "runs": runs_page.show,
@@ -40,6 +42,7 @@ def run_paths() -> list[str]:
 
 
 def main() -> None:
+    started = time.perf_counter()
     st.set_page_config(page_title="sae dashboard", layout="wide")
     paths = run_paths()
     if not paths:
@@ -59,10 +62,15 @@ def main() -> None:
         VIEWS[place.page](runs, place)
     except DataProblem as problem:
         st.error(str(problem))
+    except UserError as error:
+        st.error(str(error))
     except Exception as error:  # noqa: BLE001 - a bad file must give a message, not a traceback
         if os.environ.get("SAE_DEBUG") == "1":
             raise
         st.error(f"This page could not be shown: {type(error).__name__}: {error}")
+    elapsed = time.perf_counter() - started
+    st.session_state["render_seconds"] = elapsed      # read by scripts/bench_dashboard.py
+    st.sidebar.caption(f"page built in {elapsed * 1000:.0f} ms")
 
 
 main()

@@ -137,7 +137,7 @@ def write_analysis(run_dir, n_features: int, n_top: int = 20, radius: int = 10, 
     return out
 
 
-def tiny_model_dir(path, corpus=None, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def tiny_model_dir(path, corpus=None, hidden: int = 32, layers: int = 3, seed: int = 0) -> Path:
     """A random-weight Llama (hidden 32) with a byte-level BPE tokenizer, saved with save_pretrained."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -29,7 +29,8 @@ def kept_entries(keeper, valid_extra: torch.Tensor | None = None):
     slot, feature = filled.nonzero(as_tuple=True)
     order = torch.argsort(feature * keeper.n_keep + slot)
     slot, feature = slot[order], feature[order]
-    contexts = None if keeper.contexts is None else keeper.contexts[slot, feature].cpu()  # [E, W]
+    contexts = keeper.contexts_of(slot, feature)                                           # [E, W] or None
+    contexts = None if contexts is None else contexts.cpu()
     return (feature.cpu(), slot.cpu(), keeper.acts[slot, feature].cpu(), keeper.rows[slot, feature].cpu(),
             contexts)
 

@@ -133,3 +133,22 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def check_resumable(saved: dict, run_dir, variant, store, layer, d_sae, knobs) -> None:
+    """A resumed run must train the same thing it started: same variant, store width, layer, width, knobs."""
+    if saved.get("variant") != variant:
+        raise UserError(f"cannot resume {run_dir}: it trains variant {saved.get('variant')}, not {variant}")
+    if saved.get("d_in") != store.d_model:
+        raise UserError(f"cannot resume {run_dir}: its d_in is {saved.get('d_in')}, the store's is {store.d_model}")
+    if str(saved.get("layer")) != str(layer):
+        raise UserError(f"cannot resume {run_dir}: it was trained on layer {saved.get('layer')}, not {layer}")
+    if d_sae is not None and int(d_sae) != saved.get("d_sae"):
+        raise UserError(f"cannot resume {run_dir}: its d_sae is {saved.get('d_sae')}, not {d_sae}")
+    for name, value in knobs.items():
+        if saved.get("knobs", {}).get(name) != value:
+            raise UserError(f"cannot resume {run_dir}: it was trained with --{name.replace('_', '-')} "
+                            f"{saved.get('knobs', {}).get(name)}, not {value}")
+    if saved.get("store_digest") not in (None, store.digest):
+        raise UserError(f"cannot resume {run_dir}: it was trained on a different store "
+                        f"(digest {saved.get('store_digest')}, this store's is {store.digest})")

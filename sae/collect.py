@@ -408,12 +408,14 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
         return True
 
     def settle_median():
-        norms = torch.cat([p.norms for p in prelude])[:MEDIAN_TOKENS] if prelude else torch.empty(0, len(layers))
+        norms = torch.cat([p.norms for p in prelude])[:median_tokens] if prelude else torch.empty(0, len(layers))
         norms = _gather_norms(d, norms)
         medians = torch.nanmedian(norms, dim=0).values if len(norms) else torch.full((len(layers),), float("nan"))
         state["norm_median"] = {str(layer): float(m) for layer, m in zip(layers, medians.tolist())}
 
     done = budget is not None and state["rows"] >= budget
+    # the norm median is taken over the first min(8,192, this rank's --tokens) kept tokens
+    median_tokens = min(MEDIAN_TOKENS, budget) if budget is not None else MEDIAN_TOKENS
     progress_bar = _progress(options, budget, state["rows"], d)
     start_time = time.perf_counter()
     finished_data = False
@@ -434,7 +436,7 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
                                   next_window=group[-1].index + 1)
                 if state["norm_median"] is None:
                     prelude.append(rows)
-                    if sum(len(p) for p in prelude) < MEDIAN_TOKENS:
+                    if sum(len(p) for p in prelude) < median_tokens:
                         continue
                     settle_median()
                     held, prelude[:] = list(prelude), []

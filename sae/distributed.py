@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -61,11 +62,15 @@ class local:
         return False
 
 
-def is_active() -> bool:
-    if _LOCAL_DEPTH:
-        return False
+def group_active() -> bool:
+    """A process group of several ranks exists (whatever each rank trains)."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_active() -> bool:
+    """Data-parallel training: the ranks share one model and the reduce hooks reduce (not in local())."""
+    return not _LOCAL_DEPTH and group_active()
 
 
 def info() -> DistInfo:
@@ -100,6 +105,8 @@ def setup(device_type: str, requested_backend: str = "auto") -> DistInfo:
         backend, message = choose_backend(device_type, requested_backend)
         if message and int(os.environ.get("RANK", 0)) == 0:
             print(f"distributed: {message}", file=sys.stderr)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
     return info()
 
@@ -172,8 +179,8 @@ def reduce_sum_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_bytes(payload: bytes | None) -> bytes:
-    """Rank 0's bytes on every rank (no pickle)."""
-    if not is_active():
+    """Rank 0's bytes on every rank (no pickle); also inside local() blocks."""
+    if not group_active():
         return payload or b""
     dist = torch.distributed
     device = _comm_device()
@@ -206,3 +213,33 @@ def check_batch(batch_size: int, world_size: int) -> None:
     if world_size > 1 and batch_size % world_size:
         raise UserError(f"--batch-size {batch_size} is not divisible by the world size {world_size}: "
                         f"each rank must get an equal slice of the global batch")
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def should_stop(self, dist_enabled: bool) -> bool:
+        if not dist_enabled:
+            return self.requested
+        return bool(reduce_max(torch.tensor([int(self.requested)])))

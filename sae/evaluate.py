@@ -63,6 +63,8 @@ def special_token_ids(store: ActivationStore, loaded=None) -> set[int]:
     for key in ("special_ids", "special_token_ids"):
         if store.manifest.get(key) is not None:
             return {int(i) for i in store.manifest[key]}
+    if store.manifest.get("special_tokens_kept") is False:
+        return set()  # `sae collect` left them out of the store: no row to exclude
     name = store.manifest.get("model")
     if name and store.shards and "token_ids" in store.tensor_names(0):
         try:

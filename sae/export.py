@@ -78,8 +78,9 @@ def log_sparsity(run_dir: Path, d_sae: int) -> torch.Tensor | None:
 
 def layer_runs(run_dir: Path) -> list[Path]:
     """The run itself, or, for `sae train --layers A,B` (RUN/layer_A/, RUN/layer_B/), each layer's run."""
-    if (run_dir / "config.json").is_file():
-        return [run_dir]
+    from sae.interop import detect_format
+    if (run_dir / "config.json").is_file() or detect_format(run_dir) in ("saelens", "sparsify"):
+        return [run_dir]  # foreign folders convert too: sparsify -> SAELens, SAELens -> sparsify
     runs = sorted((p.parent for p in run_dir.glob("layer_*/config.json")), key=lambda p: p.name)
     if not runs:
         raise UserError(f"{run_dir} is not a run folder (no config.json, no layer_*/config.json)")
@@ -116,7 +117,10 @@ def _write_one_saelens(run_dir: Path, out: Path) -> None:
 
 def write_sparsify(run_dir: Path, out: Path) -> None:
     from sae.interop.sparsify import CFG, WEIGHTS, to_sparsify
-    cfg, tensors = to_sparsify(_load_run(run_dir))
+    runs = layer_runs(run_dir)
+    if len(runs) > 1:
+        raise UserError(f"{run_dir} holds one SAE per layer; export each of its layer_L folders on its own")
+    cfg, tensors = to_sparsify(_load_run(runs[0]))
     save_file(tensors, str(out / WEIGHTS))
     (out / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
 

@@ -2,8 +2,8 @@
 its codes into per-latent statistics, top-N examples and a reservoir sample, holding no more than one
 batch of codes at a time.
 
-Per batch only one dense pass finds the firing entries (code > τ; |code| > 0 for signed codes);
-everything else works on that sparse list, processed in row chunks of at most `max_entries` entries.
+Per batch only one dense pass (torch.nonzero) finds the firing entries (code > τ; |code| > 0 for
+signed codes); everything else works on that sparse list, in row chunks of about max_entries/2 entries.
 """
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ class FeatureStats:
                  seed: int = 0, max_entries: int = 4_000_000):
         self.d_sae, self.signed, self.seed, self.max_entries = d_sae, signed, seed, max_entries
         self.floor = 0.0 if signed else float(threshold)   # a code "fires" when its score exceeds this
+        self.entries_per_row = float(d_sae)                 # running estimate, sizes the row chunks
         self.edges = (log_bin_edges() if edges is None else edges).to(device)
         self.n_bins = len(self.edges) - 1
         self.n_labels = n_labels
@@ -106,9 +107,6 @@ class FeatureStats:
     def update(self, codes: torch.Tensor, batch: WindowBatch) -> None:
         """Fold one batch of codes ([B, d_sae]) in."""
         device = codes.device
-        scores = codes.abs() if self.signed else codes                                     # [B, d_sae]
-        firing = scores > self.floor                                                       # [B, d_sae] bool
-        per_row = firing.sum(dim=1, dtype=torch.int64)                                     # [B]
         window = None if batch.window is None else batch.window.to(device)
         position = None if batch.position is None else batch.position.to(device)
         context = BatchContext(codes, batch.global_rows.to(device), window, position)
@@ -117,16 +115,24 @@ class FeatureStats:
         if labels is not None and self.n_labels:
             known = labels[labels >= 0]
             self.label_tokens += torch.bincount(known, minlength=self.n_labels)[: self.n_labels]
-        # row chunks holding at most max_entries firing entries each
-        ends = torch.cumsum(per_row, 0)
+        # row chunks sized from the entries per row seen so far, so that a chunk lists about
+        # max_entries/2 entries (the first chunk assumes every entry fires)
         lo = 0
         while lo < codes.shape[0]:
-            start_count = int(ends[lo - 1]) if lo else 0
-            hi = int(torch.searchsorted(ends, start_count + self.max_entries, right=True))
-            hi = min(max(hi, lo + 1), codes.shape[0])
-            rows, latents = firing[lo:hi].nonzero(as_tuple=True)                           # [m] each
-            rows = rows + lo
-            self._fold(rows, latents, codes[rows, latents], scores[rows, latents], labels, context)
+            hi = min(codes.shape[0], lo + max(1, int(self.max_entries / (2 * max(self.entries_per_row, 1e-3)))))
+            block = codes[lo:hi]
+            if self.floor == 0.0:      # firing implies non-zero: one pass, no comparison tensor
+                rows, latents = block.nonzero(as_tuple=True)                               # [m] each
+            else:
+                rows, latents = (block > self.floor).nonzero(as_tuple=True)
+            self.entries_per_row = len(rows) / (hi - lo)
+            acts = block[rows, latents]
+            scores = acts.abs() if self.signed else acts
+            if not self.signed and self.floor == 0.0:
+                firing = scores > 0
+                if not bool(firing.all()):
+                    rows, latents, acts, scores = rows[firing], latents[firing], acts[firing], scores[firing]
+            self._fold(rows + lo, latents, acts, scores, labels, context)
             lo = hi
 
     def _fold(self, rows, latents, acts, scores, labels, context: BatchContext) -> None:

@@ -70,9 +70,17 @@ def generation_rows_for(buffer_bytes: int, n_layers: int, d_model: int, batch_si
     rows = buffer_bytes // (2 * n_layers * d_model * 4)
     if rows < batch_size:
         need = 2 * n_layers * d_model * 4 * batch_size
-        raise UserError(f"--buffer-size {buffer_bytes / 2**20:.1f}MB holds {rows} rows per half, fewer than one "
-                        f"batch of {batch_size}: give at least {need / 2**20:.1f}MB or a smaller --batch-size")
+        raise UserError(f"--buffer-size {_human(buffer_bytes)} holds {rows} rows per half, fewer than one "
+                        f"batch of {batch_size}: give at least {_human(need)} or a smaller --batch-size")
     return int(rows)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GB"
 
 
 # ---- the producer: model -> generations ------------------------------------------------------
@@ -158,27 +166,41 @@ class Producer:
 
     # -- what one model batch yields ------------------------------------------------------------
     def forward(self, windows) -> dict:
-        """{layer: [b, ctx, d] float32} for a list of Windows, the forward stopped after the deepest layer."""
-        from sae.models import capture, run_until_captured
-        input_ids = torch.stack([w.input_ids for w in windows]).to(self.device)    # [b, ctx]
+        """{layer: [b, ctx, d] float32} for a list of Windows, the forward stopped after the deepest layer
+        (inputs as in collection: no KV cache; an attention mask over padding for bidirectional models)."""
         from sae.data import PAD_DOC
-        attention = torch.stack([w.doc_ids != PAD_DOC for w in windows]).long().to(self.device)
-        with torch.inference_mode(), capture(self.loaded, self.spec.site, self.spec.layers, stop=True) as acts:
-            run_until_captured(self.loaded, input_ids=input_ids, attention_mask=attention)
+        from sae.models import capture, run_until_captured
+        hf = self.loaded.model
+        inputs = {"input_ids": torch.stack([w.input_ids for w in windows]).to(self.device)}   # [b, ctx]
+        if getattr(hf.config, "use_cache", None) is not None:
+            inputs["use_cache"] = False
+        padding = torch.stack([w.doc_ids for w in windows]) == PAD_DOC
+        if bool(padding.any()) and not self.loaded.is_causal:
+            inputs["attention_mask"] = (~padding).long().to(self.device)
+        with torch.inference_mode(), capture(hf, self.spec.site, self.spec.layers, stop=True) as acts:
+            run_until_captured(hf, **inputs)
         missing = [layer for layer in self.spec.layers if layer not in acts]
         if missing:
             raise UserError(f"site {self.spec.site} at layer {missing[0]} produced no activation")
         return {layer: acts[layer].float() for layer in self.spec.layers}
 
-    def _measure_norms(self, windows, acts) -> None:
+    def measure_norm_median(self) -> None:
+        """The collection rule's median norm per layer: over the first MEDIAN_TOKENS kept training tokens."""
+        from sae.collect import MEDIAN_TOKENS
         spec = self.spec
-        if spec.max_norm_ratio is None or spec.norm_median is not None:
-            return
-        ids = torch.stack([w.input_ids for w in windows])
-        docs = torch.stack([w.doc_ids for w in windows])
-        flat = {layer: acts[layer].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
-        base = keep_rows(ids, docs, flat, self.loaded.special_ids, spec.keep_special, None, None)
-        spec.norm_median = {str(layer): float(flat[layer][base.to(flat[layer].device)].norm(dim=1).median())
+        norms, count = {layer: [] for layer in spec.layers}, 0
+        for kind, numbered in self._batches(0, held_out=False):
+            windows = [w for _, w in numbered]
+            acts = self.forward(windows)
+            ids, docs = torch.stack([w.input_ids for w in windows]), torch.stack([w.doc_ids for w in windows])
+            flat = {layer: acts[layer].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
+            keep = keep_rows(ids, docs, flat, self.loaded.special_ids, spec.keep_special, None, None)
+            for layer in spec.layers:
+                norms[layer].append(flat[layer][keep.to(flat[layer].device)].norm(dim=1).cpu())
+            count += int(keep.sum())
+            if count >= MEDIAN_TOKENS:
+                break
+        spec.norm_median = {str(layer): float(torch.cat(norms[layer])[:MEDIAN_TOKENS].median())
                             for layer in spec.layers}
 
     def _train_rows(self, windows, acts) -> dict:
@@ -196,13 +218,13 @@ class Producer:
         assert not bool(is_held_out(docs.reshape(-1)[keep]).any()), "a held-out document reached training"
         return {layer: rows[keep.to(rows.device)] for layer, rows in flat.items()}
 
-    def _batches(self, start_window: int):
+    def _batches(self, start_window: int, held_out: bool | None = None):
         """("train" | "held_out", [(window number, Window)]) model batches. Training batches never depend
         on whether activations are saved: held-out windows form their own batches, for the writer only."""
         pending = {False: [], True: []}
         for number, window in window_stream(self.documents_factory, self.loaded, self.spec.context_size,
                                             start_window):
-            if window.held_out and self.writer is None:
+            if window.held_out and (self.writer is None if held_out is None else not held_out):
                 continue
             pending[window.held_out].append((number, window))
             if len(pending[window.held_out]) == self.spec.model_batch:
@@ -232,7 +254,6 @@ class Producer:
             if start_window is None:
                 start_window = numbered[0][0]
             end_window = numbered[-1][0] + 1
-            self._measure_norms(windows, acts)
             if self.writer is not None:
                 self.writer.add(kind, [n for n, _ in numbered], windows, acts, self.spec)
             for layer, kept in self._train_rows(windows, acts).items():
@@ -248,6 +269,8 @@ class Producer:
     # -- the thread ------------------------------------------------------------------------------
     def _run(self):
         try:
+            if self.spec.max_norm_ratio is not None and self.spec.norm_median is None:
+                self.measure_norm_median()
             batches = self._batches(self.start_window)
             index = self.start_generation
             while not self.stop.is_set():
@@ -360,52 +383,34 @@ class StoreWriter:
         self._pending_rows = 0
 
     def add(self, kind: str, numbers: list[int], windows, acts: dict, spec: LiveSpec) -> None:
+        from sae.collect import batch_rows
         done = self.manifest["live_windows_done"][kind]
         fresh = [i for i, n in enumerate(numbers) if n >= done]
         if not fresh:
             return
-        ids = torch.stack([windows[i].input_ids for i in fresh])                 # [w, ctx]
-        docs = torch.stack([windows[i].doc_ids for i in fresh])
-        flat = {layer: acts[layer][fresh].reshape(-1, acts[layer].shape[-1]) for layer in self.layers}
-        keep = keep_rows(ids, docs, flat, self.special_ids, spec.keep_special, spec.max_norm_ratio,
-                         spec.norm_median).cpu()
-        context = ids.shape[1]
-        self._pending.append({
-            "acts": {layer: rows[keep.to(rows.device)].to("cpu", self.dtype) for layer, rows in flat.items()},
-            "token_ids": ids.reshape(-1)[keep].to(torch.int32),
-            "window_tokens": ids.to(torch.int32),
-            "window_index": (torch.arange(len(fresh)).repeat_interleave(context))[keep],
-            "position": torch.arange(context, dtype=torch.int32).repeat(len(fresh))[keep],
-            "doc_id": docs.reshape(-1)[keep],
-            "label": torch.stack([windows[i].labels for i in fresh]).reshape(-1)[keep],
-        })
-        self._pending_rows += int(keep.sum())
+        special = torch.tensor(sorted(self.special_ids), dtype=torch.int64)
+        rows = batch_rows([windows[i] for i in fresh], {layer: acts[layer][fresh] for layer in self.layers},
+                          self.layers, special, spec.keep_special, self.dtype, numbers[-1] + 1)
+        if spec.max_norm_ratio is not None:
+            limit = torch.tensor([spec.norm_median[str(layer)] for layer in self.layers]) * spec.max_norm_ratio
+            rows = rows.select((rows.norms <= limit).all(dim=1))
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
         self.manifest["live_windows_done"][kind] = max(done, numbers[-1] + 1)
-        if spec.norm_median is not None:
-            self.manifest["norm_median"] = spec.norm_median
+        self.manifest["norm_median"] = spec.norm_median
         if self._pending_rows >= self.shard_rows:
             self.flush()
 
     def flush(self) -> None:
+        from sae.collect import _shard_tensors
         from sae.store import MANIFEST, shard_name, write_json, write_shard
-        if not self._pending:
-            write_json(self.path / MANIFEST, self.manifest)
-            return
-        offset, window_index = 0, []
-        for piece in self._pending:
-            window_index.append(piece["window_index"] + offset)
-            offset += len(piece["window_tokens"])
-        tensors = {f"activations.{layer}": torch.cat([p["acts"][layer] for p in self._pending])
-                   for layer in self.layers}
-        for name in ("token_ids", "window_tokens", "position", "doc_id") + (("label",) if self.has_labels else ()):
-            tensors[name] = torch.cat([p[name] for p in self._pending])
-        tensors["window_index"] = torch.cat(window_index).to(torch.int64)
-        name = shard_name(len(self.manifest["shards"]))
-        write_shard(self.path / name, tensors)
-        n_rows = len(tensors["doc_id"])
-        self.manifest["shards"].append(name)
-        self.manifest["shard_rows"].append(n_rows)
-        self.manifest["n_tokens"] += n_rows
+        if self._pending_rows:
+            tensors = _shard_tensors(self._pending, self.layers, self.has_labels)
+            name = shard_name(len(self.manifest["shards"]))
+            write_shard(self.path / name, tensors)
+            self.manifest["shards"].append(name)
+            self.manifest["shard_rows"].append(len(tensors["doc_id"]))
+            self.manifest["n_tokens"] += len(tensors["doc_id"])
         write_json(self.path / MANIFEST, self.manifest)
         self._pending, self._pending_rows = [], 0
 
@@ -533,3 +538,70 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
     for trainer in trainers.values():  # interrupted (Ctrl-C or max_steps): a checkpoint to resume from
         trainer.save_checkpoint()
     return {layer: trainer.last_metrics for layer, trainer in trainers.items()}
+
+
+# ---- the command line (`sae train --model ...`; sae/commands/train.py dispatches here) ----------
+def add_live_arguments(parser) -> None:
+    """Options of live training that `sae train` does not already define (parser may be a group)."""
+    known = set(getattr(parser, "_option_string_actions", {}))
+    options = [
+        ("--model", dict(default=None, help="model to run (HF id, folder, or smollm2)")),
+        ("--dataset", dict(default=None, help="dataset (HF id, file, folder, or bbc; default bbc)")),
+        ("--layers", dict(default=None, help="comma-separated layers, one SAE each, e.g. 3,6,9")),
+        ("--site", dict(default=None, help="site (resid_post, attn_out, mlp_out, ...; default resid_post)")),
+        ("--context-size", dict(type=int, default=None, help="tokens per context window (default 128)")),
+        ("--buffer-size", dict(default=DEFAULT_BUFFER, help=f"shuffle buffer in memory (default {DEFAULT_BUFFER})")),
+        ("--model-batch", dict(type=int, default=8, help="context windows per forward pass (default 8)")),
+        ("--save-activations", dict(default=None, metavar="STORE", help="also write the activations as a store")),
+        ("--max-norm-ratio", dict(type=float, default=None, help="drop tokens whose norm exceeds R x the median")),
+        ("--keep-special", dict(action="store_true", help="also train on BOS/EOS positions")),
+        ("--text-column", dict(default=None, help="the dataset's text column (default: text)")),
+        ("--split", dict(default=None, help="dataset split for hub datasets (default: train)")),
+    ]
+    for flag, kwargs in options:  # an argument group shares its parser's table of options
+        if flag not in known:
+            parser.add_argument(flag, **kwargs)
+
+
+def run_from_args(args, options, knobs: dict) -> int:
+    """`sae train --model M --dataset D --layers L[,L2] --site S --variant V --out RUN`."""
+    from sae.data import load_documents
+    from sae.devices import resolve
+    from sae.models import load_model
+    if not getattr(args, "layers", None):
+        raise UserError("live training needs --layers (e.g. --layers 6 or --layers 3,6,9)")
+    layers = parse_layers(args.layers)
+    if getattr(args, "layer", None) is not None:
+        raise UserError("live training takes --layers, not --layer")
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: pick one")
+    context_size = args.context_size or 128
+    if context_size < 2:
+        raise UserError(f"--context-size must be at least 2, got {context_size}")
+    max_norm_ratio = getattr(args, "max_norm_ratio", None)
+    if max_norm_ratio is not None and max_norm_ratio <= 0:
+        raise UserError(f"--max-norm-ratio must be positive, got {max_norm_ratio}")
+    model_batch = getattr(args, "model_batch", None) or 8
+    if model_batch <= 0:
+        raise UserError(f"--model-batch-size must be positive, got {model_batch}")
+    dataset = args.dataset or "bbc"
+    text_column, split = getattr(args, "text_column", None), getattr(args, "split", None)
+    _, label_names = load_documents(dataset, text_column, split)  # bad dataset: refused before the model loads
+    loaded = load_model(args.model, device=resolve(options.device))
+    metrics = train_live(
+        loaded, lambda: load_documents(dataset, text_column, split)[0], layers=layers,
+        site=args.site or "resid_post", variant=args.variant, out=args.out, options=options, knobs=knobs,
+        d_sae=args.d_sae, expansion=args.expansion or 8.0, context_size=context_size, model_batch=model_batch,
+        buffer_size=getattr(args, "buffer_size", None) or DEFAULT_BUFFER, max_norm_ratio=max_norm_ratio,
+        keep_special=bool(getattr(args, "keep_special", False)), dataset=dataset, label_names=label_names,
+        save_activations=getattr(args, "save_activations", None), resume=args.resume, force=args.force)
+    for layer, last in metrics.items():
+        figures = ", ".join(f"{k} {last[k]:.4g}" for k in ("fvu", "l0") if last.get(k) is not None)
+        print(f"{Path(args.out) / f'layer_{layer}'}: step {last.get('step')}" + (f", {figures}" if figures else ""))
+    return 0
+
+
+def run_live(args) -> int:
+    """Entry point with only the parsed arguments (options and knobs built as `sae train` builds them)."""
+    from sae.commands.train import given_knobs, options_from_args
+    return run_from_args(args, options_from_args(args), given_knobs(args, args.variant))

@@ -33,7 +33,7 @@ from torch import nn
 from sae.errors import UserError
 from sae.variants.base import LossOutput, StepContext
 
-SHARDED_VARIANTS = ("topk", "batchtopk", "matryoshka")
+SHARDED_VARIANTS = ("topk",)
 
 
 # ---- collectives with the gradients tensor parallelism needs -----------------------------------
@@ -90,7 +90,7 @@ class ShardedTopK(nn.Module):
     """One rank's slice of a TopK SAE (parameter names as in sae/variants/base.py)."""
 
     def __init__(self, d_in: int, d_sae: int, k: int, group=None, auxk_alpha: float = 1 / 32,
-                 auxk_k: int | None = None, variant: str = "topk", knobs: dict | None = None):
+                 variant: str = "topk", knobs: dict | None = None):
         super().__init__()
         if not dist.is_initialized():
             raise UserError("sharded training needs torch.distributed (run it under torchrun)")
@@ -103,9 +103,8 @@ class ShardedTopK(nn.Module):
         self.lo, self.hi = shard_bounds(self.d_sae, self.rank, self.world_size)
         self.d_local = self.hi - self.lo
         self.auxk_alpha = auxk_alpha
-        self.auxk_k = auxk_k
         self.variant = variant
-        self.knobs = dict(knobs or {"k": k})
+        self.knobs = dict(knobs or {"k": k, "auxk_coefficient": auxk_alpha})
         self.W_enc = nn.Parameter(torch.empty(d_in, self.d_local))   # [d_in, d_local]
         self.b_enc = nn.Parameter(torch.zeros(self.d_local))          # [d_local]
         self.W_dec = nn.Parameter(torch.empty(self.d_local, d_in))   # [d_local, d_in]
@@ -120,8 +119,7 @@ class ShardedTopK(nn.Module):
             raise UserError(f"sharded training supports {', '.join(SHARDED_VARIANTS)}, not {full.name}")
         knobs = dict(full.knobs)
         model = cls(full.d_in, full.d_sae, int(knobs["k"]), group=group, variant=full.name, knobs=knobs,
-                    auxk_alpha=float(knobs.get("auxk_alpha", getattr(full, "auxk_alpha", 1 / 32))),
-                    auxk_k=knobs.get("auxk_k"))
+                    auxk_alpha=float(knobs.get("auxk_coefficient", 1 / 32)))
         with torch.no_grad():
             model.W_enc.copy_(full.W_enc[:, model.lo:model.hi])
             model.b_enc.copy_(full.b_enc[model.lo:model.hi])
@@ -153,11 +151,12 @@ class ShardedTopK(nn.Module):
         return [block[:hi - lo] for block, (lo, hi) in zip(blocks, sizes)]
 
     # ---- the sharded forward ------------------------------------------------------------------
-    def select(self, scores: torch.Tensor, k: int) -> Selection:
-        """Global top-k over all ranks of scores [batch, d_local] (already ReLU'd / masked)."""
-        batch = scores.shape[0]
+    def select(self, pre_local: torch.Tensor, k: int) -> Selection:
+        """Global top-k over all ranks of pre_local [batch, d_local] (-inf where a latent may not be
+        chosen), then ReLU: the same latents and values as topk on the unsharded pre-activations."""
+        batch = pre_local.shape[0]
         k_local = min(k, self.d_local)
-        values, local = scores.topk(k_local, dim=1, sorted=False)     # [batch, k_local]
+        values, local = pre_local.topk(k_local, dim=1, sorted=False)  # [batch, k_local]
         if k_local < k:                                               # pad to a common shape
             pad = k - k_local
             values = torch.cat([values, values.new_full((batch, pad), float("-inf"))], dim=1)
@@ -167,9 +166,8 @@ class ShardedTopK(nn.Module):
         candidates = torch.stack(gathered, dim=1).reshape(batch, self.world_size * k)  # [batch, world·k]
         winners = candidates.topk(k, dim=1, sorted=False).indices     # [batch, k] into world·k
         chosen = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, winners, True)
-        keep = chosen.view(batch, self.world_size, k)[:, self.rank]  # [batch, k]
-        keep = keep & torch.isfinite(values)
-        return Selection(torch.where(keep, values, torch.zeros_like(values)),
+        keep = chosen.view(batch, self.world_size, k)[:, self.rank] & (values > 0)  # [batch, k]
+        return Selection(torch.where(keep, F.relu(values), torch.zeros_like(values)),
                          torch.where(keep, local, torch.zeros_like(local)), keep)
 
     def decode_partial(self, selection: Selection) -> torch.Tensor:
@@ -183,45 +181,46 @@ class ShardedTopK(nn.Module):
     def forward_scaled(self, x: torch.Tensor) -> ShardedOutput:
         x_in = _CopyToShards.apply(x - self.b_dec, self.group)
         pre_local = x_in @ self.W_enc + self.b_enc                    # [batch, d_local]
-        selection = self.select(F.relu(pre_local), self.k)
+        selection = self.select(pre_local, self.k)
         return ShardedOutput(self.reconstruct(selection), selection, pre_local)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw activations -> (values [n, k], global latent indices [n, k]) owned by this rank."""
-        out = self.forward_scaled(x * self.input_scale)
-        sel = out.selection
+        """Raw activations -> (values [n, k], global latent indices [n, k], -1 where not this rank's)."""
+        sel = self.forward_scaled(x * self.input_scale).selection
         return sel.values, torch.where(sel.keep, sel.local + self.lo, torch.full_like(sel.local, -1))
 
     def training_loss(self, x_input: torch.Tensor, x_target: torch.Tensor, ctx: StepContext) -> LossOutput:
-        """MSE reconstruction (+ AuxK on dead latents), the same value on every rank.
-        fire_counts is [d_local]: the dead-latent statistics of this rank's slice."""
+        """The `topk` variant's loss (batch FVU + α·AuxK), the same value on every rank.
+        ctx.dead_mask and the returned fire_counts are [d_local]: this rank's slice of the latents."""
         out = self.forward_scaled(x_input)
-        error = x_target - out.x_hat                                  # [batch, d_in]
-        mse = error.pow(2).sum(dim=1).mean()
-        loss = mse
-        terms = {"mse": mse.detach()}
+        total_variance = (x_target - x_target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        recon = (out.x_hat - x_target).pow(2).sum() / total_variance
+        terms = {"recon": recon}
         dead = ctx.dead_mask
         if dead is not None and self.auxk_alpha > 0:
-            any_dead = torch.tensor(float(bool(dead.any())), device=x_input.device)
-            dist.all_reduce(any_dead, group=self.group)
-            if any_dead.item() > 0:
-                auxk = self._auxk_loss(out.pre_local, dead, error.detach())
-                loss = loss + self.auxk_alpha * auxk
-                terms["auxk"] = auxk.detach()
-        fire_counts = torch.zeros(self.d_local, device=x_input.device)
+            n_dead = dead.sum().reshape(1).float()
+            dist.all_reduce(n_dead, group=self.group)
+            n_dead = int(n_dead.item())
+            if n_dead > 0:
+                terms["auxk"] = self.auxk_alpha * self._auxk_loss(out, dead, x_target, total_variance, n_dead)
+        loss = sum(terms.values())
         sel = out.selection
-        fired = sel.keep & (sel.values > 0)
-        fire_counts.index_add_(0, sel.local[fired], torch.ones(int(fired.sum()), device=x_input.device))
-        return LossOutput(loss, out.x_hat, fire_counts, terms)
+        fire_counts = torch.bincount(sel.local.reshape(-1), weights=sel.keep.reshape(-1).float(),
+                                     minlength=self.d_local).long()
+        stats = {"fvu": recon.detach()}
+        return LossOutput(loss, out.x_hat.detach(), fire_counts,
+                          {**{name: value.detach() for name, value in terms.items()}, **stats})
 
-    def _auxk_loss(self, pre_local: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the residual from the top k_aux dead latents across all ranks (normalised MSE)."""
-        k_aux = int(self.auxk_k or max(1, self.d_in // 2))
-        scores = torch.where(dead[None, :], F.relu(pre_local), torch.zeros_like(pre_local))
-        selection = self.select(scores, min(k_aux, self.d_sae))
+    def _auxk_loss(self, out: ShardedOutput, dead: torch.Tensor, x_target, total_variance, n_dead: int):
+        """The k_aux = min(d_in/2, #dead) largest pre-activations among dead latents (over all ranks)
+        reconstruct the detached residual, without b_dec; scaled by min(1, #dead / k_aux)."""
+        k_aux = min(self.d_in // 2, n_dead)
+        residual = (x_target - out.x_hat).detach()                    # [batch, d_in]
+        masked = out.pre_local.masked_fill(~dead.to(out.pre_local.device)[None, :], float("-inf"))
+        selection = self.select(masked, k_aux)
         residual_hat = _ReduceFromShards.apply(self.decode_partial(selection), self.group)
-        scale = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-8)
-        return (residual_hat - residual).pow(2).sum(dim=1).mean() / scale
+        scale = min(1.0, n_dead / max(1, k_aux))
+        return scale * (residual_hat - residual).pow(2).sum() / total_variance
 
     # ---- what the trainer does between steps ---------------------------------------------------
     @torch.no_grad()
@@ -247,3 +246,50 @@ class ShardedTopK(nn.Module):
             if p.grad is not None:
                 p.grad.mul_(factor)
         return total
+
+
+class ShardedTrainer:
+    """sae.train.Trainer's step for a ShardedTopK: the same schedule, Adam, unit-norm decoder and dead-latent
+    counters, on this rank's slice. Every rank passes the same batch (the latents are split, not the batch)."""
+
+    def __init__(self, model: ShardedTopK, options):
+        from sae.train import default_lr
+        self.model, self.options = model, options
+        self.total_steps = options.total_steps
+        self.base_lr = options.lr or default_lr(model)  # by the global d_sae, as for the unsharded model
+        self.optimizer = torch.optim.Adam(list(model.parameters()), lr=self.base_lr,
+                                          betas=(options.beta1, options.beta2), eps=options.eps, foreach=True)
+        self.dead_after = options.dead_after_tokens or max(options.batch_size, min(10_000_000, options.tokens // 10))
+        self.tokens_since_fired = torch.zeros(model.d_local, dtype=torch.int64, device=model.W_enc.device)
+        self.step_count = 0
+
+    @torch.no_grad()
+    def init_from_sample(self, x_raw: torch.Tensor) -> None:
+        """Input scale (mean token norm -> sqrt(d_in)) and b_dec at the geometric median, as Trainer does."""
+        from sae.variants.base import geometric_median
+        x = x_raw.to(self.model.W_enc.device).float()
+        self.model.input_scale.fill_(self.model.d_in ** 0.5 / float(x.norm(dim=1).mean()))
+        self.model.b_dec.copy_(geometric_median(x * self.model.input_scale))
+        self.model.normalize_decoder()
+
+    def step(self, x_raw: torch.Tensor) -> dict:
+        from sae.train import lr_at
+        model, options = self.model, self.options
+        x = x_raw.to(model.W_enc.device).float() * model.input_scale   # [batch, d_in]
+        step = self.step_count
+        ctx = StepContext(step=step, progress=step / self.total_steps,
+                          dead_mask=self.tokens_since_fired >= self.dead_after)
+        out = model.training_loss(x, x, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        model.remove_parallel_gradient()
+        if options.grad_clip:
+            model.clip_grad_norm_(options.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.base_lr, options.lr_warmup, options.lr_decay)
+        self.optimizer.step()
+        model.normalize_decoder()
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired.masked_fill_(out.fire_counts > 0, 0)
+        self.step_count += 1
+        return {"loss": float(out.loss), **{k: float(v) for k, v in out.terms.items()}}

@@ -136,13 +136,15 @@ def assign_ranks(models: dict[str, torch.nn.Module], world_size: int) -> dict[st
 
 # ---- output folder -----------------------------------------------------------------------------------
 def prepare_out(out: Path, names: list[str], force: bool, resume: bool) -> None:
-    """Refuse a non-empty DIR without --force/--resume; --force clears this sweep's own outputs."""
+    """Refuse a non-empty DIR without --force/--resume; --force removes the previous sweep's run folders
+    and tables (and this grid's names), nothing else."""
     out.mkdir(parents=True, exist_ok=True)
     existing = [p for p in out.iterdir() if not p.name.startswith(".")]
     if existing and not (force or resume):
         raise UserError(f"{out} is not empty: pass --resume to finish the sweep there or --force to replace it")
     if force:
-        for name in names:
+        previous = [p.name for p in out.iterdir() if (p / "sweep_entry.json").is_file()]
+        for name in set(names) | set(previous):
             shutil.rmtree(out / name, ignore_errors=True)
         for table in ("sweep.parquet", "sweep.csv", "sweep.png", "sweep.json"):
             (out / table).unlink(missing_ok=True)
@@ -305,16 +307,16 @@ def join_ranks() -> tuple[int, int, int]:
 def agree(world_size: int, rank: int, decide) -> None:
     """Rank 0 runs decide(); a UserError there is raised on every rank (no rank goes on alone)."""
     from sae import distributed
-    message = b""
+    verdict = b"ok"
     if rank == 0:
         try:
             decide()
         except UserError as error:
-            message = str(error).encode()
+            verdict = b"error:" + str(error).encode()
     if world_size > 1:
-        message = distributed.broadcast_bytes(message)
-    if message:
-        raise UserError(message.decode())
+        verdict = distributed.broadcast_bytes(verdict)
+    if verdict != b"ok":
+        raise UserError(verdict.decode().removeprefix("error:"))
 
 
 def meet(world_size: int) -> None:

@@ -67,9 +67,11 @@ class TopKeeper:
         self.scores = torch.full((n_keep, d_sae), float("-inf"), dtype=torch.float64, device=device)  # [N, d_sae]
         self.acts = torch.zeros(n_keep, d_sae, dtype=torch.float32, device=device)                   # [N, d_sae]
         self.rows = torch.full((n_keep, d_sae), -1, dtype=torch.int64, device=device)                # [N, d_sae]
-        width = 0 if radius is None else 2 * radius + 1
-        self.contexts = torch.zeros(n_keep, d_sae, width, dtype=torch.float32, device=device) \
-            if radius is not None else None                                                        # [N, d_sae, W]
+        # contexts live in an append-only pool; kept entries point into it (moves copy pointers only)
+        self.width = 0 if radius is None else 2 * radius + 1
+        self.pointer = torch.full((n_keep, d_sae), -1, dtype=torch.int64, device=device)             # [N, d_sae]
+        self.pool = torch.zeros(0, self.width, dtype=torch.float32, device=device)                   # [P, W]
+        self.pool_used = 0
         # a candidate must beat this (the N-th best score so far, and never less than floor)
         self.threshold = torch.full((d_sae,), float(floor), dtype=torch.float64, device=device)     # [d_sae]
         self.floor = float(floor)
@@ -115,15 +117,49 @@ class TopKeeper:
         chosen = cand_pick[from_cand]
         new_acts[from_cand] = acts[chosen].float()
         new_rows[from_cand] = batch.global_rows[rows[chosen]]
-        if self.contexts is not None:
-            old_contexts = self.contexts[:, touched]                                      # [N, T, W]
-            new_contexts = old_contexts[old_pick, column]
-            new_contexts[~from_old] = 0.0
+        if self.radius is not None:
+            new_pointer = torch.where(from_old, self.pointer[:, touched][old_pick, column], -1)
             if len(chosen):
-                new_contexts[from_cand] = capture_contexts(batch, rows[chosen], latents[chosen], self.radius)
-            self.contexts[:, touched] = new_contexts
+                captured = capture_contexts(batch, rows[chosen], latents[chosen], self.radius)  # [n_new, W]
+                new_pointer[from_cand] = self._store(captured, extra_live=new_pointer, touched=touched)
+            self.pointer[:, touched] = new_pointer
         self.scores[:, touched] = new_scores
         self.acts[:, touched] = new_acts
         self.rows[:, touched] = new_rows
         self.threshold[touched] = new_scores[-1].clamp(min=self.floor)
         return int(from_cand.sum())
+
+    def contexts_of(self, slots: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+        """[n, W] contexts of kept entries (slot, latent) (zeros where empty); None without contexts."""
+        if self.radius is None:
+            return None
+        pointer = self.pointer[slots, latents]
+        if len(self.pool) == 0:
+            return torch.zeros(len(pointer), self.width, device=pointer.device)
+        return self.pool[pointer.clamp(min=0)].masked_fill_((pointer < 0)[:, None], 0.0)
+
+    def _store(self, captured: torch.Tensor, extra_live: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
+        """Append contexts to the pool, compacting it first when full. Returns their pool indices.
+        Live pointers are self.pointer outside `touched` plus `extra_live` for the touched latents."""
+        n_new = captured.shape[0]
+        if self.pool_used + n_new > len(self.pool):
+            pointer = self.pointer.clone()
+            pointer[:, touched] = extra_live
+            live_mask = pointer >= 0
+            live = pointer[live_mask]
+            if len(live) + n_new <= len(self.pool) // 2:
+                kept = self.pool[live]                                                     # compact
+                self.pool[: len(live)] = kept
+            else:                                                                          # grow
+                capacity = max(2 * (len(live) + n_new), 1024)
+                grown = torch.zeros(capacity, self.width, dtype=torch.float32, device=self.pool.device)
+                grown[: len(live)] = self.pool[live]
+                self.pool = grown
+            pointer[live_mask] = torch.arange(len(live), device=pointer.device)
+            self.pointer.copy_(pointer)
+            extra_live.copy_(pointer[:, touched])
+            self.pool_used = len(live)
+        index = torch.arange(self.pool_used, self.pool_used + n_new, device=captured.device)
+        self.pool[index] = captured
+        self.pool_used += n_new
+        return index

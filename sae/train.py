@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sae import checkpoint, distributed
+from sae.distributed import StopFlag  # noqa: F401  (re-exported: live training and sweep use it)
 from sae.errors import UserError
 from sae.optim import Adam
 from sae.variants.base import SAE, StepContext
@@ -233,8 +233,8 @@ class Trainer:
         self.tokens_seen += global_batch
         self._window_steps += 1
         self._window_tokens += global_batch
-        if self.device.type != "cuda" or self.dist.enabled:
-            self.check_finite()  # free on CPU; on GPU only at log steps (no host sync per step)
+        if self.device.type == "cpu":
+            self.check_finite()  # free on CPU; on GPU only at log steps and checkpoints (no host sync per step)
 
         if model.revive_dead and self.tracks_dead and self.step_count % self.revive_every == 0 \
                 and self.step_count < self.total_steps * (1 - options.lr_decay):
@@ -377,37 +377,6 @@ class Trainer:
         return self.last_metrics
 
 
-class StopFlag:
-    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def should_stop(self, dist_enabled: bool) -> bool:
-        if not dist_enabled:
-            return self.requested
-        return bool(distributed.reduce_max(torch.tensor([int(self.requested)])))
-
-
-
 # ---- `sae train --activations STORE`: the whole loop ----------------------------------------
 def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: dict | None = None, layer=None,
                    d_sae: int | None = None, expansion: float | None = None, resume: bool = False,
@@ -430,7 +399,7 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
         resume_from = checkpoint.latest(run_dir) if resume else None
     if resume_from is not None:
         saved = json.loads((resume_from / "config.json").read_text())
-        check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)
+        checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)
         d_sae, knobs = saved["d_sae"], saved.get("knobs", {})
         options = TrainOptions.from_json({**saved["training"], "device": options.device})
 
@@ -498,25 +467,6 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
         if progress:
             print(format_summary(summary))
     return summary
-
-
-def check_resumable(saved: dict, run_dir, variant, store, layer, d_sae, knobs) -> None:
-    """A resumed run must train the same thing it started: same variant, store width, layer, width, knobs."""
-    if saved.get("variant") != variant:
-        raise UserError(f"cannot resume {run_dir}: it trains variant {saved.get('variant')}, not {variant}")
-    if saved.get("d_in") != store.d_model:
-        raise UserError(f"cannot resume {run_dir}: its d_in is {saved.get('d_in')}, the store's is {store.d_model}")
-    if str(saved.get("layer")) != str(layer):
-        raise UserError(f"cannot resume {run_dir}: it was trained on layer {saved.get('layer')}, not {layer}")
-    if d_sae is not None and int(d_sae) != saved.get("d_sae"):
-        raise UserError(f"cannot resume {run_dir}: its d_sae is {saved.get('d_sae')}, not {d_sae}")
-    for name, value in knobs.items():
-        if saved.get("knobs", {}).get(name) != value:
-            raise UserError(f"cannot resume {run_dir}: it was trained with --{name.replace('_', '-')} "
-                            f"{saved.get('knobs', {}).get(name)}, not {value}")
-    if saved.get("store_digest") not in (None, store.digest):
-        raise UserError(f"cannot resume {run_dir}: it was trained on a different store "
-                        f"(digest {saved.get('store_digest')}, this store's is {store.digest})")
 
 
 @torch.no_grad()

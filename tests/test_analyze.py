@@ -83,7 +83,7 @@ def analysed(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     store = make_window_store(root / "store")
     model = make_run(root / "run")
-    options = AnalyzeOptions(n_top=6, context_radius=RADIUS, n_bands=4, per_band=3, reservoir=10_000,
+    options = AnalyzeOptions(n_top=6, context_radius=RADIUS, n_bands=4, per_band=3, reservoir=600,
                              batch_size=40, with_model=False, n_nearest=5)
     meta = analyze(root / "run", store, options=options, log=None)
     out = root / "run" / "analysis"

@@ -180,7 +180,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tiny_lm, corpus, tmp_
     kw = dict(tokens=700, shard_tokens=90, max_norm_ratio=1.2)
     straight = run(loaded, tmp_path / "straight", corpus, **kw)
     assert straight.n_tokens == 700
-    interrupt = Interrupt(loaded.model.model.layers[0], 12)
+    interrupt = Interrupt(loaded.model.model.layers[0], 6)
     with pytest.raises(KeyboardInterrupt):
         run(loaded, tmp_path / "resumed", corpus, **kw)
     interrupt.handle.remove()

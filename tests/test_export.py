@@ -117,7 +117,7 @@ def test_saelens_export_matches_saelens_semantics_and_reloads(tmp_path, name):
     assert loaded.run_config["model"] == "smollm2"
 
 
-@pytest.mark.parametrize("name", ["l1", "topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("name", SAELENS_VARIANTS)
 def test_saelens_itself_loads_the_export(tmp_path, name):
     sae_lens = pytest.importorskip("sae_lens", reason="sae_lens is not installed (it is not a dependency)")
     model, run = make_run(tmp_path, name)
@@ -220,3 +220,20 @@ def test_html_export_needs_analysis(tmp_path):
     with pytest.raises(UserError, match="sae analyze"):
         from sae.export import export
         export(run, tmp_path / "html", "html")
+
+
+def test_html_export_writes_static_pages(tmp_path):
+    pytest.importorskip("sae.html_export", reason="sae/html_export.py (engineer E) has not landed yet")
+    from sae.analyze import analyze
+    from sae.store import ActivationStore
+    _, run = make_run(tmp_path, "topk")
+    torch.manual_seed(0)
+    store = ActivationStore.from_tensors(tmp_path / "store", torch.randn(2000, D_IN) * 3, layer=3,
+                                         site="resid_post")
+    analyze(run, store, log=lambda *a, **k: None)
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(run), "--format", "html", str(tmp_path / "html")])
+    assert done.value.code == 0
+    pages = sorted(p.relative_to(tmp_path / "html") for p in (tmp_path / "html").rglob("*.html"))
+    assert any(p.name == "index.html" for p in pages) and len(pages) > 1
+    assert not list(tmp_path.glob(".html.tmp*"))  # the staging folder was renamed into place

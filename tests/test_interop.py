@@ -82,6 +82,49 @@ def test_saelens_pre_6_topk_config(tmp_path):
     assert read_config(tmp_path / "old")["variant"] == "topk"  # what analysis and the dashboard read
 
 
+def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
+    """SAELens >= 6.x TopK option: codes = topk(pre · ‖W_dec_j‖), x̂ = Σ codes_j W_dec_j / ‖W_dec_j‖ + b_dec."""
+    w = standard_tensors(5)
+    w["W_dec"] = w["W_dec"] * (0.2 + 3 * torch.rand(D_SAE, 1))  # rows far from unit norm
+    model = sae.load(write_saelens(tmp_path / "rescaled", v6_cfg("topk", k=5, rescale_acts_by_decoder_norm=True), w))
+    x = raw_inputs()
+    norms = w["W_dec"].norm(dim=1)
+    pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    top = pre.topk(5, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x), codes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.decode(codes), (codes / norms) @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "gated"])
+def test_folders_written_by_saelens_itself(tmp_path, arch):
+    """Where SAELens is installed: its own save_model output loads here and computes what SAELens computes."""
+    pytest.importorskip("sae_lens", reason="sae_lens is not installed (it is not a dependency)")
+    from sae_lens import SAE
+    from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+    make = {"standard": (StandardSAE, StandardSAEConfig, {}),
+            "topk": (TopKSAE, TopKSAEConfig, {"k": 6, "rescale_acts_by_decoder_norm": True}),
+            "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}), "gated": (GatedSAE, GatedSAEConfig, {})}[arch]
+    theirs = make[0](make[1](d_in=D_IN, d_sae=D_SAE, **make[2]))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            param.copy_(torch.rand_like(param) * 0.4 if name == "threshold" else torch.randn_like(param) * 0.3)
+    theirs.save_model(str(tmp_path / arch))
+    ours = sae.load(tmp_path / arch)
+    theirs = SAE.load_from_disk(str(tmp_path / arch), device="cpu")
+    x = raw_inputs()
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert (codes > 0).float().mean() > 0.02
+        torch.testing.assert_close(ours.encode(x), codes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.decode(codes), theirs.decode(codes), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "gated"])
 def test_saelens_jumprelu_and_gated(tmp_path, arch):
     if arch not in variants.load_all():
@@ -153,6 +196,13 @@ def test_hub_id_is_fetched_with_the_release_subfolder(tmp_path, monkeypatch):
         torch.testing.assert_close(local.encode(x), model.encode(x))
     with pytest.raises(UserError, match="subfolder="):
         sae.load(repo)  # several SAEs inside: the message names them
+    # no subfolder: only the root's files are fetched (never a whole multi-SAE release)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: [
+        "README.md", "blocks.7.hook_resid_pre/cfg.json", "blocks.7.hook_resid_pre/sae_weights.safetensors"])
+    with pytest.raises(UserError, match="no SAE at its root.*blocks.7.hook_resid_pre"):
+        sae.load("org/release")
+    assert "blocks.8.hook_resid_pre/*" not in calls[-1]["allow_patterns"]
+    assert "cfg.json" in calls[-1]["allow_patterns"] and "sae.safetensors" in calls[-1]["allow_patterns"]
 
 
 def test_hub_failure_is_one_line(monkeypatch):
@@ -196,6 +246,23 @@ def test_sparsify_checkpoint_loads_as_topk(tmp_path):
         torch.testing.assert_close(model.decode(codes), codes @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
     assert (model.run_config["layer"], model.run_config["site"]) == (6, "resid_post")
     assert sae.load(tmp_path / "ckpt", subfolder="layers.6").d_sae == D_SAE
+
+
+def test_sparsify_checkpoint_converts_to_saelens(tmp_path):
+    """sae export also takes a foreign folder: sparsify -> SAELens keeps the function."""
+    from test_export import saelens_reference
+
+    from sae.export import export
+    w = sparsify_folder(tmp_path / "layers.3")
+    out = export(tmp_path / "layers.3", tmp_path / "saelens", "saelens")
+    x = raw_inputs()
+    pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    top = pre.topk(6, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    ref_codes, ref_x_hat = saelens_reference(out, x)
+    torch.testing.assert_close(ref_codes, codes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref_x_hat, codes @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
 
 
 def test_sparsify_transcoders_and_skips_are_refused(tmp_path):

@@ -47,8 +47,8 @@ def live(tiny, out, steps, layers="1,2", buffer=2 * 2 * 32 * 4 * 600, **kw):
 
 def hidden_rows(tiny, window_tokens, layer):
     """resid_post of `layer` from the model's own output_hidden_states (no hooks of ours)."""
-    with torch.no_grad():
-        states = tiny.model(input_ids=window_tokens.long(), output_hidden_states=True).hidden_states
+    with torch.no_grad():  # the base model: no LM head over the 49k-token vocabulary
+        states = tiny.model.model(input_ids=window_tokens.long(), output_hidden_states=True).hidden_states
     return states[layer + 1]  # [w, ctx, d]; hidden_states[0] is the embedding
 
 
@@ -66,11 +66,12 @@ def test_two_layers_match_training_on_a_store(tiny, tmp_path):
     store = ActivationStore(tmp_path / "store")
     assert store.layers == [1, 2] and store.manifest["complete"]
     # the saved rows are the model's own hidden states at those windows
-    shard_windows = store.read_shard(0, "window_tokens")
+    shard_windows = store.read_shard(0, "window_tokens")[:40]
     index, position = store.read_shard(0, "window_index"), store.read_shard(0, "position").long()
+    rows = index < 40
     for layer in (1, 2):
-        expected = hidden_rows(tiny, shard_windows, layer)[index, position]
-        torch.testing.assert_close(store.read_shard(0, f"activations.{layer}"), expected, atol=1e-4, rtol=1e-4)
+        expected = hidden_rows(tiny, shard_windows, layer)[index[rows], position[rows]]
+        torch.testing.assert_close(store.read_shard(0, f"activations.{layer}")[rows], expected, atol=1e-4, rtol=1e-4)
     held = store.split_indices("held_out")
     assert len(held) > 100
     for layer in (1, 2):
@@ -166,3 +167,33 @@ def test_bad_input(tiny, tmp_path):
         live(tiny, tmp_path / "b", steps=2, buffer="4KB")
     with pytest.raises(UserError):
         live(tiny, tmp_path / "c", steps=2, layers="1,9")
+
+
+def test_command_line(tiny, tmp_path, capsys):
+    """`sae train --model DIR --dataset FILE --layers 1,2 ...` end to end, and its one-line refusals."""
+    import sae
+    from sae.cli import main
+    model_dir = tmp_path / "model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "docs.txt"
+    from sae.data import load_documents
+    text.write_text("\n\n".join(d.text for d in itertools.islice(load_documents("bbc")[0], 0, 400, 20)))
+    base = ["train", "--model", str(model_dir), "--dataset", str(text), "--site", "resid_post",
+            "--variant", "topk", "--k", "4", "--d-sae", "64", "--batch-size", "64", "--tokens", "1280",
+            "--context-size", "32", "--device", "cpu", "--buffer-size", "1MB"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--layers", "1,2", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 0
+    for layer in (1, 2):
+        model = sae.load(tmp_path / "run" / f"layer_{layer}")
+        assert model.d_sae == 64 and model.run_config["layer"] == layer and model.run_config["variant"] == "topk"
+    capsys.readouterr()
+    for extra, message in ((["--layers", "2,2"], "more than once"), (["--layers", "1", "--buffer-size", "8KB"],
+                                                                       "fewer than one batch")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra + ["--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and last.startswith("error: ") and message in last
+        assert "Traceback" not in err

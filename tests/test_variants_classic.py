@@ -12,6 +12,15 @@ from sae.variants.base import StepContext
 from sae.variants.kl import kl_sparsity
 from sae.variants.vae import gaussian_kl
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and the shared machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CLASSIC = ["linear", "relu", "l1", "kl", "denoising", "contractive", "vae", "vq"]
 
 
@@ -22,11 +31,11 @@ def sparse_data(n=3072, d_in=32, n_atoms=96, active=4, seed=0):
     atoms /= atoms.norm(dim=1, keepdim=True)
     coeffs = torch.rand(n, n_atoms, generator=gen) * 3
     keep = torch.rand(n, n_atoms, generator=gen).argsort(dim=1) < active
-    x = (coeffs * keep) @ atoms + 2.0 * torch.randn(d_in, generator=gen)
+    x = (coeffs * keep) @ atoms + torch.randn(d_in, generator=gen)
     return x + 0.05 * torch.randn(n, d_in, generator=gen)
 
 
-def fit(model, x, steps=300, batch=256, lr=3e-3, seed=0, dead_after=None):
+def fit(model, x, steps=150, batch=128, lr=3e-3, seed=0, dead_after=None):
     """A bare training loop: scale to mean norm √d_in, init from data, Adam, warm-up, unit-norm decoder."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -52,7 +61,7 @@ def fit(model, x, steps=300, batch=256, lr=3e-3, seed=0, dead_after=None):
         model.normalize_decoder()
         if out.fire_counts is not None:
             last_fired[out.fire_counts > 0] = (step + 1) * batch
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     return model.eval(), losses
 
 
@@ -67,9 +76,17 @@ def test_each_classic_variant_trains_and_beats_the_mean(name):
     x = sparse_data()
     train, held_out = x[:2560], x[2560:]
     width = {"linear": 8, "vae": 32}.get(name, 64)
-    model, losses = fit(create(name, d_in=32, d_sae=width), train)
+    knobs = {"l1": {"l1_coefficient": 0.5}}.get(name, {})       # the default λ suits d_in in the hundreds
+    model, losses = fit(create(name, d_in=32, d_sae=width, **knobs), train)
     assert sum(losses[-20:]) / 20 < sum(losses[:5]) / 5
-    assert fvu(model, held_out) < 0.6, name
+    if name == "linear":                                        # PCA at the same width, fitted on train
+        centred = train - train.mean(dim=0)
+        axes = torch.linalg.svd(centred, full_matrices=False).Vh[:8]
+        pca_hat = (held_out - train.mean(dim=0)) @ axes.T @ axes + train.mean(dim=0)
+        pca = float((pca_hat - held_out).pow(2).sum() / (held_out - held_out.mean(dim=0)).pow(2).sum())
+        assert fvu(model, held_out) < pca + 0.03, (fvu(model, held_out), pca)
+    else:
+        assert fvu(model, held_out) < (0.85 if name == "vq" else 0.5), name   # 64 codes quantise 32-D coarsely
     if name == "vae":
         assert model.extra_metrics(held_out * model.input_scale)["active_dims"] >= 4   # no posterior collapse
     if name == "vq":
@@ -117,11 +134,14 @@ def test_vq_revive_restarts_codes_at_poorly_reconstructed_tokens():
     model = create("vq", d_in=8, d_sae=16)
     x = torch.randn(64, 8)
     x_hat = x.clone()
-    x_hat[5] += 10.0                                   # only token 5 is badly reconstructed
+    x_hat[[5, 9]] += 10.0                              # only tokens 5 and 9 are badly reconstructed
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[2, 7]] = True
+    before = model.W_dec.detach().clone()
     assert model.revive(dead, x, x_hat) == 2
-    assert torch.allclose(model.W_dec[2], x[5] - model.b_dec) and torch.allclose(model.W_dec[7], x[5] - model.b_dec)
+    restarted = {tuple(model.W_dec[i].tolist()) for i in (2, 7)}
+    assert restarted == {tuple((x[i] - model.b_dec).tolist()) for i in (5, 9)}
+    assert torch.equal(model.W_dec[~dead], before[~dead])
 
 
 def test_vae_closed_form_kl_equals_monte_carlo():

@@ -30,6 +30,9 @@ def add_arguments(parser):
     parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     parser.add_argument("--host", default="localhost",
                         help="address to listen on (default localhost; e.g. 0.0.0.0 serves every interface)")
+    parser.add_argument("--screenshot", metavar="PNG", default=None,
+                        help="once serving, save a headless-Chromium screenshot of a feature page of the first run "
+                             "and print its path and the page's build time (needs chromium, chromedriver, selenium)")
 
 
 def streamlit_command(runs, port: int, host: str, python: str | None = None) -> list[str]:
@@ -69,8 +72,43 @@ def run(args):
     shown = "localhost" if args.host in ("localhost", "127.0.0.1", "::1") else args.host
     print(f"sae dashboard: http://{shown}:{args.port}/   (feature N: http://{shown}:{args.port}/?feature=N; "
           "Ctrl-C stops)", file=sys.stderr, flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the dashboard never downloads
+    argv = streamlit_command(args.runs, args.port, args.host)
+    if args.screenshot:
+        return _serve_with_snapshot(argv, args)
+    if os.name == "posix":  # become the server, so that signals (Ctrl-C, kill) reach it directly
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
     try:
-        return subprocess.call(streamlit_command(args.runs, args.port, args.host), env=env)
+        return subprocess.call(argv)
     except KeyboardInterrupt:
+        return 0
+
+
+def _serve_with_snapshot(argv, args) -> int:
+    """Serve, take the screenshot once the server answers, print the closing note, keep serving."""
+    import subprocess
+    import sys
+    if str(APP.parents[1]) not in sys.path:  # dashboard/ sits beside sae/ in the source tree
+        sys.path.insert(0, str(APP.parents[1]))
+    from dashboard import snapshot
+
+    server = subprocess.Popen(argv)
+    try:
+        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        base = f"http://{host}:{args.port}"
+        try:
+            snapshot.wait_healthy(base, alive=lambda: server.poll() is None)
+            feature = snapshot.example_feature(args.runs[0])
+            shot = snapshot.take(base, feature, args.screenshot)
+            built = f"{shot.build_ms:.0f} ms" if shot.build_ms is not None else "unknown"
+            print(f"\nsae dashboard: serving {base}/  ·  feature page {shot.url} built in {built} "
+                  f"(warm; {shot.load_s:.2f} s until visible in Chromium)  ·  screenshot: {shot.path}\n",
+                  file=sys.stderr, flush=True)
+        except Exception as error:  # noqa: BLE001 - the screenshot is a courtesy: keep serving
+            print(f"sae dashboard: no screenshot ({type(error).__name__}: {error}); still serving",
+                  file=sys.stderr, flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
         return 0

@@ -74,7 +74,14 @@ def add_arguments(parser) -> None:
     live.add_argument("--dataset", default=None, help="dataset (HF id, file, folder, or bbc)")
     live.add_argument("--layers", default=None, help="comma-separated layers")
     live.add_argument("--site", default=None, help="site (resid_post, attn_out, mlp_out, ...)")
-    live.add_argument("--context-size", type=int, default=None, help="tokens per context window")
+    live.add_argument("--context-size", type=int, default=128, help="tokens per context window (128)")
+    live.add_argument("--text-column", default=None, help="dataset column holding the text")
+    live.add_argument("--model-batch", type=int, default=8, help="context windows per model forward pass")
+    live.add_argument("--buffer-size", default="256MB", help="memory for shuffled activations (e.g. 256MB)")
+    live.add_argument("--max-norm-ratio", type=float, default=None, help="drop rows above this × the median norm")
+    live.add_argument("--keep-special", action="store_true", help="keep BOS/EOS/padding rows")
+    live.add_argument("--save-activations", default=None, metavar="STORE",
+                      help="also write the activations seen to a store")
     knobs = parser.add_argument_group("variant knobs (each applies only to the variants listed)")
     for knob_name, (knob, takers) in sorted(_knob_table().items()):
         kind = _bool if knob.type is bool else knob.type
@@ -146,8 +153,7 @@ def run(args) -> int:
     if args.model is not None:
         if args.activations is not None:
             raise UserError("give either --activations (train on a store) or --model (train live), not both")
-        from sae import live  # live training: one SAE per layer from one forward pass
-        return live.run_from_args(args, options, knobs)
+        return _run_live(args, options, knobs)
     if args.activations is None:
         raise UserError("--activations STORE (or --model for live training) is required")
     device = resolve(args.device)
@@ -166,6 +172,30 @@ def run(args) -> int:
         return 130 if summary.get("interrupted") else 0
     finally:
         distributed.teardown()
+
+
+def _run_live(args, options, knobs) -> int:
+    """`sae train --model M --dataset D --layers L --site S`: one SAE per layer from one forward pass."""
+    from sae import live
+    if hasattr(live, "run_from_args"):
+        return live.run_from_args(args, options, knobs)
+    missing = [name for name in ("dataset", "layers", "site") if getattr(args, name) is None]
+    if missing:
+        raise UserError(f"live training (--model) also needs {', '.join('--' + m for m in missing)}")
+    from sae.data import load_documents
+    from sae.devices import resolve
+    from sae.models import load_model
+    loaded = load_model(args.model, device=resolve(args.device))
+    _, label_names = load_documents(args.dataset, args.text_column)
+    live.train_live(loaded, lambda: load_documents(args.dataset, args.text_column)[0], layers=args.layers,
+                    site=args.site, variant=args.variant, out=args.out, options=options, knobs=knobs,
+                    d_sae=args.d_sae, expansion=8.0 if args.expansion is None else args.expansion,
+                    context_size=args.context_size, model_batch=args.model_batch, buffer_size=args.buffer_size,
+                    max_norm_ratio=args.max_norm_ratio, keep_special=args.keep_special, dataset=args.dataset,
+                    label_names=label_names, save_activations=args.save_activations, resume=args.resume,
+                    force=args.force)
+    print(f"run folder: {args.out}")
+    return 0
 
 
 def _wandb(args, dist):

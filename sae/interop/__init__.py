@@ -53,7 +53,8 @@ def fetch_hub(repo_id: str, subfolder: str | None = None, revision: str | None =
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise UserError("loading from the Hugging Face Hub needs huggingface_hub (pip install huggingface_hub)")
     subfolder = subfolder.strip("/") if subfolder else None
-    patterns = [f"{subfolder}/*"] if subfolder else None
+    # a release repo holds many SAEs (one folder each): without a subfolder fetch only the root's files
+    patterns = [f"{subfolder}/*"] if subfolder else list(ROOT_FILES)
     try:
         local = Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, revision=revision))
     except Exception as error:  # network, auth, missing repo: one line for the user
@@ -62,7 +63,26 @@ def fetch_hub(repo_id: str, subfolder: str | None = None, revision: str | None =
     folder = local / subfolder if subfolder else local
     if not folder.is_dir():
         raise UserError(f"{repo_id} has no folder {subfolder!r}")
+    if not subfolder and detect_format(folder) is None:
+        raise UserError(f"{repo_id} holds no SAE at its root; name one with subfolder=, e.g. "
+                        f"{', '.join(_hub_sae_folders(repo_id, revision)) or 'blocks.8.hook_resid_pre'}")
     return folder
+
+
+# what a single-SAE repo holds at its root (this project's run folder, SAELens, sparsify)
+ROOT_FILES = ("config.json", "sae.safetensors", "cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
+              "README.md", "eval.json", "metrics.jsonl", "analysis/*")
+
+
+def _hub_sae_folders(repo_id: str, revision: str | None) -> list[str]:
+    """Folders of a Hub repo that hold an SAE config (best effort: [] when the listing fails)."""
+    try:
+        from huggingface_hub import list_repo_files
+        files = list_repo_files(repo_id, revision=revision)
+    except Exception:
+        return []
+    folders = {f.rsplit("/", 1)[0] for f in files if "/" in f and f.rsplit("/", 1)[1] in ("cfg.json", "config.json")}
+    return sorted(folders)[:4]
 
 
 def _subfolders_with_sae(path: Path) -> list[str]:
@@ -131,6 +151,13 @@ def describe(path) -> dict | None:
         from sae.interop.sparsify import describe_sparsify
         return describe_sparsify(Path(path))
     return None
+
+
+def weights_file(path) -> Path | None:
+    """The safetensors file holding W_dec [d_sae, d_in] (raw units for foreign layouts) of any SAE folder."""
+    names = {"run": "sae.safetensors", "saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
+    kind = detect_format(path)
+    return Path(path) / names[kind] if kind in names else None
 
 
 def open_store(path):

@@ -49,7 +49,7 @@ def normalised_cfg(path: Path) -> dict:
     if not cfg.get("architecture"):
         cfg["architecture"] = "topk" if activation == "topk" else "standard"
     if cfg["architecture"] == "topk" and cfg.get("k") is None:
-        cfg["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k")
+        cfg["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k", 100)  # SAELens's TopKSAEConfig default
     if cfg["architecture"] == "standard" and activation not in ("relu", None):
         raise UserError(f"{path}: SAELens activation function {activation!r} is not supported (only relu)")
     norm = cfg.get("normalize_activations")
@@ -66,6 +66,9 @@ def describe_saelens(path: Path) -> dict:
     """The config.json-like description of a SAELens folder (no weights read)."""
     cfg = normalised_cfg(path)
     arch = cfg["architecture"]
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
+        raise UserError(f"{path} is a SAELens {arch} training checkpoint (its codes depend on the batch); SAELens "
+                        f"saves these for inference as jumprelu (save_inference_model): load that folder")
     if arch not in IMPORTABLE:
         raise UserError(f"{path}: SAELens architecture {arch!r} is not supported "
                         f"(supported: {', '.join(sorted(IMPORTABLE))})")
@@ -96,6 +99,11 @@ def load_saelens(path, device="cpu"):
     scaling = tensors.get("finetuning_scaling_factor", tensors.get("scaling_factor"))
     if scaling is not None:  # decode multiplies codes by it: fold into the decoder rows
         W_dec = W_dec * scaling[:, None]
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        # codes = topk(pre · ‖W_dec_j‖), decoded through W_dec_j / ‖W_dec_j‖: fold the norms into the weights
+        norms = W_dec.norm(dim=1)  # [d_sae]
+        W_enc, W_dec = W_enc * norms, W_dec / norms[:, None]
+        tensors["b_enc"] = tensors["b_enc"] * norms
     centre_bias = b_dec if cfg["apply_b_dec_to_input"] else torch.zeros_like(b_dec)
     model = variants.create(config["variant"], d_in=d_in, d_sae=d_sae, **config["knobs"])
     values = {"W_dec": W_dec, "b_dec": b_dec}
@@ -167,7 +175,7 @@ def saelens_cfg(model, arch: str, centred: bool, run_config: dict, manifest: dic
     cfg = {"architecture": arch, "d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": centred, "normalize_activations": "none", "reshape_activations": "none"}
     if arch == "topk":
-        cfg["k"] = int(model.knobs["k"])
+        cfg.update({"k": int(model.knobs["k"]), "rescale_acts_by_decoder_norm": False})
     cfg.update({"metadata": dict(meta), "meta": dict(meta), "sae_lens_version": SAELENS_VERSION})
     # flat keys: what SAELens < 6 reads (6.x ignores them)
     cfg.update({k: v for k, v in meta.items() if k != "sae_lens_version"})

@@ -5,7 +5,11 @@ loss = ‖x − x̂‖² + λ · s · Σ_j H(pre_j − θ_j)  (an L0 penalty, av
 H has no useful derivative, so θ learns through straight-through estimators with a kernel-density pseudo-
 gradient: with the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε,
   ∂/∂θ [pre · H(pre − θ)] := −(θ/ε) K((pre − θ)/ε),   ∂/∂θ H(pre − θ) := −(1/ε) K((pre − θ)/ε),
-and H passes no gradient to pre. θ = exp(log_threshold) stays positive. Codes are exactly zero below θ.
+and, as in Anthropic's January 2025 update, the L0 term's pseudo-gradient also reaches pre
+(∂/∂pre H(pre − θ) := (1/ε) K((pre − θ)/ε)), so encoder and bias learn sparsity too, not the threshold alone.
+θ = exp(log_threshold) stays positive; it starts, per latent, at the pre-activation quantile of a data sample
+that makes about min(64, d_sae/4) latents fire per token (so a short run starts sparse rather than dense).
+Codes are exactly zero below θ.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from torch import nn
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
                                squared_error)
 
-INITIAL_THRESHOLD = 0.1   # scaled units (inputs have about unit RMS per coordinate)
+INITIAL_THRESHOLD = 0.1   # scaled units (inputs have about unit RMS per coordinate); before init_from_data
+INITIAL_L0 = 64
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -49,8 +54,8 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_threshold = (-(1.0 / eps) * rectangle((pre - threshold) / eps) * grad).sum(dim=0)
-        return torch.zeros_like(pre), grad_threshold, None
+        kernel = rectangle((pre - threshold) / eps) * grad / eps        # [batch, d_sae]
+        return kernel, -kernel.sum(dim=0), None
 
 
 @register
@@ -70,6 +75,14 @@ class JumpReLUSAE(SAE):
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), float(torch.tensor(INITIAL_THRESHOLD).log())))
         self.W_dec = nn.Parameter(W_dec)                         # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        super().init_from_data(x)
+        rate = min(0.25, INITIAL_L0 / self.d_sae)
+        pre = self.pre_acts(x)                                    # [n, d_sae]
+        rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
+        self.log_threshold.copy_(pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log())
 
     @property
     def threshold(self) -> torch.Tensor:

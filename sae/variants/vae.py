@@ -3,9 +3,10 @@
 Posterior q(z|x) = N(μ, diag σ²) with μ = (x − b_dec) W_enc + b_enc and log σ² = (x − b_dec) W_logvar + b_logvar;
 z = μ + σ ⊙ ε (reparameterisation); x̂ = z W_dec + b_dec; prior N(0, I).
 loss = NLL(x | x̂) + β · Σ_j max(KL_j, free_bits), KL_j = ½ E_batch[μ_j² + σ_j² − 1 − log σ_j²] (closed form).
-The likelihood is Gaussian with one learned variance v (NLL = ½ (‖x − x̂‖² / v + d_in log v) per token), so a
-latent dimension is worth keeping whenever it explains more than its KL — with a fixed unit variance, activations
-of small spread would collapse to the prior. Free bits (Kingma et al. 2016) keep a floor under each dimension's
+The likelihood is Gaussian with one shared variance v set to its optimum, the batch's mean squared error
+(a calibrated decoder, Rybkin et al. 2021's σ-VAE): NLL = ½ (‖x − x̂‖² / v + d_in log v) per token. A latent
+dimension is then worth keeping whenever it explains more than its KL costs; with a fixed unit variance,
+activations of small spread would collapse to the prior. Free bits (Kingma et al. 2016) keep a floor under each dimension's
 KL against posterior collapse. `encode` returns μ (signed, dense codes).
 Width: default d_sae = d_in (expansion above 1 is capped: surplus dimensions of a VAE only collapse).
 """
@@ -47,7 +48,6 @@ class VariationalAutoencoder(SAE):
         self.b_logvar = nn.Parameter(torch.full((self.d_sae,), -4.0))      # start with a narrow posterior
         self.W_dec = nn.Parameter(W_dec)                                   # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
-        self.log_noise = nn.Parameter(torch.zeros(()))                     # log of the likelihood's variance v
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centred = x - self.b_dec
@@ -70,7 +70,8 @@ class VariationalAutoencoder(SAE):
         mu, logvar = self.posterior(x_input)
         x_sample = self.decode_scaled(self.sample(mu, logvar))             # [batch, d_in]
         err = squared_error(x_sample, x_target)
-        nll = 0.5 * (err / self.log_noise.exp() + self.d_in * self.log_noise)
+        noise = (err / self.d_in).detach().clamp_min(1e-6)                 # v: the optimal shared variance
+        nll = 0.5 * (err / noise + self.d_in * noise.log())
         kl_dims = gaussian_kl(mu, logvar).mean(dim=0)                      # [d_sae]
         kl = kl_dims.clamp_min(self.knobs["free_bits"]).sum()
         loss = nll + self.knobs["beta"] * kl

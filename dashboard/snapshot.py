@@ -1,0 +1,85 @@
+"""A screenshot of a served feature page, taken with Debian's headless Chromium through Selenium, and
+the page's own build time (the "page built in N ms" line in the sidebar) on a warm reload.
+
+Used by `sae dashboard RUN --screenshot PATH` (e.g. at the end of `make demo`).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1800")
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    url: str
+    build_ms: float | None        # the warm page's own build time, from its sidebar caption
+    load_s: float                 # browser navigation until the highlighted example is visible (warm)
+
+
+def wait_healthy(base_url: str, timeout: float = 120, alive=lambda: True) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        try:
+            with urllib.request.urlopen(f"{base_url}/_stcore/health", timeout=2) as reply:
+                if reply.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the dashboard did not answer at {base_url}")
+
+
+def example_feature(run_dir) -> int:
+    """A feature worth showing: the first one that fired (0 when the table cannot be read)."""
+    try:
+        import pyarrow.parquet as pq
+        table = pq.read_table(Path(run_dir) / "analysis" / "features.parquet", columns=["feature", "density"])
+        alive = [f for f, d in zip(table["feature"].to_pylist(), table["density"].to_pylist()) if d and d > 0]
+        return int(alive[0]) if alive else 0
+    except Exception:  # noqa: BLE001 - any problem: the page itself will explain it
+        return 0
+
+
+def take(base_url: str, feature: int, path, timeout: float = 180) -> Snapshot:
+    """Open ?feature=N twice (cold, then warm), screenshot the warm page."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="sae-chrome-")
+    for flag in CHROME_FLAGS + (f"--user-data-dir={profile}",):
+        options.add_argument(flag)
+    url = f"{base_url}/?feature={feature}"
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        def shown(d):
+            return any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "span.tok.center, [data-testid='stAlert']"))
+        driver.get(url)
+        WebDriverWait(driver, timeout, 0.25).until(shown)
+        start = time.perf_counter()
+        driver.get(url)
+        WebDriverWait(driver, timeout, 0.25).until(shown)
+        load_s = time.perf_counter() - start
+        time.sleep(1.0)
+        match = re.search(r"page built in (\d+) ms", driver.find_element(By.TAG_NAME, "body").text)
+        path = Path(path).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(path))
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    return Snapshot(path=path, url=url, build_ms=float(match.group(1)) if match else None, load_s=load_s)

@@ -1,0 +1,178 @@
+"""Benchmark `sae train` per variant on SmolLM2 layer-6 activations of the embedded BBC corpus.
+
+    python scripts/bench_train.py                   # every registered variant, full size (the lead's run)
+    python scripts/bench_train.py --variant topk    # one variant
+    python scripts/bench_train.py --activations STORE --tokens 16384   # a quick smoke run
+
+Each variant is trained by a separate `python -m sae train` process, timed from start to exit
+(imports, initialisation, checkpoints and the held-out scoring included). Beside each figure the
+table prints the machine's own matmul rate, measured here on a [batch, d_in] × [d_in, d_sae] product,
+and the fraction of the roofline reached:
+  dense variants       10·d_in·d_sae FLOP a token (forward 4, backward about 6);
+  TopK family (any variant with a `k` knob): the encoder-only limit 2·d_in·d_sae FLOP a token
+  (issue 4: only the encoder's product needs to be dense).
+Held-out FVU, L0 and dead fraction come from the run's train_summary.json (up to 16,384 held-out
+tokens of the store's fixed doc_id split), then the L0–FVU pairs of the sparse families.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = ["topk", "batchtopk", "jumprelu", "gated", "l1"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAE_CACHE", Path.home() / ".cache" / "sae"))
+
+
+def ensure_store(args) -> Path:
+    """The bench store: --activations, or SmolLM2 layer 6 collected once into the cache."""
+    if args.activations:
+        return Path(args.activations)
+    store = cache_dir() / "bench" / f"smollm2_l6_resid_post_bbc_{args.collect_tokens}"
+    if not (store / "manifest.json").is_file() or not json.loads((store / "manifest.json").read_text()).get("complete", True):
+        print(f"collecting {args.collect_tokens:,} tokens of SmolLM2 layer-6 activations into {store} (once)",
+              file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "sae", "collect", "--model", "smollm2", "--dataset", "bbc",
+                        "--layers", "6", "--site", "resid_post", "--context-size", "128",
+                        "--tokens", str(args.collect_tokens), "--out", str(store), "--resume"],
+                       cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return store
+
+
+def matmul_gflops(batch: int, d_in: int, d_sae: int, device: str, repeats: int = 20) -> float:
+    """Best-of-N rate of a [batch, d_in] × [d_in, d_sae] product (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(batch, d_in, device=device, dtype=dtype)
+    b = torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        (a @ b).sum().item() if device != "cuda" else a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * batch * d_in * d_sae / best / 1e9
+
+
+def train_one(variant: str, store: Path, out: Path, args) -> dict:
+    command = [sys.executable, "-m", "sae", "train", "--activations", str(store), "--variant", variant,
+               "--out", str(out), "--tokens", str(args.tokens), "--batch-size", str(args.batch_size),
+               "--device", args.device, "--seed", str(args.seed), "--force", "--checkpoint-every", "0"]
+    if args.expansion is not None:
+        command += ["--expansion", str(args.expansion)]
+    command += args.extra.get(variant, [])
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        return {"variant": variant, "error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
+    summary = json.loads((out / "train_summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    held = summary.get("held_out") or {}
+    return {"variant": variant, "d_in": config["d_in"], "d_sae": config["d_sae"], "knobs": config.get("knobs", {}),
+            "seconds": seconds, "tokens_per_s": summary["tokens"] / seconds,
+            "loop_tokens_per_s": summary.get("tokens_per_s"), "fvu": held.get("fvu"), "l0": held.get("l0"),
+            "dead_fraction": held.get("dead_fraction"), "held_out_rows": held.get("rows")}
+
+
+def flops_per_token(variant: str, d_in: int, d_sae: int) -> tuple[int, str]:
+    from sae import variants
+    if "k" in variants.get(variant).KNOBS:
+        return 2 * d_in * d_sae, "encoder-only 2·d·m"
+    return 10 * d_in * d_sae, "dense 10·d·m"
+
+
+def parse_extra(items) -> dict:
+    """--set topk:k=64 --set l1:l1-coefficient=3 -> {"topk": ["--k", "64"], ...}"""
+    extra: dict = {}
+    for item in items or []:
+        variant, _, assignment = item.partition(":")
+        name, _, value = assignment.partition("=")
+        extra.setdefault(variant, []).extend([f"--{name}", value])
+    return extra
+
+
+def fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def main() -> None:
+    from sae import variants
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", help="variant(s) to run (default: every registered one)")
+    parser.add_argument("--activations", help="an existing store (default: collect SmolLM2 layer 6 once)")
+    parser.add_argument("--collect-tokens", type=int, default=147_456, help="tokens collected for the bench store")
+    parser.add_argument("--tokens", type=int, default=524_288, help="training budget per variant")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--expansion", type=float, default=None, help="default: each variant's (8×; linear d_in/8)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", metavar="VARIANT:KNOB=VALUE", help="a knob for one variant")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    args.extra = parse_extra(args.set)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    names = args.variant or variants.names()
+    store_path = ensure_store(args)
+    from sae.store import ActivationStore
+    store = ActivationStore(store_path)
+    d_in = store.d_model
+    d_sae_default = int(d_in * (args.expansion or 8))
+    gflops = matmul_gflops(args.batch_size, d_in, d_sae_default, device)
+    print(f"store {store_path}: {len(store):,} tokens, d_in {d_in}; device {device}, {torch.get_num_threads()} threads; "
+          f"measured matmul {args.batch_size}×{d_in}×{d_sae_default} ({'bf16' if device == 'cuda' else 'fp32'}): "
+          f"{gflops:,.1f} GFLOP/s")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
+        for name in names:
+            row = train_one(name, store_path, Path(scratch) / name, args)
+            if "error" not in row:
+                flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
+                limit = gflops * 1e9 / flops
+                row.update(roofline_rule=rule, roofline_tokens_per_s=limit, roofline_fraction=row["tokens_per_s"] / limit)
+            rows.append(row)
+            print(_line(row), flush=True)
+    print()
+    print(f"{'variant':<12}{'d_sae':>7}{'tokens/s':>11}{'roofline tok/s':>16}{'of roofline':>12}  {'rule':<20}"
+          f"{'held-out FVU':>13}{'L0':>8}{'dead':>8}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['variant']:<12}  error: {row['error']}")
+            continue
+        print(f"{row['variant']:<12}{row['d_sae']:>7}{row['tokens_per_s']:>11,.0f}{row['roofline_tokens_per_s']:>16,.0f}"
+              f"{row['roofline_fraction']:>12.1%}  {row['roofline_rule']:<20}{fmt(row['fvu'], '.4f'):>13}"
+              f"{fmt(row['l0'], '.1f'):>8}{fmt(row['dead_fraction'], '.2%'):>8}")
+    print(f"(matmul {gflops:,.1f} GFLOP/s measured on this machine; tokens/s = training tokens / wall time of the "
+          f"whole `sae train` process)")
+    pairs = sorted((r for r in rows if r["variant"] in PAIRS and "error" not in r and r["l0"] is not None),
+                   key=lambda r: r["l0"])
+    if pairs:
+        print("\nL0–FVU pairs (held-out):  " + ",  ".join(f"{r['variant']} L0 {r['l0']:.1f} → FVU {r['fvu']:.4f}"
+                                                         for r in pairs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"matmul_gflops": gflops, "device": device, "rows": rows}, indent=2))
+
+
+def _line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['variant']}: error: {row['error']}"
+    return (f"{row['variant']}: {row['tokens_per_s']:,.0f} tokens/s ({row['roofline_fraction']:.1%} of the "
+            f"{row['roofline_rule']} roofline), held-out FVU {fmt(row['fvu'], '.4f')}, L0 {fmt(row['l0'], '.1f')}, "
+            f"dead {fmt(row['dead_fraction'], '.2%')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Selenium against `sae dashboard` on a free
+port. Opens a feature page (highlighted example and histogram visible), types into the live probe and
+sees features, saves screenshots, and checks that injection strings in the corpus run nothing.
+
+Needs /usr/bin/chromium and /usr/bin/chromedriver (`make browser` installs them as root); skipped
+otherwise. Screenshots go to the test's tmp folder and are copied to tests/artifacts/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                       reason="Debian chromium/chromium-driver not installed (run `make browser` as root)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(port: int, process, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the dashboard exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as reply:
+                if reply.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the dashboard did not come up in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A run with injection strings in its analysed corpus, served by `sae dashboard` on a free port."""
+    import torch
+    import sae.io
+    from sae import variants
+    from dashboard.sample import tiny_model_dir, write_analysis
+
+    root = tmp_path_factory.mktemp("browser")
+    model_dir = tiny_model_dir(root / "model")
+    run = root / "run"
+    torch.manual_seed(0)
+    sae_model = variants.create("relu", d_in=32, d_sae=64)
+    with torch.no_grad():
+        sae_model.b_enc.fill_(0.05)
+    sae.io.save_run(sae_model, run, {"model": str(model_dir), "layer": 1, "site": "resid_post"})
+    (run / "eval.json").write_text(json.dumps({"fvu": 0.3, "explained_variance": 0.7, "mse": 0.1, "l0": 10.0,
+                                              "dead_fraction": 0.0}))
+    write_analysis(run, 64, n_top=8, radius=5)
+    port = free_port()
+    log = root / "dashboard.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "sae", "dashboard", str(run), "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                   start_new_session=True)
+    try:
+        wait_healthy(port, process, log)
+        yield {"url": f"http://localhost:{port}", "root": root, "log": log}
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)   # the group this fixture started
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1800",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, timeout: float = 60, what: str = "element"):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"timed out waiting for {what}; page text:\n{driver.find_element('tag name', 'body').text[:2000]}") from None
+
+
+def visible(css: str):
+    from selenium.webdriver.common.by import By
+
+    def find(driver):
+        found = [e for e in driver.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
+        return found or False
+    return find
+
+
+def no_alert(driver) -> bool:
+    from selenium.common.exceptions import NoAlertPresentException
+    try:
+        driver.switch_to.alert
+    except NoAlertPresentException:
+        return True
+    return False
+
+
+def nothing_ran(driver) -> None:
+    assert no_alert(driver), "an alert opened"
+    assert driver.execute_script("return window.__sae_pwned === undefined"), "an injected payload ran"
+
+
+def save(driver, tmp_path: Path, name: str) -> Path:
+    shot = tmp_path / name
+    driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / name)
+    return shot
+
+
+def test_feature_page_in_chromium(server, browser, tmp_path):
+    from dashboard.sample import INJECTIONS
+    browser.get(f"{server['url']}/?feature=0")
+    centers = wait_for(browser, visible("span.tok.center"), what="a highlighted top example")
+    background = centers[0].value_of_css_property("background-color")
+    assert background not in ("rgba(0, 0, 0, 0)", "transparent"), background   # it is shaded
+    assert centers[0].get_attribute("title")                                      # hover shows the value
+    wait_for(browser, visible('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg'),
+             what="the activation histogram")
+    assert "Feature 0" in browser.find_element("tag name", "h1").text
+    time.sleep(1.0)  # let every block paint before the screenshot
+    shot = save(browser, tmp_path, "dashboard_feature.png")
+    print(f"screenshot: {shot}")
+    # the payloads sit in feature 0's top examples and promoted tokens: shown as text, never run
+    text = browser.find_element("tag name", "body").text
+    for payload in INJECTIONS:
+        assert payload in text, f"{payload!r} is not shown as text"
+    nothing_ran(browser)
+    assert not browser.find_elements("css selector", "img[src='x'], svg[onload]")
+
+
+def test_live_probe_in_chromium(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    browser.get(f"{server['url']}/?page=probe")
+    area = wait_for(browser, visible('[data-testid="stTextArea"] textarea'), what="the probe's text box")[0]
+    area.clear()
+    area.send_keys('the market shares rose <img src=x onerror="window.__sae_pwned=9"> and the film won')
+    button = wait_for(browser, visible('[data-testid="stFormSubmitButton"] button'), what="the probe button")[0]
+    button.click()
+    wait_for(browser, lambda d: "Top features over the text" in d.find_element(By.TAG_NAME, "body").text,
+             timeout=120, what="the probe's feature table")
+    spans = wait_for(browser, visible("span.tok"), what="shaded probe tokens")
+    assert any("#" in (s.get_attribute("title") or "") for s in spans)           # hover names the features
+    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".sae-links a")]
+    assert links and all("?feature=" in href for href in links)
+    assert wait_for(browser, visible('[data-testid="stDataFrame"]'), what="the feature table")
+    save(browser, tmp_path, "dashboard_probe.png")
+    nothing_ran(browser)
+    # a feature link from the probe opens that feature's page
+    browser.get(links[0])
+    wait_for(browser, visible("span.tok.center"), what="the linked feature page")
+    nothing_ran(browser)

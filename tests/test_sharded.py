@@ -1,0 +1,107 @@
+"""Sharded TopK (sae.sharded): latents split over 2 CPU processes (gloo) train exactly like the unsharded
+`topk` SAE driven by sae.train.Trainer in one process — forward, backward (AuxK included) and Adam steps."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+D_IN, D_SAE, K, BATCH, STEPS = 16, 90, 4, 64, 4   # 90 latents: uneven split is exercised at 4 ranks too
+
+
+def batches():
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(D_IN, D_IN, generator=generator)
+    return [torch.randn(BATCH, D_IN, generator=generator) @ base + 0.3 for _ in range(STEPS + 1)]
+
+
+def options():
+    from sae.train import TrainOptions
+    # dead after one batch: AuxK is active from the second step on
+    return TrainOptions(tokens=STEPS * BATCH, batch_size=BATCH, device="cpu", lr=3e-3, lr_warmup=0.0,
+                        dead_after_tokens=BATCH, grad_clip=1.0, autocast=False)
+
+
+def full_model():
+    from sae import variants
+    torch.manual_seed(11)
+    return variants.create("topk", D_IN, D_SAE, k=K)
+
+
+def reference():
+    """The unsharded model through the ordinary Trainer (no process group yet): what the shards must match."""
+    from sae.train import Trainer
+    data = batches()
+    model = full_model()
+    trainer = Trainer(model, options(), None)
+    trainer.init_from_sample(data[-1])
+    sel_model = full_model()
+    sel_model.load_state_dict(model.state_dict())
+    first_x_hat = sel_model(data[0]).detach()
+    for x in data[:STEPS]:
+        trainer.step(x)
+    return {"init": sel_model.state_dict(), "x_hat": first_x_hat, "final": model.state_dict(),
+            "dead": trainer.dead_mask().clone()}
+
+
+def worker(rank, world, port, results_dir):
+    torch.set_num_threads(1)
+    expected = reference()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from sae.sharded import ShardedTopK, ShardedTrainer, shard_bounds
+        data = batches()
+        full = full_model()
+        sharded = ShardedTopK.from_full(full)
+        trainer = ShardedTrainer(sharded, options())
+        trainer.init_from_sample(data[-1])
+        lo, hi = shard_bounds(D_SAE, rank, world)
+        init = expected["init"]
+        torch.testing.assert_close(sharded.b_dec.data, init["b_dec"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sharded.W_dec.data, init["W_dec"][lo:hi], atol=1e-6, rtol=1e-5)
+        # forward: the raw-unit reconstruction equals the unsharded model's
+        with torch.no_grad():
+            out = sharded.forward_scaled(data[0] * sharded.input_scale)
+        torch.testing.assert_close(out.x_hat / sharded.input_scale, expected["x_hat"], atol=1e-5, rtol=1e-5)
+        # a few optimiser steps (gradients, AuxK on dead latents, clipping, Adam, unit-norm decoder)
+        for x in data[:STEPS]:
+            trainer.step(x)
+        final = expected["final"]
+        torch.testing.assert_close(sharded.W_enc.data, final["W_enc"][:, lo:hi], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(sharded.b_enc.data, final["b_enc"][lo:hi], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(sharded.W_dec.data, final["W_dec"][lo:hi], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(sharded.b_dec.data, final["b_dec"], atol=2e-5, rtol=1e-4)
+        assert torch.equal(trainer.tokens_since_fired >= trainer.dead_after, expected["dead"][lo:hi])
+        assert bool(expected["dead"].any()), "the test must exercise AuxK"
+        gathered = sharded.gather_full()
+        for name, value in final.items():
+            torch.testing.assert_close(gathered.state_dict()[name], value, atol=2e-5, rtol=1e-4)
+        open(os.path.join(results_dir, f"ok{rank}"), "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2])
+def test_two_process_gloo_matches_unsharded(tmp_path, world):
+    mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    assert sorted(os.listdir(tmp_path)) == [f"ok{r}" for r in range(world)]
+
+
+def test_select_needs_a_process_group():
+    from sae.errors import UserError
+    from sae.sharded import ShardedTopK, shard_bounds
+    with pytest.raises(UserError, match="torch.distributed"):
+        ShardedTopK(D_IN, D_SAE, K)
+    bounds = [shard_bounds(10, r, 3) for r in range(3)]
+    assert bounds == [(0, 4), (4, 7), (7, 10)]

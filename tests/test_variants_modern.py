@@ -1,0 +1,231 @@
+"""The modern SAE family (TopK and relatives), trained with a minimal Adam loop of the test's own."""
+import math
+
+import pytest
+import torch
+
+import sae
+from sae.errors import UserError
+from sae.io import save_run
+from sae.kernels import sparse_decode
+from sae.variants import create
+from sae.variants.base import StepContext
+
+MODERN = ["topk", "batchtopk", "gated", "jumprelu", "matryoshka"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sparse_data(n=3072, d_in=32, n_atoms=96, active=4, seed=0):
+    """Activation-shaped data: a mean, sparse non-negative mixtures of random atoms, small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d_in, generator=gen)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    coeffs = torch.rand(n, n_atoms, generator=gen) * 3
+    keep = torch.rand(n, n_atoms, generator=gen).argsort(dim=1) < active
+    x = (coeffs * keep) @ atoms + torch.randn(d_in, generator=gen)
+    return x + 0.05 * torch.randn(n, d_in, generator=gen)
+
+
+def fit(model, x, steps=150, batch=128, lr=3e-3, seed=0, dead_after=None, init=True):
+    """A bare training loop: scale to mean norm √d_in, init from data, Adam, warm-up, unit-norm decoder."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if init:
+        model.input_scale.fill_(math.sqrt(x.shape[1]) / x.norm(dim=1).mean())
+        model.init_from_data(x[:1024] * model.input_scale)
+    scaled = x * model.input_scale
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    last_fired = torch.zeros(model.d_sae)
+    losses = []
+    model.train()
+    for step in range(steps):
+        target = scaled[torch.randint(len(x), (batch,), generator=gen)]
+        dead = None if dead_after is None else (step * batch - last_fired) >= dead_after
+        ctx = StepContext(step=step, progress=step / steps, sparsity_scale=min(1.0, step / (0.1 * steps)),
+                          dead_mask=dead)
+        out = model.training_loss(target, target, ctx)
+        optimiser.zero_grad()
+        out.loss.backward()
+        model.remove_parallel_gradient()
+        optimiser.step()
+        model.normalize_decoder()
+        last_fired[out.fire_counts > 0] = (step + 1) * batch
+        losses.append(float(out.loss.detach()))
+    return model.eval(), losses
+
+
+def fvu(model, x):
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(x))
+    return float((x_hat - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
+
+
+KNOBS = {"topk": {"k": 8}, "batchtopk": {"k": 8}, "matryoshka": {"k": 8},
+         "gated": {"l1_coefficient": 0.1}, "jumprelu": {"l0_coefficient": 0.05}}
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_each_modern_variant_trains_and_beats_the_mean(name):
+    x = sparse_data()
+    model, losses = fit(create(name, d_in=32, d_sae=128, **KNOBS[name]), x[:2560])
+    assert sum(losses[-20:]) / 20 < sum(losses[:5]) / 5
+    assert fvu(model, x[2560:]) < 0.5, name
+    with torch.no_grad():
+        l0 = float((model.encode(x[2560:]) > 0).sum(dim=1).float().mean())
+    assert 0 < l0 < 64, name                                  # sparse: well under half the latents
+
+
+def test_topk_l0_is_exactly_k():
+    x = sparse_data()
+    model, _ = fit(create("topk", d_in=32, d_sae=128, k=6), x[:2560], steps=60)
+    with torch.no_grad():
+        codes = model.encode(x[2560:])
+    assert torch.equal((codes > 0).sum(dim=1), torch.full((len(codes),), 6))
+
+
+def test_batchtopk_l0_is_k_in_training_and_close_to_k_at_inference():
+    x = sparse_data()
+    model, _ = fit(create("batchtopk", d_in=32, d_sae=128, k=6), x[:2560], steps=200)
+    model.train()
+    out = model.training_loss(x[:512] * model.input_scale, x[:512] * model.input_scale, StepContext())
+    assert int(out.fire_counts.sum()) == 6 * 512                     # exactly k per token on average
+    model.eval()
+    assert float(model.threshold) > 0
+    with torch.no_grad():
+        codes = model.encode(x[2560:])
+        single = model.encode(x[2560:2561])
+    l0 = float((codes > 0).sum(dim=1).float().mean())
+    assert 4.5 < l0 < 7.5
+    assert torch.equal(single, codes[:1])                            # a token's code ignores its batch-mates
+
+
+def _topk_with_dead_latents():
+    x = sparse_data()
+    model = create("topk", d_in=32, d_sae=128, k=4)
+    model.input_scale.fill_(math.sqrt(32) / x.norm(dim=1).mean())
+    model.init_from_data(x[:1024] * model.input_scale)
+    return model, x * model.input_scale
+
+
+def test_auxk_fits_the_detached_residual_without_a_second_decoder_bias():
+    model, scaled = _topk_with_dead_latents()
+    with torch.no_grad():
+        model.b_dec.add_(0.5)                                          # a bias that would show if added twice
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::2] = True
+    batch = scaled[:256]
+    x_hat, sel, terms, _ = model.losses(batch, batch, StepContext(dead_mask=dead))
+    assert sel.aux_indices.shape[1] == 16 and bool(dead[sel.aux_indices].all())
+    residual = batch - x_hat.detach()
+    aux_codes = torch.zeros(256, 128).scatter(1, sel.aux_indices, sel.aux_values.detach())
+    by_hand = (aux_codes @ model.W_dec.detach() - residual).pow(2).sum()
+    total_variance = (batch - batch.mean(dim=0)).pow(2).sum()
+    assert torch.allclose(terms["auxk"], model.knobs["auxk_coefficient"] * by_hand / total_variance, rtol=1e-5)
+    grads = torch.autograd.grad(terms["auxk"], [model.b_dec, model.W_dec], allow_unused=True)
+    assert grads[0] is None or float(grads[0].abs().max()) == 0.0     # the residual is detached
+    live_rows = grads[1][~dead]
+    assert float(live_rows.abs().max()) == 0.0                          # only dead latents learn from AuxK
+
+
+def test_auxk_revives_latents_killed_on_purpose():
+    model, _ = _topk_with_dead_latents()
+    x = sparse_data()
+    fit(model, x[:2560], steps=40, init=False)
+    killed = torch.arange(0, 128, 4)
+    with torch.no_grad():                                               # push them below every token's top-k
+        model.b_enc[killed] -= 3.0
+        codes = model.encode(x[2560:])
+    assert int((codes[:, killed] > 0).sum()) == 0
+
+    def revived_after(auxk_coefficient):
+        clone = create("topk", d_in=32, d_sae=128, k=4, auxk_coefficient=auxk_coefficient)
+        clone.load_state_dict(model.state_dict())
+        fit(clone, x[:2560], steps=150, dead_after=512, init=False)
+        with torch.no_grad():
+            return int(((clone.encode(x[2560:])[:, killed] > 0).sum(dim=0) > 0).sum())
+
+    with_auxk, without = revived_after(1 / 32), revived_after(0.0)
+    assert with_auxk >= 0.5 * len(killed) and with_auxk > without
+
+
+def test_matryoshka_first_group_reconstructs_on_its_own():
+    x = sparse_data()
+    sizes = "8,8,16,32,64"
+
+    def first_group_fvu(name, **knobs):
+        model, _ = fit(create(name, d_in=32, d_sae=128, k=8, **knobs), x[:2560], steps=200)
+        with torch.no_grad():
+            codes = model.encode_scaled(x[2560:] * model.input_scale)
+            codes[:, 8:] = 0
+            x_hat = model.decode(codes)
+        held = x[2560:]
+        return float((x_hat - held).pow(2).sum() / (held - held.mean(dim=0)).pow(2).sum())
+
+    nested = first_group_fvu("matryoshka", group_sizes=sizes)
+    flat = first_group_fvu("batchtopk")
+    assert nested < 0.9 and nested < flat
+
+
+def test_matryoshka_group_losses_use_prefixes():
+    model = create("matryoshka", d_in=16, d_sae=32, k=4, group_sizes="8,8,16")
+    x = torch.randn(64, 16)
+    x_hat, sel, terms, stats = model.losses(x, x, StepContext())
+    total_variance = (x - x.mean(dim=0)).pow(2).sum()
+    for g, end in enumerate([8, 16, 32]):
+        values = sel.values.detach() * (sel.indices < end)
+        prefix = sparse_decode(values, sel.indices, model.W_dec.detach()) + model.b_dec.detach()
+        assert torch.allclose(stats[f"fvu_group{g}"], (prefix - x).pow(2).sum() / total_variance, rtol=1e-5)
+
+
+def test_jumprelu_threshold_pseudo_gradient():
+    model = create("jumprelu", d_in=4, d_sae=3, l0_coefficient=1.0, bandwidth=0.5)
+    with torch.no_grad():
+        model.W_enc.copy_(torch.eye(4)[:, :3])
+        model.b_dec.zero_()
+        model.b_enc.zero_()
+        model.log_threshold.fill_(0.0)                                  # θ = 1
+    x = torch.tensor([[1.1, 0.5, 2.0, 0.0], [0.9, 1.2, -1.0, 0.0]])     # pre = x[:, :3]
+    out = model.training_loss(x, x, StepContext())
+    assert torch.equal(model.encode_scaled(x), torch.tensor([[1.1, 0.0, 2.0], [0.0, 1.2, 0.0]]))
+    model.zero_grad()
+    out.terms["l0"].requires_grad_(False)
+    l0 = torch.autograd.grad(model.training_loss(x, x, StepContext()).loss, model.log_threshold)[0]
+    # the L0 term alone: ∂/∂θ mean_b Σ_j H(pre − θ) = −(1/ε) mean_b K((pre − θ)/ε); times dθ/dlogθ = θ = 1
+    model.W_dec.requires_grad_(False)
+    assert l0.shape == (3,)
+    kernel = ((x[:, :3] - 1.0).abs() / 0.5 < 0.5).float()              # |pre − θ| < ε/2
+    expected_l0 = -(kernel / 0.5).mean(dim=0)
+    codes_term = torch.autograd.grad(
+        model.training_loss(x, x, StepContext()).loss - out.terms["l0"] * 0, model.log_threshold)[0]
+    assert torch.allclose(codes_term, l0)
+    assert torch.all(torch.sign(expected_l0[kernel.sum(0) > 0]) == -1)
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_save_load_gives_identical_outputs(name, tmp_path):
+    x = sparse_data(n=600)
+    model, _ = fit(create(name, d_in=32, d_sae=64, **KNOBS[name]), x, steps=20)
+    save_run(model, tmp_path / "run")
+    loaded = sae.load(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), model.encode(x))
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("name, d_sae, knobs", [
+    ("topk", 64, {"k": 64}), ("topk", 64, {"k": 100}), ("topk", 64, {"k": 0}), ("batchtopk", 64, {"k": -2}),
+    ("jumprelu", 64, {"bandwidth": 0.0}), ("jumprelu", 64, {"bandwidth": -0.1}),
+    ("matryoshka", 64, {"group_sizes": "16,16"}), ("matryoshka", 64, {"group_sizes": "0,64"}),
+    ("matryoshka", 64, {"group_sizes": "a,b"}), ("gated", 64, {"l1_coefficient": -1.0}),
+    ("topk", 64, {"auxk_coefficient": -1.0}), ("gated", 64, {"k": 4}),
+])
+def test_bad_knobs_are_user_errors(name, d_sae, knobs):
+    with pytest.raises(UserError):
+        create(name, d_in=32, d_sae=d_sae, **knobs)
