@@ -37,7 +37,9 @@ class Run:
 
     def describe(self) -> str:
         cfg = self.config or {}
-        bits = [str(cfg.get(key)) for key in ("variant", "model") if cfg.get(key) is not None]
+        bits = [str(cfg["variant"])] if cfg.get("variant") else []
+        if cfg.get("model"):
+            bits.append(Path(str(cfg["model"])).name or str(cfg["model"]))   # a local model folder: its name
         if cfg.get("layer") is not None:
             bits.append(f"L{cfg['layer']}")
         if cfg.get("site"):

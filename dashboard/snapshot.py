@@ -66,15 +66,24 @@ def take(base_url: str, feature: int, path, timeout: float = 180) -> Snapshot:
     url = f"{base_url}/?feature={feature}"
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        def shown(d):
-            return any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "span.tok.center, [data-testid='stAlert']"))
+        def shown(d):  # the page finished building: a shaded example (or a message) and the timing line
+            return (any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "span.tok.center, [data-testid='stAlert']"))
+                    and "page built in" in d.find_element(By.TAG_NAME, "body").text)
+
+        def painted(d):  # charts drawn
+            return all(c.find_elements(By.CSS_SELECTOR, "canvas, svg")
+                       for c in d.find_elements(By.CSS_SELECTOR, "[data-testid='stVegaLiteChart']"))
         driver.get(url)
         WebDriverWait(driver, timeout, 0.25).until(shown)
         start = time.perf_counter()
         driver.get(url)
         WebDriverWait(driver, timeout, 0.25).until(shown)
         load_s = time.perf_counter() - start
-        time.sleep(1.0)
+        try:
+            WebDriverWait(driver, 20, 0.25).until(painted)
+        except Exception:  # noqa: BLE001 - screenshot what is there
+            pass
+        time.sleep(0.5)
         match = re.search(r"page built in (\d+) ms", driver.find_element(By.TAG_NAME, "body").text)
         path = Path(path).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,18 +21,12 @@ def _nullable(values: np.ndarray, present: bool, type_) -> pa.Array:
     return pa.array(values, type=type_) if present else pa.nulls(len(values), type=type_)
 
 
-def kept_entries(keeper, valid_extra: torch.Tensor | None = None):
+def kept_entries(keeper):
     """Flatten a TopKeeper's filled slots: (feature, slot, act, row, contexts) sorted by feature, slot."""
-    filled = keeper.rows >= 0                                                              # [N, d_sae]
-    if valid_extra is not None:
-        filled &= valid_extra
-    slot, feature = filled.nonzero(as_tuple=True)
-    order = torch.argsort(feature * keeper.n_keep + slot)
-    slot, feature = slot[order], feature[order]
-    contexts = keeper.contexts_of(slot, feature)                                           # [E, W] or None
-    contexts = None if contexts is None else contexts.cpu()
-    return (feature.cpu(), slot.cpu(), keeper.acts[slot, feature].cpu(), keeper.rows[slot, feature].cpu(),
-            contexts)
+    feature, slot = (keeper.rows >= 0).nonzero(as_tuple=True)                              # row-major: sorted
+    contexts = keeper.contexts_of(feature, slot)                                           # [E, W] or None
+    return (feature.cpu(), slot.cpu(), keeper.acts[feature, slot].cpu(), keeper.rows[feature, slot].cpu(),
+            None if contexts is None else contexts.cpu())
 
 
 def _row_columns(store, rows: torch.Tensor) -> dict:

@@ -127,8 +127,17 @@ def setup_distributed(device: torch.device) -> Dist:
     import torch.distributed as dist
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        if device.type == "cuda" and backend == "gloo":
+            print("warning: NCCL is not available: falling back to gloo", file=sys.stderr)
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank uses its own GPU (LOCAL_RANK)."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def _barrier(d: Dist) -> None:
@@ -293,7 +302,7 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
     """Run a collection (see the module docstring). Returns where the store is and what it holds."""
     from sae.devices import resolve
     out = Path(options.out)
-    device = resolve(options.device)
+    device = local_device(resolve(options.device))
     if options.dtype not in DTYPES:
         raise UserError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     if options.tokens is not None and options.tokens <= 0:

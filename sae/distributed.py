@@ -187,8 +187,8 @@ def broadcast_bytes(payload: bytes | None) -> bytes:
     length = torch.tensor([len(payload or b"")], dtype=torch.int64, device=device)
     dist.broadcast(length, src=0)
     buffer = torch.zeros(int(length), dtype=torch.uint8, device=device)
-    if dist.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    if dist.get_rank() == 0 and payload:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device))
     dist.broadcast(buffer, src=0)
     return bytes(buffer.cpu().tolist())
 

@@ -329,6 +329,9 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
         probing = probing_metrics(sae, store, layer, special_ids, batch_size, device, probe_max_rows, seed, progress)
         if probing is not None:
             result["sparse_probing"] = probing
+        else:
+            result["sparse_probing_skipped"] = ("too few labelled documents: each label needs positive and "
+                                                "negative documents on both sides of the fixed 4/5–1/5 split")
     if loaded is not None:
         if not getattr(loaded, "is_causal", True):
             reason = f"{getattr(loaded, 'family', 'this')} is an encoder-only model: it has no next-token loss"
@@ -368,7 +371,7 @@ def format_table(result: dict) -> str:
     rows = [("variant", result.get("variant")), ("layer", result.get("layer")), ("site", result.get("site")),
             ("held-out tokens", result.get("n_tokens"))]
     for key in ("mse", "fvu", "explained_variance", "cosine_similarity", "l2_ratio", "l0", "dead_fraction",
-                "perplexity", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "ce_loss_recovered",
+                "perplexity", "usage", "active_dims", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "ce_loss_recovered",
                 "kl_div_spliced", "kl_div_zero_ablated", "kl_div_score"):
         if key in result:
             rows.append((key, result[key]))
@@ -376,6 +379,8 @@ def format_table(result: dict) -> str:
     if probing:
         for key in ("1", "2", "5", "full"):
             rows.append((f"sparse probing k={key}" if key != "full" else "sparse probing (raw, full)", probing[key]))
+    if result.get("sparse_probing_skipped"):
+        rows.append(("sparse probing", f"absent: {result['sparse_probing_skipped']}"))
     if result.get("downstream_skipped"):
         rows.append(("downstream", f"absent: {result['downstream_skipped']}"))
     width = max(len(name) for name, _ in rows)

@@ -126,7 +126,7 @@ class FeatureStats:
             else:
                 rows, latents = (block > self.floor).nonzero(as_tuple=True)
             self.entries_per_row = len(rows) / (hi - lo)
-            acts = block[rows, latents]
+            acts = block.reshape(-1).take(rows * block.shape[1] + latents)               # [m]
             scores = acts.abs() if self.signed else acts
             if not self.signed and self.floor == 0.0:
                 firing = scores > 0

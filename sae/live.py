@@ -13,22 +13,23 @@ resumed run restarts the producer at the generation that holds its checkpoint's 
 the batches already trained on — the result equals an uninterrupted run (on the CPU).
 
 Rows are excluded as in collection: special tokens (BOS, EOS, padding) unless kept, rows whose norm
-exceeds --max-norm-ratio × the median norm (measured on the first model batch, recorded), and every
-held-out document (sae.store.is_held_out): held-out windows are never fed to training.
+exceeds --max-norm-ratio × the median norm (over the first 8,192 kept training tokens, recorded), and
+every held-out document (sae.store.is_held_out): held-out windows are never fed to training. At the end
+each SAE is scored on held-out tokens (RUN/layer_L/train_summary.json). The producer and the
+--save-activations writer live in sae/live_producer.py.
 """
 from __future__ import annotations
 
-import queue
 import re
-import threading
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from sae.errors import UserError
+from sae.live_producer import Generation, LiveSpec, Producer, StoreWriter, keep_rows, window_stream  # noqa: F401
 
 STATE = "live_state.json"
 DEFAULT_BUFFER = "256MB"
@@ -83,232 +84,6 @@ def _human(n: int) -> str:
     return f"{n:.1f}GB"
 
 
-# ---- the producer: model -> generations ------------------------------------------------------
-@dataclass
-class LiveSpec:
-    site: str
-    layers: list[int]
-    batch_size: int                 # SAE rows per step
-    generation_rows: int            # rows gathered before a generation is shuffled and handed over
-    seed: int = 0
-    context_size: int = 128
-    model_batch: int = 8            # windows per forward pass
-    max_norm_ratio: float | None = None
-    keep_special: bool = False
-    norm_median: dict | None = None  # {layer: float}; measured on the first model batch when None
-
-
-@dataclass
-class Generation:
-    index: int
-    start_window: int               # windows (pack order, counting across epochs) before this generation
-    end_window: int
-    acts: dict                      # {layer: [n_batches * batch_size, d_model] float32, shuffled}
-    n_batches: int
-    model_tokens: int = 0
-    model_seconds: float = 0.0
-
-
-def window_stream(documents_factory, loaded, context_size: int, start: int = 0) -> Iterator[tuple[int, object]]:
-    """(window number, sae.data.Window), cycling through the dataset, from window number `start`.
-
-    documents_factory() returns a fresh iterator of Documents in the dataset's fixed order."""
-    from sae.data import pack_windows
-    number = 0
-    while True:
-        produced = False
-        for window in pack_windows(documents_factory(), loaded.tokenizer, context_size, loaded.bos_id,
-                                   loaded.eos_id, loaded.pad_id):
-            produced = True
-            if number >= start:
-                yield number, window
-            number += 1
-        if not produced:
-            raise UserError("the dataset holds no text to train on")
-
-
-def keep_rows(input_ids, doc_ids, acts: dict, special_ids, keep_special: bool,
-              max_norm_ratio: float | None, norm_median: dict | None) -> torch.Tensor:
-    """[rows] bool over flattened positions: not padding, not special (unless kept), norm within
-    max_norm_ratio × median in every layer (the collection rule)."""
-    from sae.data import PAD_DOC
-    keep = doc_ids.reshape(-1) != PAD_DOC
-    if not keep_special and special_ids:
-        special = torch.tensor(sorted(special_ids), dtype=input_ids.dtype, device=input_ids.device)
-        keep &= ~torch.isin(input_ids.reshape(-1), special)
-    if max_norm_ratio is not None and norm_median:
-        for layer, rows in acts.items():
-            limit = max_norm_ratio * float(norm_median[str(layer)])
-            keep &= rows.norm(dim=1).to(keep.device) <= limit
-    return keep
-
-
-class _Stopped(Exception):
-    """The consumer is done: the producer thread leaves mid-generation."""
-
-
-class Producer:
-    """Runs the model in a background thread and hands over shuffled generations, two at most alive."""
-
-    def __init__(self, loaded, documents_factory, spec: LiveSpec, device, start_generation: int = 0,
-                 start_window: int = 0, writer=None):
-        self.loaded, self.spec, self.device = loaded, spec, torch.device(device)
-        self.documents_factory = documents_factory
-        self.start_generation, self.start_window = start_generation, start_window
-        self.writer = writer                       # optional: receives every model batch (held-out too)
-        self.queue: queue.Queue = queue.Queue()
-        self.slots = threading.Semaphore(2)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="sae-live-producer")
-        self.waiting_seconds = 0.0                 # time spent blocked because the SAEs were behind
-        self.model_tokens = 0
-        self.model_seconds = 0.0
-
-    # -- what one model batch yields ------------------------------------------------------------
-    def forward(self, windows) -> dict:
-        """{layer: [b, ctx, d] float32} for a list of Windows, the forward stopped after the deepest layer
-        (inputs as in collection: no KV cache; an attention mask over padding for bidirectional models)."""
-        from sae.data import PAD_DOC
-        from sae.models import capture, run_until_captured
-        hf = self.loaded.model
-        inputs = {"input_ids": torch.stack([w.input_ids for w in windows]).to(self.device)}   # [b, ctx]
-        if getattr(hf.config, "use_cache", None) is not None:
-            inputs["use_cache"] = False
-        padding = torch.stack([w.doc_ids for w in windows]) == PAD_DOC
-        if bool(padding.any()) and not self.loaded.is_causal:
-            inputs["attention_mask"] = (~padding).long().to(self.device)
-        with torch.inference_mode(), capture(hf, self.spec.site, self.spec.layers, stop=True) as acts:
-            run_until_captured(hf, **inputs)
-        missing = [layer for layer in self.spec.layers if layer not in acts]
-        if missing:
-            raise UserError(f"site {self.spec.site} at layer {missing[0]} produced no activation")
-        return {layer: acts[layer].float() for layer in self.spec.layers}
-
-    def measure_norm_median(self) -> None:
-        """The collection rule's median norm per layer: over the first MEDIAN_TOKENS kept training tokens."""
-        from sae.collect import MEDIAN_TOKENS
-        spec = self.spec
-        norms, count = {layer: [] for layer in spec.layers}, 0
-        for kind, numbered in self._batches(0, held_out=False):
-            windows = [w for _, w in numbered]
-            acts = self.forward(windows)
-            ids, docs = torch.stack([w.input_ids for w in windows]), torch.stack([w.doc_ids for w in windows])
-            flat = {layer: acts[layer].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
-            keep = keep_rows(ids, docs, flat, self.loaded.special_ids, spec.keep_special, None, None)
-            for layer in spec.layers:
-                norms[layer].append(flat[layer][keep.to(flat[layer].device)].norm(dim=1).cpu())
-            count += int(keep.sum())
-            if count >= MEDIAN_TOKENS:
-                break
-        spec.norm_median = {str(layer): float(torch.cat(norms[layer])[:MEDIAN_TOKENS].median())
-                            for layer in spec.layers}
-
-    def _train_rows(self, windows, acts) -> dict:
-        """{layer: [kept, d]} rows of the training windows of one model batch."""
-        spec = self.spec
-        train = [i for i, w in enumerate(windows) if not w.held_out]
-        if not train:
-            return {layer: acts[layer][:0].reshape(0, acts[layer].shape[-1]) for layer in spec.layers}
-        ids = torch.stack([windows[i].input_ids for i in train])
-        docs = torch.stack([windows[i].doc_ids for i in train])
-        flat = {layer: acts[layer][train].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
-        keep = keep_rows(ids, docs, flat, self.loaded.special_ids, spec.keep_special, spec.max_norm_ratio,
-                         spec.norm_median)
-        from sae.store import is_held_out
-        assert not bool(is_held_out(docs.reshape(-1)[keep]).any()), "a held-out document reached training"
-        return {layer: rows[keep.to(rows.device)] for layer, rows in flat.items()}
-
-    def _batches(self, start_window: int, held_out: bool | None = None):
-        """("train" | "held_out", [(window number, Window)]) model batches. Training batches never depend
-        on whether activations are saved: held-out windows form their own batches, for the writer only."""
-        pending = {False: [], True: []}
-        for number, window in window_stream(self.documents_factory, self.loaded, self.spec.context_size,
-                                            start_window):
-            if window.held_out and (self.writer is None if held_out is None else not held_out):
-                continue
-            pending[window.held_out].append((number, window))
-            if len(pending[window.held_out]) == self.spec.model_batch:
-                yield ("held_out" if window.held_out else "train"), pending[window.held_out]
-                pending[window.held_out] = []
-
-    def build(self, index: int, batches) -> Generation:
-        """Consume model batches until the generation holds generation_rows rows; shuffle it."""
-        spec = self.spec
-        pieces = {layer: [] for layer in spec.layers}
-        rows, tokens, seconds = 0, 0, 0.0
-        start_window = end_window = None
-        while rows < spec.generation_rows:
-            if self.stop.is_set():
-                raise _Stopped
-            kind, numbered = next(batches)
-            windows = [w for _, w in numbered]
-            begin = time.perf_counter()
-            acts = self.forward(windows)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds += time.perf_counter() - begin
-            tokens += sum(len(w.input_ids) for w in windows)
-            if kind == "held_out":
-                self.writer.add(kind, [n for n, _ in numbered], windows, acts, self.spec)
-                continue
-            if start_window is None:
-                start_window = numbered[0][0]
-            end_window = numbered[-1][0] + 1
-            if self.writer is not None:
-                self.writer.add(kind, [n for n, _ in numbered], windows, acts, self.spec)
-            for layer, kept in self._train_rows(windows, acts).items():
-                pieces[layer].append(kept)
-            rows += len(pieces[spec.layers[0]][-1])
-        n_batches = rows // spec.batch_size
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7919 * index + 1)
-        order = torch.randperm(rows, generator=generator)[:n_batches * spec.batch_size]
-        order = order.to(self.device)
-        acts = {layer: torch.cat(parts)[order] for layer, parts in pieces.items()}
-        return Generation(index, start_window, end_window, acts, n_batches, tokens, seconds)
-
-    # -- the thread ------------------------------------------------------------------------------
-    def _run(self):
-        try:
-            if self.spec.max_norm_ratio is not None and self.spec.norm_median is None:
-                self.measure_norm_median()
-            batches = self._batches(self.start_window)
-            index = self.start_generation
-            while not self.stop.is_set():
-                begin = time.perf_counter()
-                while not self.slots.acquire(timeout=0.1):
-                    if self.stop.is_set():
-                        return
-                self.waiting_seconds += time.perf_counter() - begin
-                generation = self.build(index, batches)
-                self.model_tokens += generation.model_tokens
-                self.model_seconds += generation.model_seconds
-                self.queue.put(generation)
-                index += 1
-        except _Stopped:
-            return
-        except BaseException as error:  # noqa: BLE001 - surfaced in the consumer
-            self.queue.put(error)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=30)
-
-    def generations(self) -> Iterator[Generation]:
-        """Each generation in order; the caller calls done() when it has finished with one."""
-        while True:
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def done(self) -> None:
-        self.slots.release()
-
-
 # ---- resume bookkeeping ----------------------------------------------------------------------
 @dataclass
 class LiveState:
@@ -341,84 +116,6 @@ class LiveState:
 
     def truncate(self, index: int) -> None:
         self.generations = [g for g in self.generations if g["index"] < index]
-
-
-# ---- --save-activations: the produced rows as an ordinary store ---------------------------------
-class StoreWriter:
-    """Writes every model batch (training and held-out windows) as store shards on the way.
-
-    Rows follow the collection rule (padding and, unless kept, special tokens dropped; --max-norm-ratio
-    applied); held-out documents are kept, as in any store. Resumable: the manifest records the last
-    window number written per split, and a resumed run skips windows already written."""
-
-    def __init__(self, path, loaded, spec: LiveSpec, dataset: str, label_names, resume: bool,
-                 shard_rows: int = 65536, dtype=torch.float32):
-        from sae.store import HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST
-        import json
-        self.path = Path(path)
-        self.shard_rows, self.dtype = shard_rows, dtype
-        self.layers = list(spec.layers)
-        existing = self.path / MANIFEST
-        if existing.is_file() and resume:
-            self.manifest = json.loads(existing.read_text())
-            if self.manifest.get("layers") != self.layers or self.manifest.get("site") != spec.site:
-                raise UserError(f"--save-activations {self.path} holds other layers or another site: "
-                                f"give a new folder")
-        elif self.path.exists() and any(self.path.iterdir()):
-            raise UserError(f"--save-activations {self.path} is not empty: refusing to overwrite it "
-                            f"(give a new folder, or --resume to continue it)")
-        else:
-            self.manifest = {
-                "format": "sae-activation-store/1", "model": loaded.name, "layers": self.layers,
-                "site": spec.site, "d_model": loaded.d_model, "n_tokens": 0, "context_size": spec.context_size,
-                "dataset": dataset, "dtype": str(dtype).replace("torch.", ""), "shards": [], "shard_rows": [],
-                "held_out": {"rule": HELD_OUT_RULE, "modulus": HELD_OUT_MODULUS},
-                "special_tokens_kept": spec.keep_special, "max_norm_ratio": spec.max_norm_ratio,
-                "norm_median": None, "label_names": label_names, "complete": False, "source": "sae train (live)",
-                "live_windows_done": {"train": 0, "held_out": 0},
-            }
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.special_ids, self.has_labels = loaded.special_ids, label_names is not None
-        self._pending: list[dict] = []
-        self._pending_rows = 0
-
-    def add(self, kind: str, numbers: list[int], windows, acts: dict, spec: LiveSpec) -> None:
-        from sae.collect import batch_rows
-        done = self.manifest["live_windows_done"][kind]
-        fresh = [i for i, n in enumerate(numbers) if n >= done]
-        if not fresh:
-            return
-        special = torch.tensor(sorted(self.special_ids), dtype=torch.int64)
-        rows = batch_rows([windows[i] for i in fresh], {layer: acts[layer][fresh] for layer in self.layers},
-                          self.layers, special, spec.keep_special, self.dtype, numbers[-1] + 1)
-        if spec.max_norm_ratio is not None:
-            limit = torch.tensor([spec.norm_median[str(layer)] for layer in self.layers]) * spec.max_norm_ratio
-            rows = rows.select((rows.norms <= limit).all(dim=1))
-        self._pending.append(rows)
-        self._pending_rows += len(rows)
-        self.manifest["live_windows_done"][kind] = max(done, numbers[-1] + 1)
-        self.manifest["norm_median"] = spec.norm_median
-        if self._pending_rows >= self.shard_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        from sae.collect import _shard_tensors
-        from sae.store import MANIFEST, shard_name, write_json, write_shard
-        if self._pending_rows:
-            tensors = _shard_tensors(self._pending, self.layers, self.has_labels)
-            name = shard_name(len(self.manifest["shards"]))
-            write_shard(self.path / name, tensors)
-            self.manifest["shards"].append(name)
-            self.manifest["shard_rows"].append(len(tensors["doc_id"]))
-            self.manifest["n_tokens"] += len(tensors["doc_id"])
-        write_json(self.path / MANIFEST, self.manifest)
-        self._pending, self._pending_rows = [], 0
-
-    def finish(self) -> None:
-        self.flush()
-        from sae.store import MANIFEST, write_json
-        self.manifest["complete"] = True
-        write_json(self.path / MANIFEST, self.manifest)
 
 
 # ---- the consumer: one Trainer per layer -----------------------------------------------------
@@ -500,6 +197,9 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
             begin = time.perf_counter()
             generation = next(generations)
             consumer_wait += time.perf_counter() - begin
+            if device.type == "cuda":  # made on the producer's stream, used (and freed) on this one
+                for tensor in generation.acts.values():
+                    tensor.record_stream(torch.cuda.current_stream(device))
             state.generations.append({"index": generation.index, "start_window": generation.start_window,
                                       "start_step": gen_step})
             state.norm_median = spec.norm_median
@@ -534,10 +234,59 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
     if writer is not None:
         (writer.finish if step >= total else writer.flush)()
     if step >= total:
-        return {layer: trainer.finish() for layer, trainer in trainers.items()}
+        results = {layer: dict(trainer.finish()) for layer, trainer in trainers.items()}
+        if options.eval_rows:
+            score_held_out(loaded, documents_factory, spec, device, trainers, options.eval_rows, results)
+        return results
     for trainer in trainers.values():  # interrupted (Ctrl-C or max_steps): a checkpoint to resume from
         trainer.save_checkpoint()
-    return {layer: trainer.last_metrics for layer, trainer in trainers.items()}
+    if stop_flag.requested:
+        print(f"interrupted at step {step}/{total}: checkpoints saved under {out}/layer_*/checkpoints\n"
+              f"continue with the same command and --resume", file=sys.stderr)
+    return {layer: {**trainer.last_metrics, "interrupted": True} for layer, trainer in trainers.items()}
+
+
+class _HeldOutRows:
+    """Just enough of an ActivationStore for sae.train.held_out_scores: rows already in memory."""
+
+    def __init__(self, rows: dict):
+        self.rows = rows
+
+    def activations(self, layer, batch_size=4096, split=None):
+        yield from self.rows[layer].split(batch_size)
+
+
+@torch.no_grad()
+def score_held_out(loaded, documents_factory, spec: LiveSpec, device, trainers: dict, n_rows: int,
+                   results: dict) -> None:
+    """FVU, L0, dead fraction of each SAE on up to n_rows held-out tokens (the model run on held-out
+    windows only now, after training); written to RUN/layer_L/train_summary.json."""
+    from sae.store import write_json
+    from sae.train import SUMMARY, held_out_scores
+    producer = Producer(loaded, documents_factory, spec, device)
+    rows, count = {layer: [] for layer in spec.layers}, 0
+    for _, numbered in producer._batches(0, held_out=True):
+        if any(window.index != number for number, window in numbered):
+            break                                   # the dataset's first pass is over
+        windows = [w for _, w in numbered]
+        if not windows[0].held_out:
+            continue
+        acts = producer.forward(windows)
+        ids, docs = torch.stack([w.input_ids for w in windows]), torch.stack([w.doc_ids for w in windows])
+        flat = {layer: acts[layer].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
+        keep = keep_rows(ids, docs, flat, loaded.special_ids, spec.keep_special, spec.max_norm_ratio, spec.norm_median)
+        for layer in spec.layers:
+            rows[layer].append(flat[layer][keep.to(flat[layer].device)])
+        count += int(keep.sum())
+        if count >= n_rows:
+            break
+    held = _HeldOutRows({layer: torch.cat(parts)[:n_rows] for layer, parts in rows.items()})
+    for layer, trainer in trainers.items():
+        scores = held_out_scores(trainer.model, held, layer, n_rows, trainer.device) if count else None
+        results[layer]["held_out"] = scores
+        write_json(trainer.run_dir / SUMMARY, {"variant": trainer.model.name, "layer": layer, "live": True,
+                                               "steps": trainer.step_count, "tokens": trainer.tokens_seen,
+                                               "train": trainer.last_metrics, "held_out": scores})
 
 
 # ---- the command line (`sae train --model ...`; sae/commands/train.py dispatches here) ----------
@@ -596,9 +345,12 @@ def run_from_args(args, options, knobs: dict) -> int:
         keep_special=bool(getattr(args, "keep_special", False)), dataset=dataset, label_names=label_names,
         save_activations=getattr(args, "save_activations", None), resume=args.resume, force=args.force)
     for layer, last in metrics.items():
-        figures = ", ".join(f"{k} {last[k]:.4g}" for k in ("fvu", "l0") if last.get(k) is not None)
+        held = last.get("held_out") or {}
+        figures = ", ".join(f"{name} {value:.4g}" for name, value in
+                            (("train FVU", last.get("fvu")), ("held-out FVU", held.get("fvu")),
+                             ("L0", held.get("l0", last.get("l0")))) if value is not None)
         print(f"{Path(args.out) / f'layer_{layer}'}: step {last.get('step')}" + (f", {figures}" if figures else ""))
-    return 0
+    return 130 if any(last.get("interrupted") for last in metrics.values()) else 0
 
 
 def run_live(args) -> int:

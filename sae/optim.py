@@ -8,6 +8,9 @@ import math
 import torch
 
 
+_FUSED = hasattr(torch, "_fused_adam_")
+
+
 class Adam:
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = [p for p in params if p.requires_grad]
@@ -16,6 +19,12 @@ class Adam:
         self.state = {p: {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
                       for p in self.params}
+
+    def _step_tensor(self, p) -> torch.Tensor:
+        state = self.state[p]
+        if "step" not in state or state["step"].device != p.device:
+            state["step"] = torch.tensor(float(self.steps - 1), device=p.device)
+        return state["step"]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -31,6 +40,13 @@ class Adam:
         grads = [p.grad for p in live]
         exp_avg = [self.state[p]["exp_avg"] for p in live]
         exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in live]
+        if _FUSED and all(p.dtype == torch.float32 for p in live):
+            # one pass over each tensor; the step counts live on the parameters' devices (no host sync)
+            steps = [self._step_tensor(p) for p in live]
+            torch._foreach_add_(steps, 1.0)
+            torch._fused_adam_(live, grads, exp_avg, exp_avg_sq, [], steps, lr=self.lr, beta1=beta1, beta2=beta2,
+                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            return
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
@@ -45,8 +61,8 @@ class Adam:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for index, p in enumerate(self.params):
-            for key, value in self.state[p].items():
-                out[f"optim.{index}.{key}"] = value
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"optim.{index}.{key}"] = self.state[p][key]
         return out
 
     def state_meta(self) -> dict:
@@ -58,5 +74,6 @@ class Adam:
             raise ValueError("optimizer state does not match the model's parameters")
         self.steps = int(meta["steps"])
         for index, p in enumerate(self.params):
+            self.state[p].pop("step", None)
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[p][key].copy_(tensors[f"optim.{index}.{key}"])

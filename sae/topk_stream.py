@@ -42,7 +42,8 @@ def capture_contexts(ctx: BatchContext, rows: torch.Tensor, latents: torch.Tenso
     neighbours = neighbours.clamp(0, n_rows - 1)
     slots = ctx.position[neighbours] - ctx.position[rows][:, None] + radius           # [n, W]
     valid = inside & (ctx.window[neighbours] == ctx.window[rows][:, None]) & (slots >= 0) & (slots < width)
-    values = ctx.codes[neighbours, latents[:, None].expand(n, width)].float()        # [n, W]
+    d_sae = ctx.codes.shape[1]
+    values = ctx.codes.reshape(-1).take(neighbours * d_sae + latents[:, None]).float()  # [n, W]
     out = torch.zeros(n, width + 1, dtype=torch.float32, device=rows.device)
     out.scatter_(1, torch.where(valid, slots, torch.full_like(slots, width)), torch.where(valid, values, 0.0))
     return out[:, :width]
@@ -60,16 +61,19 @@ def hash_keys(global_rows: torch.Tensor, latents: torch.Tensor, seed: int = 0) -
 
 
 class TopKeeper:
-    """Per-latent top-N of (score, activation, row[, context]) in [N, d_sae] layout, best first."""
+    """Per-latent top-N of (score, activation, row[, context]) in [d_sae, N] layout, best first.
+
+    Latent-major layout: the latents a batch touches are gathered as contiguous rows and merged with
+    one topk along the last dimension."""
 
     def __init__(self, n_keep: int, d_sae: int, radius: int | None, device="cpu", floor: float = float("-inf")):
         self.n_keep, self.d_sae, self.radius = int(n_keep), int(d_sae), radius
-        self.scores = torch.full((n_keep, d_sae), float("-inf"), dtype=torch.float64, device=device)  # [N, d_sae]
-        self.acts = torch.zeros(n_keep, d_sae, dtype=torch.float32, device=device)                   # [N, d_sae]
-        self.rows = torch.full((n_keep, d_sae), -1, dtype=torch.int64, device=device)                # [N, d_sae]
+        self.scores = torch.full((d_sae, n_keep), float("-inf"), dtype=torch.float64, device=device)  # [d_sae, N]
+        self.acts = torch.zeros(d_sae, n_keep, dtype=torch.float32, device=device)                   # [d_sae, N]
+        self.rows = torch.full((d_sae, n_keep), -1, dtype=torch.int64, device=device)                # [d_sae, N]
         # contexts live in an append-only pool; kept entries point into it (moves copy pointers only)
         self.width = 0 if radius is None else 2 * radius + 1
-        self.pointer = torch.full((n_keep, d_sae), -1, dtype=torch.int64, device=device)             # [N, d_sae]
+        self.pointer = torch.full((d_sae, n_keep), -1, dtype=torch.int64, device=device)             # [d_sae, N]
         self.pool = torch.zeros(0, self.width, dtype=torch.float32, device=device)                   # [P, W]
         self.pool_used = 0
         # a candidate must beat this (the N-th best score so far, and never less than floor)
@@ -87,77 +91,72 @@ class TopKeeper:
         if not bool(keep.any()):
             return 0
         latents, scores, acts, rows = latents[keep], scores[keep], acts[keep], rows[keep]
-        n_keep = self.n_keep
+        n_keep, device = self.n_keep, latents.device
         # sort by (latent asc, score desc); rank each candidate within its latent
         order = torch.argsort(scores, descending=True, stable=True)
         order = order[torch.argsort(latents[order], stable=True)]
         latents, scores, acts, rows = latents[order], scores[order], acts[order], rows[order]
         touched, counts = torch.unique_consecutive(latents, return_counts=True)          # [T]
-        group = torch.repeat_interleave(torch.arange(len(touched), device=latents.device), counts)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(latents), device=latents.device) - first[group]
-        top = rank < n_keep
-        group, rank = group[top], rank[top]
-        cand = top.nonzero().squeeze(1)                                                  # indices into sorted lists
-        n_touched = len(touched)
-        cand_scores = torch.full((n_keep, n_touched), float("-inf"), dtype=torch.float64, device=latents.device)
-        cand_index = torch.full((n_keep, n_touched), -1, dtype=torch.int64, device=latents.device)
-        cand_scores[rank, group] = scores[cand]
-        cand_index[rank, group] = cand
+        group = torch.repeat_interleave(torch.arange(len(touched), device=device), counts)
+        rank = torch.arange(len(latents), device=device) - (torch.cumsum(counts, 0) - counts)[group]
+        width = min(n_keep, int(counts.max()))
+        top = rank < width
+        cand = top.nonzero().squeeze(1)                                                  # into the sorted lists
+        cand_scores = torch.full((len(touched), width), float("-inf"), dtype=torch.float64, device=device)
+        cand_index = torch.full((len(touched), width), -1, dtype=torch.int64, device=device)
+        cand_scores[group[cand], rank[cand]] = scores[cand]
+        cand_index[group[cand], rank[cand]] = cand
         # merge with the kept entries of the touched latents
-        merged = torch.cat([self.scores[:, touched], cand_scores])                      # [2N, T]
-        new_scores, pick = merged.topk(n_keep, dim=0)                                    # [N, T], sorted
+        merged = torch.cat([self.scores[touched], cand_scores], dim=1)                  # [T, N + C]
+        new_scores, pick = merged.topk(n_keep, dim=1)                                    # [T, N], sorted
         from_old = pick < n_keep
-        column = torch.arange(n_touched, device=latents.device).expand(n_keep, n_touched)
         old_pick = pick.clamp(max=n_keep - 1)
-        cand_pick = cand_index[(pick - n_keep).clamp(min=0), column]                     # [N, T]
+        cand_pick = cand_index.gather(1, (pick - n_keep).clamp(0, width - 1))            # [T, N]
         from_cand = ~from_old & (cand_pick >= 0)
-        new_acts = torch.where(from_old, self.acts[:, touched][old_pick, column], 0.0)
-        new_rows = torch.where(from_old, self.rows[:, touched][old_pick, column], -1)
         chosen = cand_pick[from_cand]
+        new_acts = torch.where(from_old, self.acts[touched].gather(1, old_pick), 0.0)
+        new_rows = torch.where(from_old, self.rows[touched].gather(1, old_pick), -1)
         new_acts[from_cand] = acts[chosen].float()
         new_rows[from_cand] = batch.global_rows[rows[chosen]]
         if self.radius is not None:
-            new_pointer = torch.where(from_old, self.pointer[:, touched][old_pick, column], -1)
+            new_pointer = torch.where(from_old, self.pointer[touched].gather(1, old_pick), -1)
             if len(chosen):
                 captured = capture_contexts(batch, rows[chosen], latents[chosen], self.radius)  # [n_new, W]
-                new_pointer[from_cand] = self._store(captured, extra_live=new_pointer, touched=touched)
-            self.pointer[:, touched] = new_pointer
-        self.scores[:, touched] = new_scores
-        self.acts[:, touched] = new_acts
-        self.rows[:, touched] = new_rows
-        self.threshold[touched] = new_scores[-1].clamp(min=self.floor)
-        return int(from_cand.sum())
+                new_pointer[from_cand] = self._store(captured, new_pointer, touched)
+            self.pointer[touched] = new_pointer
+        self.scores[touched] = new_scores
+        self.acts[touched] = new_acts
+        self.rows[touched] = new_rows
+        self.threshold[touched] = new_scores[:, -1].clamp(min=self.floor)
+        return len(chosen)
 
-    def contexts_of(self, slots: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
-        """[n, W] contexts of kept entries (slot, latent) (zeros where empty); None without contexts."""
+    def contexts_of(self, latents: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """[n, W] contexts of kept entries (latent, slot) (zeros where empty); None without contexts."""
         if self.radius is None:
             return None
-        pointer = self.pointer[slots, latents]
+        pointer = self.pointer[latents, slots]
         if len(self.pool) == 0:
             return torch.zeros(len(pointer), self.width, device=pointer.device)
         return self.pool[pointer.clamp(min=0)].masked_fill_((pointer < 0)[:, None], 0.0)
 
-    def _store(self, captured: torch.Tensor, extra_live: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
-        """Append contexts to the pool, compacting it first when full. Returns their pool indices.
-        Live pointers are self.pointer outside `touched` plus `extra_live` for the touched latents."""
+    def _store(self, captured: torch.Tensor, touched_pointer: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
+        """Append contexts to the pool, compacting (or growing) it first when full; returns their indices.
+        Live pointers are self.pointer outside `touched` plus touched_pointer (updated in place) inside."""
         n_new = captured.shape[0]
         if self.pool_used + n_new > len(self.pool):
             pointer = self.pointer.clone()
-            pointer[:, touched] = extra_live
+            pointer[touched] = touched_pointer
             live_mask = pointer >= 0
             live = pointer[live_mask]
-            if len(live) + n_new <= len(self.pool) // 2:
-                kept = self.pool[live]                                                     # compact
-                self.pool[: len(live)] = kept
+            if len(live) + n_new <= len(self.pool) // 2:                                   # compact
+                self.pool[: len(live)] = self.pool[live]
             else:                                                                          # grow
-                capacity = max(2 * (len(live) + n_new), 1024)
-                grown = torch.zeros(capacity, self.width, dtype=torch.float32, device=self.pool.device)
+                grown = torch.zeros(max(2 * (len(live) + n_new), 1024), self.width, device=self.pool.device)
                 grown[: len(live)] = self.pool[live]
                 self.pool = grown
             pointer[live_mask] = torch.arange(len(live), device=pointer.device)
             self.pointer.copy_(pointer)
-            extra_live.copy_(pointer[:, touched])
+            touched_pointer.copy_(pointer[touched])
             self.pool_used = len(live)
         index = torch.arange(self.pool_used, self.pool_used + n_new, device=captured.device)
         self.pool[index] = captured

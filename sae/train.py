@@ -41,7 +41,7 @@ class TrainingDiverged(UserError):
 class TrainOptions:
     tokens: int = 524_288                 # training budget (tokens)
     batch_size: int = 1024                # global batch (split across ranks under torchrun)
-    lr: float | None = None               # None: the variant's default_lr, else 2e-4·sqrt(16384/d_sae) (sparsify's rule) ×2
+    lr: float | None = None               # None: the variant's default_lr, else 8e-4·sqrt(16384/d_sae), at most 2e-3
     lr_warmup: float = 0.02               # fraction of steps with linear LR warm-up
     lr_decay: float = 0.2                 # final fraction of steps with linear decay to 0
     beta1: float = 0.9
@@ -79,7 +79,7 @@ def default_lr(model: SAE) -> float:
     own = getattr(model, "default_lr", None)
     if own:
         return float(own)
-    return float(min(2e-3, max(1e-4, 4e-4 * math.sqrt(16384 / model.d_sae))))
+    return float(min(2e-3, max(1e-4, 8e-4 * math.sqrt(16384 / model.d_sae))))
 
 
 def lr_at(step: int, total: int, base: float, warmup: float, decay: float) -> float:
@@ -393,10 +393,17 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
     if len(store) == 0:
         raise UserError(f"the store {store.path} is empty (0 rows)")
     run_dir = Path(run_dir)
-    resume_from = checkpoint.prepare_run_dir(run_dir, resume, force) if dist.is_main else None
+    resume_from, refusal = None, ""
+    if dist.is_main:  # only rank 0 touches the folder; its verdict is every rank's
+        try:
+            resume_from = checkpoint.prepare_run_dir(run_dir, resume, force)
+        except UserError as error:
+            refusal = str(error)
     if dist.enabled:
-        torch.distributed.barrier()
-        resume_from = checkpoint.latest(run_dir) if resume else None
+        refusal = distributed.broadcast_bytes(refusal.encode()).decode()
+        resume_from = checkpoint.latest(run_dir) if resume and not refusal else None
+    if refusal:
+        raise UserError(refusal)
     if resume_from is not None:
         saved = json.loads((resume_from / "config.json").read_text())
         checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)

@@ -49,7 +49,7 @@ class Session:
         total = time.perf_counter() - start
         if self.at.exception or self.at.error:
             raise SystemExit(f"the page failed: {[e.value for e in self.at.exception] or [e.value for e in self.at.error]}")
-        if self.at.title[0].value != ("Feature " + str(feature) if page == "feature" else self.at.title[0].value):
+        if page == "feature" and self.at.title[0].value != f"Feature {feature}":
             raise SystemExit(f"wrong page: {self.at.title[0].value}")
         return self.at.session_state["render_seconds"], total
 

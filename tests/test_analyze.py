@@ -222,8 +222,8 @@ def test_topkeeper_merges_across_batches_like_one_topk():
         keeper.offer(latents, block[rows, latents], block[rows, latents], rows, batch)
     masked = torch.where(scores > 0.2, scores, -1.0)
     expected = masked.topk(7, dim=0)
-    torch.testing.assert_close(keeper.acts, expected.values)
-    torch.testing.assert_close(keeper.rows, expected.indices)
+    torch.testing.assert_close(keeper.acts, expected.values.T)
+    torch.testing.assert_close(keeper.rows, expected.indices.T)
 
 
 def test_capture_contexts_handles_gaps_and_window_edges():

@@ -16,6 +16,7 @@ from sae.models import SITES
 from sae.store import ActivationStore, is_held_out
 
 FAMILIES = ("llama", "gpt2", "gpt_neox", "bert")
+N_DOCS = 48
 HAND_PATHS = {  # (blocks, attention output module, MLP output module, MLP hidden module and whether its input)
     "llama": ("model.layers", "self_attn", "mlp", ("mlp.down_proj", "input")),
     "gpt2": ("transformer.h", "attn", "mlp", ("mlp.c_proj", "input")),
@@ -26,12 +27,12 @@ HAND_PATHS = {  # (blocks, attention output module, MLP output module, MLP hidde
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small labelled .jsonl corpus: 80 documents of 20-140 characters."""
+    """A small labelled .jsonl corpus: N_DOCS documents of 4-15 words."""
     gen = torch.Generator().manual_seed(1)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "quickly"]
     lines = []
-    for i in range(80):
-        n = int(torch.randint(4, 25, (1,), generator=gen))
+    for i in range(N_DOCS):
+        n = int(torch.randint(4, 16, (1,), generator=gen))
         text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=gen)) + "."
         lines.append(json.dumps({"text": text, "label": ["red", "green", "blue"][i % 3]}))
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
@@ -132,14 +133,14 @@ def test_bookkeeping_against_the_packing(tiny_lm, corpus, tmp_path):
     kept = columns(tmp_path / "b")
     assert int((kept["token_ids"] == 1).sum()) == len(windows)  # one BOS per window
     assert (kept["position"][kept["token_ids"] == 1] == 0).all()
-    assert int((kept["token_ids"] == 2).sum()) == 80  # one EOS per document
+    assert int((kept["token_ids"] == 2).sum()) == N_DOCS  # one EOS per document
     assert ActivationStore(tmp_path / "b").manifest["special_tokens_kept"] is True
 
 
 def test_norm_stats_and_max_norm_ratio(tiny_lm, corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(collect_lib, "MEDIAN_TOKENS", 100)
     loaded = tiny_lm("gpt2")
-    run(loaded, tmp_path / "all", corpus, layers=[1, 3])
+    run(loaded, tmp_path / "all", corpus, layers=[1, 3], tokens=1200)
     everything = columns(tmp_path / "all")
     manifest = ActivationStore(tmp_path / "all").manifest
     norms = {layer: everything[f"activations.{layer}"].norm(dim=-1) for layer in (1, 3)}
@@ -151,14 +152,16 @@ def test_norm_stats_and_max_norm_ratio(tiny_lm, corpus, tmp_path, monkeypatch):
         assert stats["p99"] == pytest.approx(float(norms[layer].double().quantile(0.99)), rel=1e-5)
         assert stats["p999"] == pytest.approx(float(norms[layer].double().quantile(0.999)), rel=1e-5)
     ratio = 1.05
-    run(loaded, tmp_path / "cut", corpus, layers=[1, 3], max_norm_ratio=ratio)
+    run(loaded, tmp_path / "cut", corpus, layers=[1, 3], max_norm_ratio=ratio, tokens=1200)
     cut = columns(tmp_path / "cut")
     keep = torch.ones(len(everything["doc_id"]), dtype=torch.bool)
     for layer in (1, 3):
         keep &= norms[layer] <= ratio * manifest["norm_median"][str(layer)]
     assert 0 < int(keep.sum()) < len(keep)
-    assert torch.equal(cut["activations.3"], everything["activations.3"][keep])
-    assert torch.equal(cut["token_ids"], everything["token_ids"][keep])
+    n = int(keep.sum())  # both runs stop at 1,200 rows: the cut run's first n rows are the kept ones
+    assert len(cut["doc_id"]) >= n
+    assert torch.equal(cut["activations.3"][:n], everything["activations.3"][keep])
+    assert torch.equal(cut["token_ids"][:n], everything["token_ids"][keep])
 
 
 class Interrupt:
@@ -209,36 +212,62 @@ def cli(*args, env=None):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
-def test_cli_bad_inputs_and_exhausted_dataset(tiny_llama_dir, corpus, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n")
-    (tmp_path / "a_file").write_text("x")
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
+
+
+def test_cli_subprocess_bad_input_and_exhausted_dataset(tiny_llama_dir, corpus, tmp_path):
+    """Through a real `python -m sae collect`: one stderr line, exit 2, no traceback; exhaustion is exit 0."""
     common = ["--model", tiny_llama_dir, "--dataset", corpus, "--context-size", 24]
-    cases = {
+    bad = {
         "unknown model": (["--model", "no-such-owner/nothing-here", "--layers", 0, "--dataset", corpus,
                            "--out", tmp_path / "o1"], "unknown model"),
         "layer range": (common + ["--layers", 4, "--out", tmp_path / "o2"], "layers 0..3"),
-        "site": (common + ["--layers", 0, "--site", "resid", "--out", tmp_path / "o3"], "resid_pre, resid_post"),
-        "empty": (["--model", tiny_llama_dir, "--dataset", tmp_path / "empty.txt", "--layers", 0,
-                   "--out", tmp_path / "o4"], "no documents"),
-        "column": (common + ["--layers", 0, "--text-column", "body", "--out", tmp_path / "o5"], "text column 'body'"),
-        "unwritable": (common + ["--layers", 0, "--out", tmp_path / "a_file" / "store"], "--out"),
-        "dataset": (["--model", tiny_llama_dir, "--dataset", "no-such-owner/no-data", "--layers", 0,
-                     "--out", tmp_path / "o6"], "unknown dataset"),
     }
-    procs = {name: cli(*args) for name, (args, _) in cases.items()}
+    procs = {name: cli(*args) for name, (args, _) in bad.items()}
     big = cli(*common, "--layers", "0,2", "--tokens", 10**6, "--out", tmp_path / "big")
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
+        stdout, stderr = proc.communicate(timeout=180)
+        lines = error_lines(stderr)
         assert proc.returncode == 2, (name, stderr)
-        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and bad[name][1] in lines[0], (name, stderr)
         assert "Traceback" not in stderr
-    stdout, stderr = big.communicate(timeout=120)
+    stdout, stderr = big.communicate(timeout=180)
     assert big.returncode == 0, stderr
     assert "warning: the dataset ran out after" in stderr and "Traceback" not in stderr
-    assert str(tmp_path / "big") in stdout and "KB" in stdout
+    assert str(tmp_path / "big") in stdout and "B, 1 shard" in stdout
     store = ActivationStore(tmp_path / "big")
     assert store.layers == [0, 2] and len(store) == store.manifest["n_tokens"] > 0
+
+
+def test_cli_bad_inputs(tiny_llama_dir, corpus, tmp_path, capsys):
+    """The same CLI entry point in-process (cheaper): each bad input is one `error:` line and exit 2."""
+    from sae.cli import main
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("user data")
+    common = ["--model", str(tiny_llama_dir), "--dataset", str(corpus), "--context-size", "24", "--layers", "0"]
+    cases = [
+        (common + ["--site", "resid", "--out", tmp_path / "o3"], "resid_pre, resid_post, attn_out"),
+        (["--model", str(tiny_llama_dir), "--dataset", tmp_path / "empty.txt", "--layers", "0",
+          "--out", tmp_path / "o4"], "no documents"),
+        (common + ["--text-column", "body", "--out", tmp_path / "o5"], "text column 'body'"),
+        (common + ["--out", tmp_path / "a_file" / "store"], "--out"),
+        (["--model", str(tiny_llama_dir), "--dataset", "no-such-owner/no-data", "--layers", "0",
+          "--out", tmp_path / "o6"], "unknown dataset"),
+        (common + ["--out", tmp_path / "full"], "not empty"),
+        (common + ["--layers", "x", "--out", tmp_path / "o7"], "not a layer index"),
+        (common + ["--tokens", "0", "--out", tmp_path / "o8"], "--tokens must be positive"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["collect", *map(str, args)])
+        stderr = capsys.readouterr().err
+        lines = error_lines(stderr)
+        assert exit_info.value.code == 2, (args, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (message, stderr)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
 
 
 @pytest.mark.slow

@@ -329,6 +329,42 @@ def test_no_run_given(monkeypatch):
     assert "No run given" in at.error[0].value
 
 
+def test_pages_read_what_sae_analyze_writes(monkeypatch, tmp_path):
+    """The real producer (sae.analyze) and this consumer agree on RUN/analysis/'s schema."""
+    from sae import variants
+    from sae.analyze import AnalyzeOptions, analyze
+    from sae.io import save_run
+    from sae.store import ActivationStore, shard_name, write_json, write_shard
+    gen = torch.Generator().manual_seed(0)
+    windows, context = 6, 12
+    window_tokens = torch.randint(3, 40, (windows, context), generator=gen, dtype=torch.int32)
+    window_index = torch.arange(windows).repeat_interleave(context - 1)            # BOS position dropped
+    position = torch.arange(1, context, dtype=torch.int32).repeat(windows)
+    n = len(window_index)
+    doc_id = window_index // 2
+    (tmp_path / "store").mkdir()
+    write_shard(tmp_path / "store" / shard_name(0), {
+        "activations.0": torch.randn(n, 8, generator=gen), "token_ids": window_tokens[window_index, position.long()],
+        "window_tokens": window_tokens, "window_index": window_index, "position": position,
+        "doc_id": doc_id, "label": doc_id % 2})
+    write_json(tmp_path / "store" / "manifest.json", {
+        "model": None, "layers": [0], "site": "resid_post", "d_model": 8, "n_tokens": n, "context_size": context,
+        "dataset": "test", "dtype": "float32", "shards": [shard_name(0)], "shard_rows": [n],
+        "label_names": ["a", "b"], "held_out": {"rule": "x", "modulus": 20}})
+    torch.manual_seed(0)
+    save_run(variants.create("relu", d_in=8, d_sae=24), tmp_path / "run", {"layer": 0, "site": "resid_post"})
+    analyze(tmp_path / "run", ActivationStore(tmp_path / "store"), options=AnalyzeOptions(with_model=False), log=None)
+    top = pq.read_table(tmp_path / "run" / "analysis" / "top_examples.parquet").to_pandas()
+    feature = int(top.feature.iloc[0])
+    at = app(monkeypatch, tmp_path / "run", feature=feature)
+    no_exception(at)
+    assert not at.error and at.title[0].value == f"Feature {feature}"
+    assert html_of(at).count('class="ctx sae-ex"') >= int((top.feature == feature).sum())
+    at = app(monkeypatch, tmp_path / "run", page="features")
+    no_exception(at)
+    assert not at.error and len(at.dataframe[0].value) == 24
+
+
 # ---- the command -------------------------------------------------------------------------------
 def test_command_flags_and_errors(runs):
     import socket

@@ -173,9 +173,11 @@ def test_feature_page_in_chromium(server, browser, tmp_path):
 
 def test_live_probe_in_chromium(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     browser.get(f"{server['url']}/?page=probe")
     area = wait_for(browser, visible('[data-testid="stTextArea"] textarea'), what="the probe's text box")[0]
-    area.clear()
+    area.send_keys(Keys.CONTROL, "a")
+    area.send_keys(Keys.DELETE)
     area.send_keys('the market shares rose <img src=x onerror="window.__sae_pwned=9"> and the film won')
     button = wait_for(browser, visible('[data-testid="stFormSubmitButton"] button'), what="the probe button")[0]
     button.click()
@@ -183,7 +185,7 @@ def test_live_probe_in_chromium(server, browser, tmp_path):
              timeout=120, what="the probe's feature table")
     spans = wait_for(browser, visible("span.tok"), what="shaded probe tokens")
     assert any("#" in (s.get_attribute("title") or "") for s in spans)           # hover names the features
-    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".sae-links a")]
+    links = [a.get_attribute("href") for a in wait_for(browser, visible(".sae-links a"), what="feature links")]
     assert links and all("?feature=" in href for href in links)
     assert wait_for(browser, visible('[data-testid="stDataFrame"]'), what="the feature table")
     save(browser, tmp_path, "dashboard_probe.png")
@@ -192,3 +194,27 @@ def test_live_probe_in_chromium(server, browser, tmp_path):
     browser.get(links[0])
     wait_for(browser, visible("span.tok.center"), what="the linked feature page")
     nothing_ran(browser)
+
+
+def test_served_on_localhost_only(server):
+    """Nothing answers on the machine's other addresses (the default --host is localhost)."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))        # no packet is sent: this only picks an interface
+            address = probe.getsockname()[0]
+        except OSError:
+            address = "127.0.0.1"
+    if address.startswith("127."):
+        pytest.skip("this machine has no non-loopback address to check")
+    with socket.socket() as other:
+        other.settimeout(3)
+        assert other.connect_ex((address, port)) != 0, f"the dashboard answers on {address}"
+
+
+def test_screenshot_helper_reports_build_time(server, tmp_path):
+    """What `sae dashboard --screenshot PNG` prints at the end of `make demo`: a screenshot and the build time."""
+    from dashboard import snapshot
+    shot = snapshot.take(server["url"], 3, tmp_path / "shot.png")
+    assert shot.path.stat().st_size > 10_000 and shot.url.endswith("?feature=3")
+    assert shot.build_ms is not None and 0 < shot.build_ms < 60_000

@@ -185,9 +185,12 @@ def test_command_line(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(base + ["--layers", "1,2", "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 0
+    import json
     for layer in (1, 2):
         model = sae.load(tmp_path / "run" / f"layer_{layer}")
         assert model.d_sae == 64 and model.run_config["layer"] == layer and model.run_config["variant"] == "topk"
+        held = json.loads((tmp_path / "run" / f"layer_{layer}" / "train_summary.json").read_text())["held_out"]
+        assert held["rows"] > 0 and 0 < held["fvu"] < 1.5 and 0 < held["l0"] <= 4
     capsys.readouterr()
     for extra, message in ((["--layers", "2,2"], "more than once"), (["--layers", "1", "--buffer-size", "8KB"],
                                                                        "fewer than one batch")):

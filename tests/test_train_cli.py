@@ -196,3 +196,15 @@ def test_help_lists_every_variant_knob():
     for name in variants.names():
         for knob in variants.get(name).KNOBS:
             assert f"--{knob.replace('_', '-')}" in out.getvalue()
+
+
+def test_wandb_is_optional(store, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    status, err = cli("train", "--activations", store.path, "--variant", "relu", "--out", tmp_path / "r", *SMALL,
+                      "--wandb", "proj")
+    assert status == 2 and "needs the wandb package" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

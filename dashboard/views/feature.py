@@ -75,8 +75,8 @@ def _example_html(rows: list[dict], scale: float, effects: list | None = None) -
     """Examples as shaded text; with effects, tokens are shaded by the loss change instead."""
     parts = [STYLE]
     for index, row in enumerate(rows):
-        tokens = as_list(row.get("tokens"))
-        acts = [float(a) for a in as_list(row.get("acts"))]
+        tokens = ["" if t is None else t for t in as_list(row.get("tokens"))]
+        acts = [0.0 if a is None else float(a) for a in as_list(row.get("acts"))]
         center = row.get("center")
         if effects is not None and index < len(effects) and effects[index] is not None:
             effect = effects[index]
@@ -177,7 +177,8 @@ def _histogram(run, feature: int, meta: dict) -> None:
     bars = pd.DataFrame({"lo": edges[:n], "hi": edges[1:n + 1], "tokens": counts[:n]})
     log = bool((edges > 0).all())
     chart = alt.Chart(bars).mark_bar(color="#ff8000").encode(
-        x=alt.X("lo:Q", bin="binned", scale=alt.Scale(type="log" if log else "linear"), title="activation"),
+        x=alt.X("lo:Q", bin="binned", scale=alt.Scale(type="log" if log else "linear"),
+                title=str(meta.get("histogram_of") or "activation")),
         x2="hi:Q", y=alt.Y("tokens:Q", title="tokens"), tooltip=["lo", "hi", "tokens"]).properties(height=200)
     st.altair_chart(chart, width="stretch")
 
@@ -215,6 +216,6 @@ def _labels(record: dict, meta: dict) -> None:
         return
     st.subheader("Mean activation by label")
     bars = pd.DataFrame({"label": [str(n) for n in names[:len(means)]], "mean activation": means[:len(names)]})
-    chart = alt.Chart(bars).mark_bar().encode(x=alt.X("mean activation:Q"), y=alt.Y("label:N", sort=None),
-                                              tooltip=["label", "mean activation"]).properties(height=160)
+    chart = alt.Chart(bars).mark_bar().encode(x=alt.X("mean activation:Q"), y=alt.Y("label:N", sort=None, axis=alt.Axis(labelOverlap=False)),
+                                              tooltip=["label", "mean activation"]).properties(height=28 * len(bars) + 40)
     st.altair_chart(chart, width="stretch")

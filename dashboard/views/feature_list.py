@@ -55,6 +55,8 @@ def show(runs, place) -> None:
     dead = int((frame["density"] <= 0).sum())
     st.caption(f"{len(frame)} latents, {dead} never fired on the analysed tokens "
                f"({meta.get('n_tokens', '?')} tokens). Density = share of tokens a latent fires on.")
+    for note in meta.get("notes") or []:
+        st.caption(f"Note: {note}")
     bars = density_histogram(meta, frame)
     if len(bars):
         chart = alt.Chart(bars).mark_bar().encode(

@@ -75,7 +75,12 @@ def run(args):
         dtype=args.dtype, device=args.device, text_column=args.text_column, split=args.split,
         keep_special_tokens=args.keep_special_tokens, max_norm_ratio=args.max_norm_ratio,
         shard_tokens=args.shard_tokens, resume=args.resume, force=args.force)
-    result = collect(options)
+    try:
+        result = collect(options)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

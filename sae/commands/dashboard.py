@@ -93,7 +93,13 @@ def _serve_with_snapshot(argv, args) -> int:
         sys.path.insert(0, str(APP.parents[1]))
     from dashboard import snapshot
 
+    import signal
     server = subprocess.Popen(argv)
+
+    def stop(signum, frame):  # a kill of this process also stops the server it started
+        server.terminate()
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
     try:
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         base = f"http://{host}:{args.port}"

@@ -86,10 +86,10 @@ def _hub_sae_folders(repo_id: str, revision: str | None) -> list[str]:
 
 
 def _subfolders_with_sae(path: Path) -> list[str]:
-    return sorted(str(p.parent.relative_to(path)) for p in path.glob("**/cfg.json")
-                  if detect_format(p.parent) in ("saelens", "sparsify"))[:8] + \
-        sorted(str(p.parent.relative_to(path)) for p in path.glob("**/config.json")
-               if detect_format(p.parent) == "run")[:8]
+    """SAE folders one or two levels below `path` (a release repo, a multi-layer run)."""
+    found = {p.parent for pattern in ("*/cfg.json", "*/*/cfg.json", "*/config.json", "*/*/config.json")
+             for p in path.glob(pattern) if detect_format(p.parent) in ("run", "saelens", "sparsify")}
+    return sorted(str(p.relative_to(path)) for p in found)[:8]
 
 
 def load_foreign(path, device="cpu", subfolder: str | None = None, revision: str | None = None, **kwargs):

@@ -13,7 +13,7 @@ from sae.kernels import Selection, topk_select
 from sae.variants.base import register
 from sae.variants.topk import TopKSAE
 
-THRESHOLD_MOMENTUM = 0.99
+THRESHOLD_MOMENTUM = 0.9
 
 
 @register
