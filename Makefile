@@ -40,12 +40,13 @@ demo: install
 	$(BIN)/sae train --activations $(DEMO)/store --variant topk --k 32 --out $(DEMO)/topk --resume
 	$(BIN)/sae eval --run $(DEMO)/topk --activations $(DEMO)/store
 	$(BIN)/sae analyze --run $(DEMO)/topk --activations $(DEMO)/store
-	$(BIN)/sae dashboard $(DEMO)/topk --port $(PORT)
+	$(BIN)/sae dashboard $(DEMO)/topk --port $(PORT) --screenshot $(DEMO)/dashboard_feature.png
 
 bench: install
 	$(BIN)/python scripts/bench_collect.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_analyze.py
+	$(BIN)/python scripts/bench_dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,6 +7,7 @@ corpus holding `<script>` or `<img onerror=…>` shows them as text. The result 
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 from sae import render as shared
@@ -20,6 +21,15 @@ STYLE = "<style>" + shared.TOKEN_CSS + """
            padding: 1px 6px; border-radius: 4px; white-space: pre;}
 .sae-links a {margin-right: 0.8rem;}
 </style>"""
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def md(text) -> str:
+    """Data text for Streamlit's markdown (titles, captions): every markdown character backslash-escaped,
+    so a label such as `[x](javascript:…)` or `**` shows literally."""
+    return _MARKDOWN.sub(r"\\\1", "" if text is None else str(text)).replace("\n", " ")
 
 
 def _finite(value) -> float:

@@ -371,8 +371,8 @@ def format_table(result: dict) -> str:
     rows = [("variant", result.get("variant")), ("layer", result.get("layer")), ("site", result.get("site")),
             ("held-out tokens", result.get("n_tokens"))]
     for key in ("mse", "fvu", "explained_variance", "cosine_similarity", "l2_ratio", "l0", "dead_fraction",
-                "perplexity", "usage", "active_dims", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "ce_loss_recovered",
-                "kl_div_spliced", "kl_div_zero_ablated", "kl_div_score"):
+                "perplexity", "usage", "active_dims", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated",
+                "ce_loss_recovered", "kl_div_spliced", "kl_div_zero_ablated", "kl_div_score"):
         if key in result:
             rows.append((key, result[key]))
     probing = result.get("sparse_probing")

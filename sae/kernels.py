@@ -36,7 +36,8 @@ def latent_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> tor
     """The sparse [d_sae, batch] matrix holding values at (indices[b, j], b), as CSR (fp32)."""
     batch, k = indices.shape
     flat = indices.reshape(-1)                                        # [batch*k]
-    order = torch.argsort(flat)
+    # sorting float keys (exact below 2^24 latents) is many times faster than sorting int64 ones on CPU
+    order = torch.sort(flat.to(torch.float32), stable=True).indices
     rows = flat[order]
     tokens = torch.div(order, k, rounding_mode="floor")               # [batch*k]
     crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
@@ -76,26 +77,28 @@ def _batch_topk(values: torch.Tensor, indices: torch.Tensor, batch_k: int, pre: 
 
 class _TopKSelect(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, batch_k, aux_mask, k_aux):
-        pre = torch.addmm(b_enc.to(x.dtype), x, W_enc.to(x.dtype))    # [batch, d_sae]
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, batch_k, aux_mask, k_aux):
+        bias = b_enc - b_dec @ W_enc                                    # [d_sae]: (x − b_dec) W + b = x W + bias
+        pre = torch.addmm(bias.to(x.dtype), x, W_enc.to(x.dtype))      # [batch, d_sae]
         values, indices = pre.topk(k, dim=1, sorted=False)             # [batch, k]
         values = values.clamp_min(0)
         if batch_k is not None:
             values, indices = _batch_topk(values, indices, batch_k, pre)
         if aux_mask is not None and k_aux > 0:
-            masked = pre.masked_fill(~aux_mask, float("-inf"))
-            aux_values, aux_indices = masked.topk(k_aux, dim=1, sorted=False)
+            candidates = aux_mask.reshape(-1).nonzero().squeeze(1)     # [n_dead] latent ids
+            aux_values, slots = pre.index_select(1, candidates).topk(k_aux, dim=1, sorted=False)
             aux_values = aux_values.clamp_min(0)                        # [batch, k_aux]
+            aux_indices = candidates[slots]
         else:
             aux_values = pre.new_zeros(pre.shape[0], 0)
             aux_indices = torch.zeros(pre.shape[0], 0, dtype=torch.int64, device=pre.device)
-        ctx.save_for_backward(x, W_enc, values > 0, indices, aux_values > 0, aux_indices)
+        ctx.save_for_backward(x, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
-        x, W_enc, live, indices, aux_live, aux_indices = ctx.saved_tensors
+        x, W_enc, b_dec, live, indices, aux_live, aux_indices = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         grads = [(grad_values if grad_values is not None else torch.zeros_like(live, dtype=x.dtype)) * live]
         all_indices = [indices]
@@ -104,27 +107,34 @@ class _TopKSelect(torch.autograd.Function):
             all_indices.append(aux_indices)
         grad_sel = torch.cat(grads, dim=1).float()                      # [batch, k (+ k_aux)]
         sel = torch.cat(all_indices, dim=1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(sel, W_enc.t().float(), mode="sum",
+        grad_x = grad_W = grad_b_enc = grad_b_dec = None
+        grad_b = torch.zeros(d_sae, device=x.device).index_add_(0, sel.reshape(-1), grad_sel.reshape(-1))
+        if ctx.needs_input_grad[0]:    # rarely wanted: the input is data
+            grad_x = F.embedding_bag(sel, W_enc.t().float().contiguous(), mode="sum",
                                      per_sample_weights=grad_sel).to(x.dtype)            # [batch, d_in]
-        if ctx.needs_input_grad[1]:
-            grad_rows = latent_major(grad_sel, sel, d_sae) @ x.float()                      # [d_sae, d_in]
-            grad_W = grad_rows.t().to(W_enc.dtype)
+        if ctx.needs_input_grad[1]:    # ∂/∂W of x W − b_dec W: (x − b_dec) ⊗ grad, only at selected entries
+            centred = x.float() - b_dec.float()                                             # [batch, d_in]
+            grad_W = (latent_major(grad_sel, sel, d_sae) @ centred).t().to(W_enc.dtype)     # [d_in, d_sae]
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(d_sae, device=x.device).index_add_(0, sel.reshape(-1), grad_sel.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None
+            grad_b_enc = grad_b.to(W_enc.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = -(W_enc.float() @ grad_b).to(b_dec.dtype)                          # [d_in]
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
 
 
 def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
-                batch_k: int | None = None, aux_mask: torch.Tensor | None = None, k_aux: int = 0) -> Selection:
-    """Encoder + ReLU + top-k with a sparse backward. batch_k: keep only the batch_k largest of the
+                b_dec: torch.Tensor | None = None, batch_k: int | None = None,
+                aux_mask: torch.Tensor | None = None, k_aux: int = 0) -> Selection:
+    """Encoder ReLU((x − b_dec) W_enc + b_enc) + top-k with a sparse backward (b_dec: optional [d_in]
+    centring, folded into the bias so the input itself never needs a gradient). batch_k: keep only the batch_k largest of the
     batch's candidates (BatchTopK; then k is the per-token candidate count). aux_mask [d_sae] bool with
     k_aux > 0: also select the k_aux largest pre-activations among the masked (dead) latents."""
     if aux_mask is not None:
         k_aux = min(int(k_aux), int(aux_mask.sum()))
         aux_mask = aux_mask.to(x.device)[None, :]
-    return Selection(*_TopKSelect.apply(x, W_enc, b_enc, int(k), batch_k, aux_mask, int(k_aux)))
+    if b_dec is None:
+        b_dec = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
+    return Selection(*_TopKSelect.apply(x, W_enc, b_enc, b_dec, int(k), batch_k, aux_mask, int(k_aux)))
 
 
 class _SparseDecode(torch.autograd.Function):

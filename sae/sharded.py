@@ -293,3 +293,73 @@ class ShardedTrainer:
         self.tokens_since_fired.masked_fill_(out.fire_counts > 0, 0)
         self.step_count += 1
         return {"loss": float(out.loss), **{k: float(v) for k, v in out.terms.items()}}
+
+
+def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | None = None, layer=None,
+                           d_sae: int | None = None, expansion: float | None = None, force: bool = False,
+                           progress: bool = True) -> dict:
+    """`torchrun --nproc-per-node N -m sae train --activations S --variant topk --shard-latents --out RUN`:
+    every rank reads the same global batches; the latents are split; rank 0 writes the assembled SAE
+    (an ordinary run folder) and metrics.jsonl. No resume: a sharded run restarts from scratch."""
+    import json
+    import shutil
+    from pathlib import Path
+    from tqdm import tqdm
+    from sae import distributed, variants
+    from sae.io import save_run
+    from sae.store import write_json
+    info = distributed.info()
+    if not info.enabled:
+        raise UserError("--shard-latents splits the latents across ranks: launch it with torchrun --nproc-per-node N")
+    if variant not in SHARDED_VARIANTS:
+        raise UserError(f"--shard-latents supports {', '.join(SHARDED_VARIANTS)}, not {variant}")
+    run_dir = Path(run_dir)
+    if info.is_main:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not force:
+                raise UserError(f"{run_dir} is not empty: pass --force to overwrite it")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    layer = store.resolve_layer(layer)
+    device = torch.device("cuda", info.local_rank) if options.device != "cpu" and torch.cuda.is_available() \
+        else torch.device("cpu")
+    distributed.check_same_config({"variant": variant, "knobs": knobs, "d_sae": d_sae, "layer": str(layer),
+                                   "options": options.to_json(), "store": store.digest})
+    torch.manual_seed(options.seed)  # the same full initialisation on every rank; each keeps its slice
+    full = variants.create(variant, store.d_model, d_sae, expansion=expansion or 8.0, **(knobs or {}))
+    model = ShardedTopK.from_full(full).to(device)
+    del full
+    trainer = ShardedTrainer(model, options)
+    init_rows = min(options.init_rows, len(store.split_indices("train")))  # the rows train_on_store uses
+    samples = store.train_batches(layer, init_rows, options.seed + 1)
+    trainer.init_from_sample(next(samples))
+    samples.close()
+    batches = store.train_batches(layer, options.batch_size, seed=options.seed)  # the global batch, every rank
+    bar = tqdm(total=trainer.total_steps, unit="step", disable=None if progress and info.is_main else True,
+               desc=f"sharded {variant} ×{info.world_size}")
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        while trainer.step_count < trainer.total_steps:
+            last = trainer.step(next(batches))
+            bar.update(1)
+            if info.is_main and (trainer.step_count % options.log_every == 0
+                                 or trainer.step_count == trainer.total_steps):
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps({"step": trainer.step_count,
+                                             "tokens": trainer.step_count * options.batch_size, **last}) + "\n")
+                bar.set_postfix_str(f"loss {last['loss']:.4g}", refresh=False)
+    finally:
+        bar.close()
+        batches.close()
+    assembled = model.gather_full()
+    if info.is_main:
+        extra = {"layer": layer, "site": store.manifest.get("site"), "model": store.manifest.get("model"),
+                 "store": str(store.path), "store_digest": store.digest,
+                 "training": {**options.to_json(), "lr": trainer.base_lr, "steps": trainer.step_count,
+                              "complete": True, "world_size": info.world_size, "sharded_latents": True}}
+        save_run(assembled.cpu(), run_dir, extra)
+        write_json(run_dir / "train_summary.json", {"variant": variant, "steps": trainer.step_count,
+                                                    "sharded_over": info.world_size, "train": last})
+    dist.barrier()
+    return {"steps": trainer.step_count, "run_dir": str(run_dir)}

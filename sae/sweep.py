@@ -328,7 +328,7 @@ def meet(world_size: int) -> None:
 # ---- the whole command ------------------------------------------------------------------------------
 def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tokens: int = DEFAULT_TOKENS,
               batch_size: int = 1024, expansion: float = 8.0, lr: float | None = None, seed: int = 0,
-              device: str = "auto", with_model: bool = True, windows: int = 16, probe_rows: int = 50_000,
+              device: str = "auto", with_model: bool = True, windows: int = 8, probe_rows: int = 50_000,
               force: bool = False, resume: bool = False, progress: bool = True):
     """Train, evaluate and tabulate a grid. Returns the table (pandas DataFrame) on rank 0, else None."""
     from sae.devices import resolve
@@ -383,7 +383,8 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     for point in points:
         run_dir = out / point.name
         result = json.loads((run_dir / "eval.json").read_text())
-        entry = json.loads((run_dir / "sweep_entry.json").read_text()) if (run_dir / "sweep_entry.json").is_file() else {}
+        entry_path = run_dir / "sweep_entry.json"
+        entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {}
         rows.append(table_row(point.name, point, models[point.name], result, entry.get("train_seconds"),
                               entry.get("rank", owner[point.name])))
     table = write_table(rows, out)

@@ -114,6 +114,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config_extra = dict(config_extra or {})
         self.dist = distributed.info()
+        if self.run_dir is not None and self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device or resolve(options.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)

@@ -314,3 +314,43 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["analyze", "--run", str(tmp_path / "run"), "--activations", str(tmp_path / "store"), "--no-model"])
     assert done.value.code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_logit_effects_through_the_unembedding(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=D_IN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(config)
+    with torch.no_grad():
+        hf.model.norm.weight.uniform_(0.5, 2.0)
+    hf.save_pretrained(tmp_path / "model")
+    tiny_tokenizer(64).save_pretrained(tmp_path / "model")
+    store = make_window_store(tmp_path / "store", n_shards=1, windows_per_shard=4)
+    manifest = dict(store.manifest, model=str(tmp_path / "model"))
+    write_json(tmp_path / "store" / "manifest.json", manifest)
+    model = make_run(tmp_path / "run", d_sae=8)
+    meta = analyze(tmp_path / "run", tmp_path / "store", options=AnalyzeOptions(n_logits=5, batch_size=64), log=None)
+    assert meta["logit_effects"], meta["notes"]
+    top = pd.read_parquet(tmp_path / "run" / "analysis" / "top_examples.parquet")
+    assert all(list(tokens) == [f"w{i}" for i in ids] for tokens, ids in zip(top.tokens, top.token_ids))
+    effects = pd.read_parquet(tmp_path / "run" / "analysis" / "logit_effects.parquet").sort_values("feature")
+    direction = model.W_dec.detach() / model.input_scale * hf.model.norm.weight.detach()   # RMSNorm: scale only
+    logits = direction @ hf.lm_head.weight.detach().T                                      # [d_sae, vocab]
+    for feature, ids, values, down in zip(effects.feature, effects.promoted_ids, effects.promoted_values,
+                                          effects.suppressed_ids):
+        expected = logits[feature].topk(5)
+        np.testing.assert_array_equal(ids, expected.indices.numpy())
+        np.testing.assert_allclose(values, expected.values.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(down, logits[feature].topk(5, largest=False).indices.numpy())
+        assert list(effects.promoted[feature]) == [f"w{i}" for i in ids]
+
+
+def tiny_tokenizer(vocab_size):
+    """A word-level tokenizer built in memory (w0 ... w{n-1}), nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")

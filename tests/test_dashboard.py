@@ -153,6 +153,8 @@ def test_escape_and_shade_direct():
     html = shade_tokens(["<b>", ' "x"', "&"], [1.0, 0.5, 0.0], titles=['<i>', "a", "b"])
     assert "<b>" not in html and "&lt;b&gt;" in html and "&quot;x&quot;" in html and "&amp;" in html
     assert 'title="&lt;i&gt;"' in html
+    from dashboard.render import md
+    assert md("[x](javascript:alert(1)) **b** <i>") == r"\[x\]\(javascript\:alert\(1\)\) \*\*b\*\* \<i\>"
 
 
 def test_feature_list_filters_and_links(monkeypatch, runs):
@@ -283,6 +285,7 @@ def test_compare_finds_closest_decoder_directions(monkeypatch, runs):
     assert table["feature"].tolist() == cos.topk(10).indices.tolist()
     np.testing.assert_allclose(table["cosine"], cos.topk(10).values.numpy(), atol=1e-5)
     assert table["open"][0] == f"?feature={table['feature'][0]}&run=1"
+    assert html_of(at).count('class="ctx sae-ex"') >= 2        # A's examples beside its match's in B
 
 
 def test_compare_with_one_run_explains(monkeypatch, runs):

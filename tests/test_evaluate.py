@@ -52,6 +52,20 @@ def tiny_llama():
                        is_causal=True, bos_id=BOS, eos_id=EOS, pad_id=EOS, special_ids={BOS, EOS})
 
 
+def tiny_model_dir(path):
+    """tiny_llama() saved as a local model folder with a word-level tokenizer, loadable by sae.models.load_model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    loaded = tiny_llama()
+    loaded.model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return loaded
+
+
 def window_store(path, loaded, site="resid_post", layer=0, n_windows=24, labels=False, model_name="tiny-llama"):
     """A store as `sae collect` writes one: BOS-led windows, two documents each (EOS between), every
     position's activation captured with the model. Returns (store, window_tokens, doc_of_position)."""
@@ -276,3 +290,23 @@ def test_cli_bad_inputs(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_eval_with_model_writes_eval_json_and_table(tmp_path):
+    from sae import variants
+    from sae.io import save_run
+    loaded = tiny_model_dir(tmp_path / "lm")
+    store, _, _ = window_store(tmp_path / "s", loaded, model_name=str(tmp_path / "lm"), labels=True)
+    torch.manual_seed(0)
+    model = variants.create("relu", d_in=32, d_sae=64)
+    run = tmp_path / "run"
+    save_run(model, run, {"layer": 0, "site": "resid_post", "model": str(tmp_path / "lm"), "store_digest": store.digest})
+    proc = sae_cli("eval", "--run", str(run), "--activations", str(store.path), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads((run / "eval.json").read_text())
+    expected = evaluate(model, store, loaded_model=loaded, layer=0, write=False, progress=False)
+    for key in ("fvu", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_spliced", "ce_loss_recovered", "kl_div_score"):
+        assert written[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert "ce_loss_recovered" in proc.stdout and "fvu" in proc.stdout
+    proc = sae_cli("eval", "--run", str(run), "--activations", str(store.path), "--no-model", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["downstream_skipped"] == "skipped (--no-model)"

@@ -15,7 +15,8 @@ def _problem(batch=48, d_in=24, d_sae=96, seed=0):
     b_enc = torch.randn(d_sae, generator=gen, dtype=torch.float64) * 0.1
     W_dec = torch.randn(d_sae, d_in, generator=gen, dtype=torch.float64) / d_in ** 0.5
     target = torch.randn(batch, d_in, generator=gen, dtype=torch.float64)
-    return x, W_enc, b_enc, W_dec, target
+    b_dec = torch.randn(d_in, generator=gen, dtype=torch.float64) * 0.3
+    return x, W_enc, b_enc, W_dec, target, b_dec
 
 
 def _grads(loss_fn, tensors):
@@ -25,27 +26,27 @@ def _grads(loss_fn, tensors):
 
 
 def test_topk_encode_decode_gradients_match_dense_autograd():
-    x, W_enc, b_enc, W_dec, target = _problem()
+    x, W_enc, b_enc, W_dec, target, b_dec = _problem()
     k = 7
 
-    def sparse(x, W_enc, b_enc, W_dec):
-        sel = topk_select(x, W_enc, b_enc, k)
-        return (sparse_decode(sel.values, sel.indices, W_dec) - target).pow(2).sum()
+    def sparse(x, W_enc, b_enc, W_dec, b_dec):
+        sel = topk_select(x, W_enc, b_enc, k, b_dec=b_dec)
+        return (sparse_decode(sel.values, sel.indices, W_dec) + b_dec - target).pow(2).sum()
 
-    def dense(x, W_enc, b_enc, W_dec):
-        pre = torch.relu(x @ W_enc + b_enc)                              # [batch, d_sae]
+    def dense(x, W_enc, b_enc, W_dec, b_dec):
+        pre = torch.relu((x - b_dec) @ W_enc + b_enc)                     # [batch, d_sae]
         top = pre.topk(k, dim=1)
         codes = torch.zeros_like(pre).scatter(1, top.indices, top.values)
-        return (codes @ W_dec - target).pow(2).sum()
+        return (codes @ W_dec + b_dec - target).pow(2).sum()
 
-    inputs = [x, W_enc, b_enc, W_dec]
+    inputs = [x, W_enc, b_enc, W_dec, b_dec]
     assert abs(float(sparse(*inputs) - dense(*inputs))) < 1e-9 * float(dense(*inputs))
     for got, want in zip(_grads(sparse, inputs), _grads(dense, inputs)):
         assert _relative(got, want) < 1e-5
 
 
 def test_aux_selection_gradients_match_dense_autograd():
-    x, W_enc, b_enc, W_dec, target = _problem(seed=1)
+    x, W_enc, b_enc, W_dec, target, _ = _problem(seed=1)
     k, k_aux = 5, 6
     dead = torch.zeros(W_enc.shape[1], dtype=torch.bool)
     dead[::3] = True
@@ -70,7 +71,7 @@ def test_aux_selection_gradients_match_dense_autograd():
 
 
 def test_batch_topk_keeps_exactly_batch_k_and_matches_dense():
-    x, W_enc, b_enc, W_dec, target = _problem(seed=2)
+    x, W_enc, b_enc, W_dec, target, _ = _problem(seed=2)
     k = 4
     batch_k = k * x.shape[0]
 
@@ -96,7 +97,7 @@ def test_batch_topk_keeps_exactly_batch_k_and_matches_dense():
 
 
 def test_batch_topk_widens_candidates_when_one_token_owns_many():
-    x, W_enc, b_enc, _, _ = _problem(seed=3)
+    x, W_enc, b_enc, _, _, _ = _problem(seed=3)
     x[0] *= 50.0                                      # token 0 dominates the batch's top values
     sel = topk_select(x, W_enc, b_enc, 2, batch_k=40)
     codes = dense_codes(sel.values, sel.indices, W_enc.shape[1])

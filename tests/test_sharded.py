@@ -105,3 +105,38 @@ def test_select_needs_a_process_group():
         ShardedTopK(D_IN, D_SAE, K)
     bounds = [shard_bounds(10, r, 3) for r in range(3)]
     assert bounds == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_torchrun_shard_latents_matches_single_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m sae train ... --shard-latents` (gloo, CPU) ends with the weights of
+    the same run trained by `train_on_store` in one process."""
+    import subprocess
+    import sys
+
+    import sae
+    from sae.store import ActivationStore, from_tensors
+    from sae.train import TrainOptions, train_on_store
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, D_IN, generator=generator) @ torch.randn(D_IN, D_IN, generator=generator)
+    from_tensors(tmp_path / "store", x)
+    common = ["--variant", "topk", "--k", str(K), "--d-sae", str(D_SAE), "--batch-size", "64", "--tokens", "640",
+              "--lr", "3e-3", "--device", "cpu", "--seed", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAE_DEBUG": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", str(free_port()), "-m", "sae", "train", "--activations",
+                             str(tmp_path / "store"), "--out", str(tmp_path / "sharded"), "--shard-latents", *common],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    options = TrainOptions(tokens=640, batch_size=64, lr=3e-3, device="cpu", seed=4, eval_rows=0, checkpoint_every=0)
+    train_on_store(ActivationStore(tmp_path / "store"), "topk", tmp_path / "single", options, knobs={"k": K},
+                   d_sae=D_SAE, progress=False)
+    sharded, single = sae.load(tmp_path / "sharded"), sae.load(tmp_path / "single")
+    assert sharded.run_config["training"]["sharded_latents"] is True
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], value, atol=1e-4, rtol=1e-3)
+    # refused outside torchrun
+    from sae.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--activations", str(tmp_path / "store"), "--out", str(tmp_path / "x"), "--shard-latents",
+              *common])
+    assert exit_info.value.code == 2

@@ -161,4 +161,23 @@ def test_bad_inputs(store, tmp_path):
         run_sweep(tmp_path / "missing", tmp_path / "o3")
     proc = sae_cli("sweep", "--activations", str(store.path), "--out", str(tmp_path / "o2"), "--variants", "l1:k=4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: --variants l1:k=4: l1 has no knob 'k' (it takes: l1_coefficient)"]
+    expected = "error: --variants l1:k=4: l1 has no knob 'k' (it takes: l1_coefficient)"
+    assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_sweep_with_model_reports_ce_recovered_and_draws_both_panels(tmp_path):
+    import matplotlib.image
+    from test_evaluate import tiny_model_dir, window_store
+    loaded = tiny_model_dir(tmp_path / "lm")
+    store, _, _ = window_store(tmp_path / "s", loaded, model_name=str(tmp_path / "lm"), n_windows=40)
+    out = tmp_path / "sweep"
+    table = run_sweep(store.path, out, variants_spec="relu,l1", tokens=1024, batch_size=128, expansion=2,
+                      device="cpu", windows=8, progress=False)
+    assert table["ce_loss_recovered"].notna().all()
+    for row in table.itertuples():  # the shared clean / zero-ablated passes give each SAE's own figures
+        again = evaluate(sae.load(out / row.name), store, loaded_model=loaded, max_windows=8, write=False,
+                         progress=False)
+        assert row.ce_loss_recovered == pytest.approx(again["ce_loss_recovered"], rel=1e-5)
+        assert row.kl_div_score == pytest.approx(again["kl_div_score"], rel=1e-5)
+    height, width = matplotlib.image.imread(str(out / "sweep.png")).shape[:2]
+    assert width > 1.5 * height  # two panels side by side: FVU and CE recovered against L0

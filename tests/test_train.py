@@ -220,7 +220,6 @@ def test_checkpoints_load_to_the_training_time_model(store, tmp_path, variant, k
         pytest.skip(f"{variant} cannot be built at d_in 16 with its defaults: {error}")
     x = torch.cat(list(store.activations(3, split="train")))[:1024]  # raw units
     trainer = Trainer(model, opts(tokens=256 * 8), tmp_path / "run", {"layer": 3})
-    (tmp_path / "run").mkdir()
     trainer.init_from_sample(x)
     assert model.input_scale.item() != pytest.approx(1.0)  # the scale must be folded into what is saved
     for step in range(6):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard.render import feature_href
+from dashboard.render import feature_href, md
 from dashboard.runs import DataProblem, decoder, features
 
 TOP = 10
@@ -65,7 +65,7 @@ def show(runs, place) -> None:
     feature = st.number_input(f"Feature of run A (0–{n_a - 1})", 0, n_a - 1,
                               min(max(place.feature or 0, 0), n_a - 1), step=1, key="compare_feature")
     order, cosines = closest(dec_a.directions, dec_b.directions, int(feature))
-    st.markdown(f"Closest features in **{runs[b].name}** to feature {feature} of **{runs[a].name}**")
+    st.markdown(f"Closest features in **{md(runs[b].name)}** to feature {feature} of **{md(runs[a].name)}**")
     table = pd.DataFrame({
         "feature": order.astype(int),
         "open": [feature_href(int(f), b) for f in order],
@@ -76,3 +76,25 @@ def show(runs, place) -> None:
                  column_config={"open": st.column_config.LinkColumn("open", display_text="open ↗"),
                                 "cosine": st.column_config.NumberColumn(format="%.3f")})
     st.html(f'<a href="{feature_href(int(feature), a)}" target="_self">Open feature {int(feature)} of run A</a>')
+    _side_by_side(runs[a], int(feature), runs[b], int(order[0]), float(cosines[0]))
+
+
+def _side_by_side(run_a, feature_a: int, run_b, feature_b: int, cosine: float, n: int = 4) -> None:
+    """The top examples of A's feature beside those of its closest feature in B."""
+    from dashboard.render import STYLE
+    from dashboard.runs import feature_rows
+    from dashboard.views.feature import _example_html
+    left, right = st.columns(2)
+    for column, run, feature, title in ((left, run_a, feature_a, f"A · feature {feature_a}"),
+                                        (right, run_b, feature_b, f"B · feature {feature_b} (cos {cosine:.2f})")):
+        column.markdown(f"**{md(title)}**")
+        try:
+            table = feature_rows(run, "top_examples", required=False)
+        except DataProblem as problem:
+            column.caption(md(str(problem)))
+            continue
+        rows = table.rows(feature)[:n] if table is not None else []
+        if rows:
+            column.html(STYLE + _example_html(rows, None))
+        else:
+            column.caption("no analysed examples")

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import nav
-from dashboard.render import STYLE, chips, feature_href, feature_links, shade_tokens
+from dashboard.render import STYLE, chips, md, feature_href, feature_links, shade_tokens
 from dashboard.runs import as_list, feature_record, feature_rows, features, read_meta
 
 MAX_EXAMPLES = 20          # top examples shown
@@ -27,7 +27,7 @@ def show(runs, place) -> None:
 
     st.title(f"Feature {feature}")
     label = record.get("auto_label") or record.get("top_tokens") or ""
-    st.caption(f"{run.describe()}" + (f" · {label}" if label else ""))
+    st.caption(md(run.describe()) + (f" · {md(label)}" if label else ""))
     _figures(record, meta)
 
     left, right = st.columns([3, 2], gap="large")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import nav
-from dashboard.render import feature_href
+from dashboard.render import feature_href, md
 from dashboard.runs import features, read_meta
 
 COLUMNS = ("feature", "density", "max_activation", "mean_activation", "n_fired", "top_tokens", "auto_label",
@@ -49,14 +49,14 @@ def filtered(frame: pd.DataFrame, text: str, min_log_density: float | None, hide
 
 def show(runs, place) -> None:
     run = runs[place.run]
-    st.title(f"Features · {run.name}")
+    st.title(f"Features · {md(run.name)}")
     frame = features(run)
     meta = read_meta(run)
     dead = int((frame["density"] <= 0).sum())
     st.caption(f"{len(frame)} latents, {dead} never fired on the analysed tokens "
                f"({meta.get('n_tokens', '?')} tokens). Density = share of tokens a latent fires on.")
     for note in meta.get("notes") or []:
-        st.caption(f"Note: {note}")
+        st.caption(f"Note: {md(note)}")
     bars = density_histogram(meta, frame)
     if len(bars):
         chart = alt.Chart(bars).mark_bar().encode(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.render import STYLE, escape, feature_href, shade_tokens
+from dashboard.render import STYLE, escape, md, feature_href, shade_tokens
 from dashboard.runs import DataProblem, features
 
 EXAMPLE = "The Prime Minister told Parliament that the economy grew faster than expected."
@@ -37,7 +37,7 @@ def run_probe(run, text: str):
 def show(runs, place) -> None:
     run = runs[place.run]
     st.title("Live probe")
-    st.caption(f"{run.describe()} · the model and SAE run on your text (loaded once, then cached).")
+    st.caption(f"{md(run.describe())} · the model and SAE run on your text (loaded once, then cached).")
     with st.form("probe_form"):
         text = st.text_area("Text", value=st.session_state.get("probe_text", EXAMPLE), height=120,
                             key="probe_input")

@@ -5,6 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from dashboard.render import md
 from dashboard.runs import DataProblem, read_eval, read_metrics, read_sweep
 
 IDENTITY = ("model", "layer", "site", "variant", "d_in", "d_sae", "store")
@@ -19,8 +20,8 @@ def show(runs, place) -> None:
     sweeps = []
     for index, run in enumerate(runs):
         with st.container(border=True):
-            st.subheader(f"{index}: {run.name}")
-            st.caption(str(run.path))
+            st.subheader(f"{index}: {md(run.name)}")
+            st.caption(md(run.path))
             if run.problem:
                 st.error(run.problem)
                 continue
@@ -98,7 +99,7 @@ def pareto(frame: pd.DataFrame, x: str = "l0", y: str = "fvu") -> pd.DataFrame:
 
 def _frontier(path) -> None:
     st.subheader("Sweep: L0–FVU frontier")
-    st.caption(str(path))
+    st.caption(md(path))
     try:
         sweep = read_sweep(path)
     except DataProblem as problem:

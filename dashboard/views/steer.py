@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import nav
+from dashboard.render import md
 from dashboard.runs import DataProblem
 
 PROMPT = "I think that"
@@ -35,7 +36,7 @@ def show(runs, place) -> None:
     if st.session_state.get("steer_synced") != feature:  # the URL changed: it wins over the box
         st.session_state["steer_feature"] = feature
         st.session_state["steer_synced"] = feature
-    st.caption(f"{run.describe()} · generation at {cfg['site']}, layer {cfg['layer']}")
+    st.caption(f"{md(run.describe())} · generation at {md(cfg['site'])}, layer {md(cfg['layer'])}")
     with st.form("steer_form"):
         top = st.columns([1, 1, 1])
         top[0].number_input("Feature", 0, d_sae - 1, step=1, key="steer_feature")

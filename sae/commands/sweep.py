@@ -18,8 +18,8 @@ def add_arguments(parser):
     parser.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion × d_in (default 8)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: each variant's own)")
     parser.add_argument("--no-model", action="store_true", help="skip the downstream (CE loss) evaluation")
-    parser.add_argument("--windows", type=int, default=16,
-                        help="held-out windows replayed through the model per SAE (default 16)")
+    parser.add_argument("--windows", type=int, default=8,
+                        help="held-out windows replayed through the model for every SAE (default 8)")
     parser.add_argument("--probe-rows", type=int, default=50_000,
                         help="rows (whole documents) pooled for sparse probing on labelled stores")
     parser.add_argument("--resume", action="store_true", help="keep the SAEs already finished in DIR, train the rest")

@@ -38,12 +38,12 @@ def _knob_table() -> dict[str, tuple[object, list[str]]]:
 
 
 def add_arguments(parser) -> None:
-    from sae import variants
+    """The fixed options now; the variants' knobs (which need torch) when `train` is actually parsed,
+    so that `sae --help` stays fast."""
     from sae.cli import add_common_arguments
     add_common_arguments(parser)
-    names = variants.names()
     parser.add_argument("--activations", metavar="STORE", help="activation store to train on")
-    parser.add_argument("--variant", required=True, metavar="V", help=f"one of: {', '.join(names)}")
+    parser.add_argument("--variant", required=True, metavar="V", help="the variant to train")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     parser.add_argument("--layer", default=None, help="layer to train on (required when the store holds several)")
     width = parser.add_mutually_exclusive_group()
@@ -67,6 +67,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (off by default)")
     parser.add_argument("--eval-rows", type=int, default=None, help="held-out tokens scored at the end (16,384)")
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
+    parser.add_argument("--shard-latents", action="store_true",
+                        help="under torchrun: split the latents across ranks (very wide topk SAEs; sae.sharded)")
     parser.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                         help="torch.distributed backend under torchrun")
     live = parser.add_argument_group("live training (no store): one SAE per layer from one forward pass")
@@ -82,6 +84,22 @@ def add_arguments(parser) -> None:
     live.add_argument("--keep-special", action="store_true", help="keep BOS/EOS/padding rows")
     live.add_argument("--save-activations", default=None, metavar="STORE",
                       help="also write the activations seen to a store")
+    parse = parser.parse_known_args
+
+    def parse_with_knobs(args=None, namespace=None):
+        _add_knob_arguments(parser)
+        return parse(args, namespace)
+    parser.parse_known_args = parse_with_knobs
+
+
+def _add_knob_arguments(parser) -> None:
+    if getattr(parser, "_sae_knobs_added", False):
+        return
+    parser._sae_knobs_added = True
+    from sae import variants
+    for action in parser._actions:
+        if action.dest == "variant":
+            action.help = f"one of: {', '.join(variants.names())}"
     knobs = parser.add_argument_group("variant knobs (each applies only to the variants listed)")
     for knob_name, (knob, takers) in sorted(_knob_table().items()):
         kind = _bool if knob.type is bool else knob.type
@@ -162,6 +180,11 @@ def run(args) -> int:
         from sae.store import ActivationStore
         from sae.train import train_on_store
         store = ActivationStore(args.activations)
+        if args.shard_latents:
+            from sae.sharded import train_sharded_on_store
+            train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
+                                   d_sae=args.d_sae, expansion=args.expansion, force=args.force)
+            return 0
         logger = _wandb(args, dist) if args.wandb else None
         summary = train_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
                                  d_sae=args.d_sae, expansion=args.expansion, resume=args.resume, force=args.force,

@@ -27,7 +27,7 @@ class BatchTopKSAE(TopKSAE):
     def select(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> Selection:
         k = self.knobs["k"]
         aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
-        sel = topk_select(x - self.b_dec, self.W_enc, self.b_enc, min(self.d_sae, 2 * k), batch_k=k * len(x),
+        sel = topk_select(x, self.W_enc, self.b_enc, b_dec=self.b_dec, k=min(self.d_sae, 4 * k), batch_k=k * len(x),
                           aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
         width = int((sel.values > 0).sum(dim=1).max()) if sel.values.numel() else 0
         if 0 < width < sel.values.shape[1]:                     # drop the all-zero tail of the candidates

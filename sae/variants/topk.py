@@ -42,11 +42,11 @@ class TopKSAE(SAE):
     # ---- selection: what differs between topk, batchtopk and matryoshka -------------------------
     def select(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> Selection:
         aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
-        return topk_select(x - self.b_dec, self.W_enc, self.b_enc, self.knobs["k"],
+        return topk_select(x, self.W_enc, self.b_enc, b_dec=self.b_dec, k=self.knobs["k"],
                            aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
-        sel = topk_select(x - self.b_dec, self.W_enc, self.b_enc, self.knobs["k"])
+        sel = topk_select(x, self.W_enc, self.b_enc, b_dec=self.b_dec, k=self.knobs["k"])
         return dense_codes(sel.values, sel.indices, self.d_sae)  # [batch, d_sae]
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
