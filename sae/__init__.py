@@ -7,7 +7,7 @@
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "ActivationStore", "splice", "UserError", "__version__"]
+__all__ = ["load", "from_pretrained", "ActivationStore", "splice", "UserError", "__version__"]
 
 
 def __getattr__(name):
@@ -15,6 +15,9 @@ def __getattr__(name):
     if name == "load":
         from sae.io import load
         return load
+    if name == "from_pretrained":
+        from sae.io import from_pretrained
+        return from_pretrained
     if name == "ActivationStore":
         from sae.store import ActivationStore
         return ActivationStore
