@@ -193,7 +193,7 @@ def write_tables(out_dir: Path, stats, model, store, meta: dict, options, notes:
         top_tokens_str.append(json.dumps(words, ensure_ascii=False))
         short = [w.strip() for w in words if w.strip()][:3]
         auto_label.append(" / ".join(dict.fromkeys(short)))
-    nearest, nearest_cos = nearest_features(model.W_dec.detach().cpu(), options.n_nearest)
+    nearest, nearest_cos = nearest_features(model.W_dec.detach(), options.n_nearest)
     columns = {
         "feature": pa.array(np.arange(d_sae, dtype=np.int64)),
         "density": pa.array(density.numpy()), "max_activation": pa.array(max_score.numpy().astype(np.float32)),
@@ -245,8 +245,10 @@ def write_tables(out_dir: Path, stats, model, store, meta: dict, options, notes:
     if W_U.shape[1] != model.d_in:
         notes.append(f"logit effects skipped: the unembedding has width {W_U.shape[1]}, the SAE {model.d_in}")
         return
-    up_ids, up_values, down_ids, down_values = logit_effects(model.W_dec_raw.detach().cpu(), W_U, norm_weight,
-                                                             family, options.n_logits)
+    device = model.W_dec.device
+    up_ids, up_values, down_ids, down_values = logit_effects(
+        model.W_dec_raw.detach(), W_U.to(device), None if norm_weight is None else norm_weight.to(device), family,
+        options.n_logits)
     k = up_ids.shape[1]
     offsets = np.arange(d_sae + 1) * k
     pq.write_table(pa.table({

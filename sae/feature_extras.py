@@ -23,7 +23,8 @@ def nearest_features(W_dec: torch.Tensor, k: int = 10, chunk: int = 2048) -> tup
     for lo in range(0, d_sae, chunk):
         hi = min(lo + chunk, d_sae)
         sims = unit[lo:hi] @ unit.T                                                       # [chunk, d_sae]
-        sims[torch.arange(hi - lo), torch.arange(lo, hi)] = float("-inf")
+        own = torch.arange(lo, hi, device=sims.device)
+        sims[own - lo, own] = float("-inf")                                               # not its own neighbour
         values, picks = sims.topk(k, dim=1)
         indices[lo:hi], cosines[lo:hi] = picks.cpu(), values.cpu()
     return indices, cosines

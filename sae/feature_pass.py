@@ -77,6 +77,10 @@ def iter_window_batches(store, layer, batch_size: int) -> Iterator[WindowBatch]:
                               None if position is None else position[lo:hi],
                               None if labels is None else labels[lo:hi], s)
             lo = hi
+        del whole
+        handles = getattr(store, "_handles", None)   # unmap the finished shard: its pages leave our RSS
+        if isinstance(handles, dict):
+            handles.pop(shard.name, None)
 
 
 class FeatureStats:

@@ -58,21 +58,35 @@ def _csr(crow, cols, values, size):
         return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
-def _batch_topk(values: torch.Tensor, indices: torch.Tensor, batch_k: int, pre: torch.Tensor):
-    """Keep the batch_k largest of the candidates over the whole batch; zero the rest.
+def _batch_topk(pre: torch.Tensor, batch_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch_k largest positive entries of pre [batch, d_sae] over the whole batch, exactly, packed per
+    token into [batch, width] (width = the largest per-token count; padding slots hold value 0, index 0).
 
-    Exact: a token whose every candidate survives may own more; then widen its candidates and retry."""
-    width = values.shape[1]
-    while True:
-        flat = values.reshape(-1)
-        n_keep = min(batch_k, flat.numel())
-        kth = flat.topk(n_keep, sorted=False).values.min() if n_keep > 0 else flat.new_tensor(float("inf"))
-        keep = (values >= kth) & (values > 0)                          # [batch, width]
-        if width >= pre.shape[1] or not bool(keep.all(dim=1).any()):
-            return values * keep, indices
-        width = min(pre.shape[1], width * 2)
-        values, indices = pre.topk(width, dim=1, sorted=False)
-        values = values.clamp_min(0)
+    A strided sample of pre gives a lower bound for the threshold (aiming at about twice batch_k candidates);
+    the exact threshold is then the batch_k-th largest candidate. Should the bound overshoot (fewer than
+    batch_k candidates), every positive entry is a candidate. No per-token top-k over d_sae is needed."""
+    flat = pre.reshape(-1)
+    stride = max(1, flat.numel() // 65536) | 1
+    sample = flat[::stride]                                              # [~65536]
+    n_top = min(sample.numel(), max(1, int(2 * batch_k * sample.numel() / flat.numel()) + 1))
+    bound = sample.topk(n_top, sorted=False).values.min().clamp_min(0)
+    candidates = pre > bound                                             # [batch, d_sae]
+    if int(candidates.sum()) < batch_k:
+        candidates = pre > 0
+    rows, cols = candidates.nonzero(as_tuple=True)                       # row-major order
+    values = pre[rows, cols]
+    if values.numel() > batch_k:
+        kth = values.topk(batch_k, sorted=False).values.min()
+        keep = values >= kth
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+    counts = torch.bincount(rows, minlength=pre.shape[0])                # [batch]
+    width = max(1, int(counts.max()) if counts.numel() else 1)
+    slot = torch.arange(rows.numel(), device=pre.device) - (counts.cumsum(0) - counts)[rows]
+    packed_values = pre.new_zeros(pre.shape[0], width)
+    packed_indices = torch.zeros(pre.shape[0], width, dtype=torch.int64, device=pre.device)
+    packed_values[rows, slot] = values
+    packed_indices[rows, slot] = cols
+    return packed_values, packed_indices
 
 
 class _TopKSelect(torch.autograd.Function):
@@ -80,10 +94,11 @@ class _TopKSelect(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, k, batch_k, aux_mask, k_aux):
         bias = b_enc - b_dec @ W_enc                                    # [d_sae]: (x − b_dec) W + b = x W + bias
         pre = torch.addmm(bias.to(x.dtype), x, W_enc.to(x.dtype))      # [batch, d_sae]
-        values, indices = pre.topk(k, dim=1, sorted=False)             # [batch, k]
-        values = values.clamp_min(0)
         if batch_k is not None:
-            values, indices = _batch_topk(values, indices, batch_k, pre)
+            values, indices = _batch_topk(pre, batch_k)                 # [batch, width]
+        else:
+            values, indices = pre.topk(k, dim=1, sorted=False)         # [batch, k]
+            values = values.clamp_min(0)
         if aux_mask is not None and k_aux > 0:
             candidates = aux_mask.reshape(-1).nonzero().squeeze(1)     # [n_dead] latent ids
             aux_values, slots = pre.index_select(1, candidates).topk(k_aux, dim=1, sorted=False)
@@ -127,7 +142,7 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
                 aux_mask: torch.Tensor | None = None, k_aux: int = 0) -> Selection:
     """Encoder ReLU((x − b_dec) W_enc + b_enc) + top-k with a sparse backward (b_dec: optional [d_in]
     centring, folded into the bias so the input itself never needs a gradient). batch_k: keep only the batch_k largest of the
-    batch's candidates (BatchTopK; then k is the per-token candidate count). aux_mask [d_sae] bool with
+    batch's positive pre-activations (BatchTopK; k is then unused and the width varies). aux_mask [d_sae] bool with
     k_aux > 0: also select the k_aux largest pre-activations among the masked (dead) latents."""
     if aux_mask is not None:
         k_aux = min(int(k_aux), int(aux_mask.sum()))
@@ -166,4 +181,4 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
     """Scatter a selection into dense [batch, d_sae] codes (for encode() at inference)."""
-    return values.new_zeros(values.shape[0], d_sae).scatter_(1, indices, values)
+    return values.new_zeros(values.shape[0], d_sae).scatter_add_(1, indices, values)   # padding adds 0

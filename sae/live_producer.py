@@ -163,8 +163,15 @@ class Producer:
         """("train" | "held_out", [(window number, Window)]) model batches. Training batches never depend
         on whether activations are saved: held-out windows form their own batches, for the writer only."""
         pending = {False: [], True: []}
+        trained_this_pass = False
         for number, window in window_stream(self.documents_factory, self.loaded, self.spec.context_size,
                                             start_window):
+            if window.index == 0 and number > 0:       # the dataset starts over
+                if not trained_this_pass:
+                    raise UserError("the dataset has no training documents: every document is held out "
+                                    "(about 1 in 20 is, by doc_id); give more documents")
+                trained_this_pass = False
+            trained_this_pass |= not window.held_out
             if window.held_out and (self.writer is None if held_out is None else not held_out):
                 continue
             pending[window.held_out].append((number, window))

@@ -227,7 +227,8 @@ class Trainer:
         self._accumulate("loss", loss)
         x_hat = out.x_hat.detach().float()
         self._accumulate("fvu_num", (x_hat - x).pow(2).sum())
-        self._accumulate("fvu_den", (x - x.mean(dim=0)).pow(2).sum())
+        self._accumulate("x_sq", x.pow(2).sum())  # FVU's denominator uses the whole window's mean, so it
+        self._accumulate("x_sum", x.sum(dim=0))    # reduces across ranks exactly: Σ‖x‖² − ‖Σx‖²/n
         for name, value in out.terms.items():
             if torch.is_tensor(value):
                 self._accumulate(f"terms.{name}", value.float().mean())
@@ -294,8 +295,9 @@ class Trainer:
         now = time.perf_counter()
         metrics = {"step": self.step_count, "tokens": self.tokens_seen,
                    "loss": float(sums["loss"]) / n,
-                   "fvu": float(sums["fvu_num"] / sums["fvu_den"].clamp_min(1e-12)),
-                   "l0": float(sums["l0"]) / self._window_steps if "l0" in sums else None,
+                   "fvu": float(sums["fvu_num"] / (sums["x_sq"] - sums["x_sum"].pow(2).sum()
+                                                    / self._window_tokens).clamp_min(1e-12)),
+                   "l0": float(sums["l0"]) / n if "l0" in sums else None,
                    "dead_fraction": float(self.dead_mask().float().mean()) if self.tracks_dead else None,
                    "lr": lr, "sparsity_scale": min(1.0, self.step_count / max(1, int(self.total_steps * self.options.sparsity_warmup))),
                    "tokens_per_s": self._window_tokens / max(1e-9, now - self._last_log_time)}

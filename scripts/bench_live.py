@@ -13,7 +13,6 @@ against one (target: well under 3×). The machine's roofline (a measured square 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import tempfile
 import time

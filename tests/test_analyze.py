@@ -214,16 +214,26 @@ def test_auto_labels_and_meta(analysed):
 def test_topkeeper_merges_across_batches_like_one_topk():
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(500, 30, generator=gen)                                   # [rows, latents]
-    keeper = TopKeeper(7, 30, radius=None)
-    for lo in range(0, 500, 64):
-        block = scores[lo:lo + 64]
+    keeper = TopKeeper(7, 30, radius=1)
+    entered = 0
+    for lo in range(0, 500, 16):                                                  # each batch is one window
+        block = scores[lo:lo + 16]
         rows, latents = (block > 0.2).nonzero(as_tuple=True)
-        batch = BatchContext(block, torch.arange(lo, lo + len(block)))
-        keeper.offer(latents, block[rows, latents], block[rows, latents], rows, batch)
+        n = len(block)
+        batch = BatchContext(block, torch.arange(lo, lo + n), torch.full((n,), lo), torch.arange(n))
+        entered += keeper.offer(latents, block[rows, latents], block[rows, latents], rows, batch)
     masked = torch.where(scores > 0.2, scores, -1.0)
     expected = masked.topk(7, dim=0)
     torch.testing.assert_close(keeper.acts, expected.values.T)
     torch.testing.assert_close(keeper.rows, expected.indices.T)
+    assert entered > len(keeper.pool) >= keeper.pool_used       # the pool was compacted, not grown without end
+    latents, slots = torch.meshgrid(torch.arange(30), torch.arange(7), indexing="ij")
+    contexts = keeper.contexts_of(latents.reshape(-1), slots.reshape(-1))        # [30 * 7, 3]
+    for (latent, slot), context in zip(zip(latents.reshape(-1).tolist(), slots.reshape(-1).tolist()), contexts):
+        row = int(keeper.rows[latent, slot])
+        start = row - row % 16
+        want = [scores[r, latent].item() if start <= r < min(start + 16, 500) else 0.0 for r in (row - 1, row, row + 1)]
+        assert context.tolist() == pytest.approx(want)
 
 
 def test_capture_contexts_handles_gaps_and_window_edges():

@@ -55,8 +55,12 @@ def test_two_ranks_match_one_process(store, tmp_path, variant, extra):
     tb = load_file(str(checkpoint.latest(double) / "trainer.safetensors"))["tokens_since_fired"]
     assert torch.equal(ta, tb)
     # only rank 0 wrote: one metrics line per logged step
-    steps = [line for line in (double / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == len((single / "metrics.jsonl").read_text().splitlines())
+    import json
+    lines_two = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    lines_one = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines_two] == [m["step"] for m in lines_one]
+    for key in ("loss", "l0", "fvu", "dead_fraction"):  # logged metrics are global-batch figures too
+        assert lines_two[-1][key] == pytest.approx(lines_one[-1][key], rel=1e-3, abs=1e-6), key
 
 
 def test_world_size_must_divide_the_batch(store, tmp_path):

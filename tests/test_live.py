@@ -204,3 +204,14 @@ def test_command_line(tiny, tmp_path, capsys):
         last = err.strip().splitlines()[-1]
         assert exit_info.value.code == 2 and last.startswith("error: ") and message in last
         assert "Traceback" not in err
+
+
+def test_a_dataset_of_held_out_documents_only_is_refused(tiny, tmp_path):
+    from sae.data import Document
+    from sae.live import train_live
+    from sae.store import is_held_out
+    held_ids = [i for i in range(200) if bool(is_held_out(torch.tensor([i]))[0])][:3]
+    docs = lambda: iter([Document(i, "A held-out document about markets and rates. " * 5, None) for i in held_ids])
+    with pytest.raises(UserError, match="no training documents"):
+        train_live(tiny, docs, layers="1", site="resid_post", variant="relu", out=tmp_path / "run",
+                   options=options(4), d_sae=64, context_size=32, model_batch=2, buffer_size="1MB", progress=False)

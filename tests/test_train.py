@@ -289,3 +289,22 @@ def test_adam_matches_torch_adam():
             ((p @ q - target) ** 2).sum().backward()
             opt.step()
     assert torch.allclose(a, a2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)
+
+
+def test_prepare_run_dir_rules(tmp_path):
+    assert checkpoint.prepare_run_dir(tmp_path / "new", resume=False, force=False) is None
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "data.csv").write_text("1")
+    with pytest.raises(UserError, match="holds no training run"):
+        checkpoint.prepare_run_dir(junk, resume=True, force=False)
+    with pytest.raises(UserError, match="not empty"):
+        checkpoint.prepare_run_dir(junk, resume=False, force=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        checkpoint.prepare_run_dir(tmp_path / "file", resume=False, force=True)
+    # checkpoints written half-way (a hidden temporary folder) are never picked for a resume
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step_000010.tmp123").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert checkpoint.prepare_run_dir(run, resume=True, force=False) is None

@@ -29,10 +29,6 @@ class BatchTopKSAE(TopKSAE):
         aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
         sel = topk_select(x, self.W_enc, self.b_enc, b_dec=self.b_dec, k=min(self.d_sae, 4 * k), batch_k=k * len(x),
                           aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
-        width = int((sel.values > 0).sum(dim=1).max()) if sel.values.numel() else 0
-        if 0 < width < sel.values.shape[1]:                     # drop the all-zero tail of the candidates
-            keep = sel.values.detach().topk(width, dim=1).indices
-            sel = sel._replace(values=sel.values.gather(1, keep), indices=sel.indices.gather(1, keep))
         if self.training:
             self.update_threshold(sel.values.detach())
         return sel
