@@ -127,7 +127,7 @@ def interval_entries(stats, n_bands: int, per_band: int):
     pick = lambda t: None if t is None else t[chosen]  # noqa: E731
     width = top[chosen] / n_bands
     return (feature[chosen], act[chosen], rows[chosen], pick(contexts), band[chosen],
-            (band[chosen] * width).float(), ((band[chosen] + 1) * width).float())
+            (band[chosen] * width).float(), ((band[chosen] + 1) * width).float(), rank[rank < per_band])
 
 
 def _top_tokens(entries, k: int = 5):
@@ -163,9 +163,10 @@ def write_tables(out_dir: Path, stats, model, store, meta: dict, options, notes:
     top_table = examples_table(store, feature, act, rows, contexts, radius, decode,
                                extra={"rank": pa.array(slot.numpy().astype(np.int64))})
     pq.write_table(top_table, out_dir / "top_examples.parquet")
-    i_feature, i_act, i_rows, i_contexts, band, band_lo, band_hi = interval_entries(
+    i_feature, i_act, i_rows, i_contexts, band, band_lo, band_hi, i_rank = interval_entries(
         stats, options.n_bands, options.per_band)
     interval_table = examples_table(store, i_feature, i_act, i_rows, i_contexts, radius, decode, extra={
+        "rank": pa.array(i_rank.numpy().astype(np.int64)),   # order inside its band (random, from the reservoir)
         "band": pa.array(band.numpy().astype(np.int64)), "band_lo": pa.array(band_lo.numpy()),
         "band_hi": pa.array(band_hi.numpy())})
     pq.write_table(interval_table, out_dir / "interval_examples.parquet")

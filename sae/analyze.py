@@ -53,6 +53,20 @@ def _resolve_layer(store, config: dict, layer):
     return store.resolve_layer(None)  # raises: pass --layer
 
 
+def _layer_folder(run_dir: Path, layer) -> Path:
+    """RUN itself, or RUN/layer_L when RUN holds one SAE per layer (trained straight from a model)."""
+    if (run_dir / "config.json").is_file() or not run_dir.is_dir():
+        return run_dir
+    layers = sorted(p.name for p in run_dir.glob("layer_*") if p.is_dir())
+    if not layers:
+        return run_dir
+    if layer is None:
+        raise UserError(f"{run_dir} holds one SAE per layer ({', '.join(layers)}): pass --layer")
+    if not (run_dir / f"layer_{layer}").is_dir():
+        raise UserError(f"{run_dir} has no layer_{layer} (it holds {', '.join(layers)})")
+    return run_dir / f"layer_{layer}"
+
+
 def _prepare_output(run_dir: Path, out_dir: Path | None, force: bool) -> Path:
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
@@ -85,11 +99,12 @@ def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, o
     from sae.devices import resolve
 
     options = options or AnalyzeOptions()
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    run_dir = _layer_folder(Path(run_dir), layer)
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     device = resolve(options.device)
     model = (model if model is not None else load(run_dir)).to(device).eval()
+    # a foreign folder (SAELens, sparsify) opened by sae.load has no config.json of ours
+    config = read_config(run_dir) if (run_dir / "config.json").is_file() else dict(getattr(model, "run_config", {}) or {})
     if int(model.d_in) != store.d_model:
         raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
     layer = _resolve_layer(store, config, layer)

@@ -114,6 +114,8 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
         raise UserError(f"--out {run_dir} is a file, not a folder")
     entries = [p for p in run_dir.iterdir() if not p.name.startswith(".")] if run_dir.is_dir() else []
     if resume:
+        for stale in (run_dir / CHECKPOINTS).glob(".step_*.tmp*") if (run_dir / CHECKPOINTS).is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # a checkpoint half-written when the run was killed
         found = latest(run_dir)
         if found is None and entries and not (run_dir / "config.json").is_file() \
                 and not (run_dir / CHECKPOINTS).is_dir():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -254,11 +254,12 @@ def _rank_budget(tokens: int | None, d: Dist) -> int | None:
     return tokens // d.world + (1 if d.rank < tokens % d.world else 0)
 
 
-def _norm_stats(out: Path, manifest: dict) -> dict:
-    """{layer: {median, p99, p999}} of the stored rows' norms, read back from the shards."""
+def _norm_stats(out: Path, manifest: dict, first: int) -> tuple[dict, dict]:
+    """({layer: {median, p99, p999, max}} of the stored rows' norms, read back from the shards;
+    {layer: median norm of the first `first` rows})."""
     import numpy as np
     from safetensors import safe_open
-    stats = {}
+    stats, first_median = {}, {}
     for layer in manifest["layers"]:
         norms = []
         for name in manifest["shards"]:
@@ -267,12 +268,13 @@ def _norm_stats(out: Path, manifest: dict) -> dict:
                 n = block.get_shape()[0]
                 for lo in range(0, n, 65536):
                     norms.append(block[lo:min(n, lo + 65536)].float().norm(dim=-1).numpy())
-        values = np.concatenate(norms) if norms else np.zeros(0)
+        values = np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32)
         if len(values):
+            first_median[str(layer)] = float(torch.from_numpy(values[:first]).median())
             median, p99, p999 = np.percentile(values, [50, 99, 99.9]).tolist()
             stats[str(layer)] = {"median": median, "p99": p99, "p999": p999,
                                  "max": float(values.max()), "p999_over_median": p999 / median if median else None}
-    return stats
+    return stats, first_median
 
 
 def _recipe(options: CollectOptions, d: Dist) -> dict:
@@ -443,7 +445,7 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
                 run_until_captured(hf, **inputs)
                 rows = batch_rows(group, captured, layers, special, options.keep_special_tokens, stored_dtype,
                                   next_window=group[-1].index + 1)
-                if state["norm_median"] is None:
+                if state["norm_median"] is None and options.max_norm_ratio is not None:
                     prelude.append(rows)
                     if sum(len(p) for p in prelude) < median_tokens:
                         continue
@@ -458,7 +460,7 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
                 finished_data = True
                 if seen[0] == 0 and not done:
                     raise UserError(f"dataset {options.dataset!r} holds no text to collect from")
-            if state["norm_median"] is None:
+            if state["norm_median"] is None and options.max_norm_ratio is not None:
                 settle_median()
             held, prelude[:] = list(prelude), []
             for p in held:
@@ -496,7 +498,9 @@ def _finish(out: Path, d: Dist, state: dict, manifest, options: CollectOptions, 
         else:
             shards, shard_rows, extra = state["shards"], state["shard_rows"], {"progress": {"0": state}}
         body = manifest(True, shards, shard_rows, sum(shard_rows), extra)
-        body["norm_stats"] = _norm_stats(out, body)
+        body["norm_stats"], first_median = _norm_stats(out, body, MEDIAN_TOKENS)
+        if body.get("norm_median") is None:  # no --max-norm-ratio: recorded from the store's first rows
+            body["norm_median"] = first_median
         body["collect_seconds"] = round(elapsed, 3)
         store_lib.write_json(out / store_lib.MANIFEST, body)
     _barrier(d)
@@ -513,7 +517,3 @@ def _progress(options: CollectOptions, budget: int | None, initial: int, d: Dist
     return tqdm(total=budget, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True,
                 desc=f"collect{f' rank {d.rank}' if d.active else ''}", disable=None if d.rank == 0 else True,
                 file=sys.stderr)
-
-
-def options_dict(options: CollectOptions) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}

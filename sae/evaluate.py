@@ -29,13 +29,15 @@ def open_run(run, device="cpu"):
     """(sae module, run config, run_dir | None) from a run folder or an SAE module."""
     if isinstance(run, torch.nn.Module):
         return run, dict(getattr(run, "run_config", {}) or {}), None
-    from sae.io import WEIGHTS, load, read_config
+    from sae.io import CONFIG, WEIGHTS, load, read_config
     run_dir = Path(run)
-    config = read_config(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder (no such directory)")
+    config = read_config(run_dir) if (run_dir / CONFIG).is_file() else {}
     if "variant" in config and not (run_dir / WEIGHTS).is_file():
         raise UserError(f"{run_dir} has no weights ({WEIGHTS} is missing): was its training finished?")
-    model = load(run_dir, device=device)
-    return model, config, run_dir
+    model = load(run_dir, device=device)  # other tools' layouts (SAELens, sparsify) go through sae.interop
+    return model, config or dict(getattr(model, "run_config", {}) or {}), run_dir
 
 
 def check_compatible(config: dict, store: ActivationStore, layer=None):
@@ -129,7 +131,7 @@ def reconstruction_metrics(sae, store: ActivationStore, layer, special_ids: set[
     fvu = sq_err / total_var if total_var > 0 else float("nan")
     result = {
         "n_tokens": n,
-        "mse": sq_err / (n * store.d_model),
+        "mse": sq_err / (n * store.d_model),  # per element: mean over tokens and dimensions
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "cosine_similarity": cos_sum / n,
@@ -310,7 +312,7 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
         raise UserError(f"the store {store.path} has no held-out documents (rule: "
                         f"{store.manifest.get('held_out', {}).get('rule', 'doc_id based')}); collect more documents")
     site = config.get("site") or store.manifest.get("site")
-    loaded, reason = loaded_model, None
+    loaded, reason = (loaded_model if with_model else None), None
     if with_model and loaded is None:
         if not store.has_windows:
             reason = "the store has no window_tokens, so there is no model input to replay"

@@ -3,8 +3,10 @@
 Training a TopK-style SAE needs one dense product, the encoder's (2·d_in·d_sae FLOP a token). Everything
 else touches only the k selected latents of each token:
 
-- `topk_select(x, W_enc, b_enc, k, ...)` — forward: pre = x @ W_enc + b_enc, top-k per token, ReLU;
-  optionally a batch top-k (BatchTopK / Matryoshka) and an auxiliary top-k among dead latents (AuxK).
+- `topk_select(x, W_enc, b_enc, k, b_dec=...)` — forward: pre = (x − b_dec) @ W_enc + b_enc (b_dec folded into
+  the bias), top-k per token, ReLU; or, with batch_k, the batch's batch_k largest entries found from a sampled
+  lower bound on the threshold (BatchTopK / Matryoshka; no per-token top-k); optionally an auxiliary top-k
+  among dead latents' columns only (AuxK).
   Backward: weight and bias gradients through a sparse [d_sae, batch] matrix (CSR, only the selected
   entries) times x; input gradient by `embedding_bag` over the selected encoder columns. No dense
   [batch, d_sae] gradient is ever formed.
@@ -71,7 +73,7 @@ def _batch_topk(pre: torch.Tensor, batch_k: int) -> tuple[torch.Tensor, torch.Te
     n_top = min(sample.numel(), max(1, int(2 * batch_k * sample.numel() / flat.numel()) + 1))
     bound = sample.topk(n_top, sorted=False).values.min().clamp_min(0)
     candidates = pre > bound                                             # [batch, d_sae]
-    if int(candidates.sum()) < batch_k:
+    if int(candidates.count_nonzero()) < batch_k:
         candidates = pre > 0
     rows, cols = candidates.nonzero(as_tuple=True)                       # row-major order
     values = pre[rows, cols]

@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,20 +151,31 @@ def load_model(name: str, device="cpu", dtype=torch.float32) -> LoadedModel:
         raise _unknown_model(name, error) from None
     causal = _is_causal(config)
     loaders = (AutoModelForCausalLM, AutoModel) if causal else (AutoModelForMaskedLM, AutoModel)
+    from transformers.utils import logging as hf_logging
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a second-long "Loading weights" bar is noise on every command
     model = None
-    for loader in loaders:
-        try:
-            model = loader.from_pretrained(source, dtype=dtype)
-            break
-        except ValueError:  # this auto class does not know the architecture
-            continue
-        except Exception as error:  # noqa: BLE001
-            raise _unknown_model(name, error) from None
+    try:
+        model = _first_loadable(loaders, source, dtype, name)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if model is None:
         raise UserError(f"model {name!r} ({config.model_type}) has no architecture transformers can load")
     model.to(device).eval()
     tokenizer = load_tokenizer(name)
     return wrap(model, tokenizer, name=name, note=note)
+
+
+def _first_loadable(loaders, source, dtype, name):
+    for loader in loaders:
+        try:
+            return loader.from_pretrained(source, dtype=dtype)
+        except ValueError:  # this auto class does not know the architecture
+            continue
+        except Exception as error:  # noqa: BLE001
+            raise _unknown_model(name, error) from None
+    return None
 
 
 def wrap(model: nn.Module, tokenizer, name: str = "model", note: str = "") -> LoadedModel:
@@ -403,8 +413,3 @@ def unembedding(loaded) -> tuple[torch.Tensor, torch.Tensor | None]:
 def describe(loaded: LoadedModel) -> str:
     return f"{loaded.name} ({loaded.family}, {loaded.n_layers} layers, d_model {loaded.d_model})"
 
-
-def timed_load(name: str, device="cpu") -> tuple[LoadedModel, float]:
-    start = time.perf_counter()
-    loaded = load_model(name, device=device)
-    return loaded, time.perf_counter() - start

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,27 +111,45 @@ def parse_grid(spec: str | None) -> list[GridPoint]:
     return points
 
 
-def build_models(points: list[GridPoint], d_in: int, expansion: float) -> dict[str, torch.nn.Module]:
+def widths(points: list[GridPoint], d_in: int, expansion: float) -> dict[str, int]:
+    """d_sae of each grid point (the variant's own default at this expansion); k must fit in it."""
     from sae import variants
-    models = {}
+    result = {}
     for point in points:
-        cls = variants.get(point.variant)
-        d_sae = cls.default_d_sae(d_in, expansion)
+        d_sae = variants.get(point.variant).default_d_sae(d_in, expansion)
         if "k" in point.knobs and point.knobs["k"] > d_sae:
             raise UserError(f"{point.name}: k={point.knobs['k']} exceeds d_sae={d_sae}")
-        models[point.name] = variants.create(point.variant, d_in=d_in, d_sae=d_sae, **point.knobs)
+        result[point.name] = d_sae
+    return result
+
+
+def point_seed(seed: int, name: str) -> int:
+    """Each SAE's initial weights depend only on (seed, its name): not on the grid around it or the rank."""
+    return seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def build_models(points: list[GridPoint], d_in: int, expansion: float, seed: int = 0,
+                 only: set[str] | None = None) -> dict[str, torch.nn.Module]:
+    """The SAEs of the grid (those named in `only`, when given)."""
+    from sae import variants
+    d_saes = widths(points, d_in, expansion)
+    models = {}
+    for point in points:
+        if only is not None and point.name not in only:
+            continue
+        torch.manual_seed(point_seed(seed, point.name))
+        models[point.name] = variants.create(point.variant, d_in=d_in, d_sae=d_saes[point.name], **point.knobs)
     return models
 
 
-def assign_ranks(models: dict[str, torch.nn.Module], world_size: int) -> dict[str, int]:
-    """Greedy longest-first assignment by parameter count, so each rank gets a similar share of work."""
+def assign_ranks(costs: dict[str, int], world_size: int) -> dict[str, int]:
+    """Greedy longest-first assignment by cost (d_sae × d_in), so each rank gets a similar share of work."""
     loads = [0] * world_size
     owner = {}
-    for name, model in sorted(models.items(), key=lambda item: (-sum(p.numel() for p in item[1].parameters()),
-                                                                item[0])):
+    for name, cost in sorted(costs.items(), key=lambda item: (-item[1], item[0])):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
         owner[name] = rank
-        loads[rank] += sum(p.numel() for p in model.parameters())
+        loads[rank] += cost
     return owner
 
 
@@ -220,10 +239,10 @@ def evaluate_all(models, store, layer, out: Path, device, loaded, skipped: str |
 
 
 # ---- the table and the chart -----------------------------------------------------------------------
-def table_row(name: str, point: GridPoint, model, result: dict, seconds: float | None, rank: int) -> dict:
+def table_row(name: str, point: GridPoint, d_sae: int, result: dict, seconds: float | None, rank: int) -> dict:
     probing = result.get("sparse_probing") or {}
     row = {"name": name, "variant": point.variant, "knobs": json.dumps(point.knobs, sort_keys=True),
-           "d_sae": int(model.d_sae), "probe_top1": probing.get("1"), "train_seconds": seconds, "rank": rank}
+           "d_sae": int(d_sae), "probe_top1": probing.get("1"), "train_seconds": seconds, "rank": rank}
     for column in TABLE_COLUMNS:
         if column not in row:
             row[column] = result.get(column)
@@ -349,12 +368,11 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
         device = torch.device("cuda", local_rank)
     points = parse_grid(variants_spec)
     out = Path(out)
-    torch.manual_seed(seed)
-    models = build_models(points, store.d_model, expansion)  # same seed on every rank: same initial weights
-    owner = assign_ranks(models, world_size)
-    agree(world_size, rank, lambda: prepare_out(out, list(models), force, resume))
-    mine = {name: model for name, model in models.items()
-            if owner[name] == rank and not (resume and is_done(out / name))}
+    d_saes = widths(points, store.d_model, expansion)
+    owner = assign_ranks({name: d_sae * store.d_model for name, d_sae in d_saes.items()}, world_size)
+    agree(world_size, rank, lambda: prepare_out(out, list(d_saes), force, resume))
+    mine = build_models(points, store.d_model, expansion, seed,
+                        only={name for name, r in owner.items() if r == rank and not (resume and is_done(out / name))})
     for name in mine:
         shutil.rmtree(out / name, ignore_errors=True)  # an unfinished run restarts from scratch
         (out / name).mkdir(parents=True)
@@ -385,7 +403,7 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
         result = json.loads((run_dir / "eval.json").read_text())
         entry_path = run_dir / "sweep_entry.json"
         entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {}
-        rows.append(table_row(point.name, point, models[point.name], result, entry.get("train_seconds"),
+        rows.append(table_row(point.name, point, d_saes[point.name], result, entry.get("train_seconds"),
                               entry.get("rank", owner[point.name])))
     table = write_table(rows, out)
     plot_frontier(table, out / "sweep.png")

@@ -66,6 +66,8 @@ class TopKeeper:
     Latent-major layout: the latents a batch touches are gathered as contiguous rows and merged with
     one topk along the last dimension."""
 
+    MIN_POOL = 1024   # smallest context pool (rows) allocated
+
     def __init__(self, n_keep: int, d_sae: int, radius: int | None, device="cpu", floor: float = float("-inf")):
         self.n_keep, self.d_sae, self.radius = int(n_keep), int(d_sae), radius
         self.scores = torch.full((d_sae, n_keep), float("-inf"), dtype=torch.float64, device=device)  # [d_sae, N]
@@ -151,7 +153,8 @@ class TopKeeper:
             if len(live) + n_new <= len(self.pool) // 2:                                   # compact
                 self.pool[: len(live)] = self.pool[live]
             else:                                                                          # grow
-                grown = torch.zeros(max(2 * (len(live) + n_new), 1024), self.width, device=self.pool.device)
+                capacity = max(2 * (len(live) + n_new), self.MIN_POOL)
+                grown = torch.zeros(capacity, self.width, device=self.pool.device)
                 grown[: len(live)] = self.pool[live]
                 self.pool = grown
             pointer[live_mask] = torch.arange(len(live), device=pointer.device)

@@ -304,7 +304,7 @@ class Trainer:
         if self.revived_total:
             metrics["revived"] = self.revived_total
         for key, value in sums.items():
-            if key.startswith("terms."):
+            if key.startswith("terms.") and key[6:] not in metrics:  # the trainer's global figures win
                 metrics[key[6:]] = float(value) / n
         try:
             extra = self.model.extra_metrics(x) if hasattr(self.model, "extra_metrics") else {}

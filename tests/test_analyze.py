@@ -215,6 +215,7 @@ def test_topkeeper_merges_across_batches_like_one_topk():
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(500, 30, generator=gen)                                   # [rows, latents]
     keeper = TopKeeper(7, 30, radius=1)
+    keeper.MIN_POOL = 16
     entered = 0
     for lo in range(0, 500, 16):                                                  # each batch is one window
         block = scores[lo:lo + 16]
@@ -364,3 +365,12 @@ def tiny_tokenizer(vocab_size):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")
+
+
+def test_run_with_one_sae_per_layer(tmp_path):
+    store = from_tensors(tmp_path / "store", torch.randn(80, D_IN))
+    make_run(tmp_path / "multi" / "layer_0")
+    with pytest.raises(UserError, match="--layer"):
+        analyze(tmp_path / "multi", store, options=AnalyzeOptions(with_model=False), log=None)
+    analyze(tmp_path / "multi", store, layer=0, options=AnalyzeOptions(with_model=False), log=None)
+    assert (tmp_path / "multi" / "layer_0" / "analysis" / "features.parquet").is_file()

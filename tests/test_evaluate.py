@@ -272,12 +272,21 @@ def test_mismatched_run_and_store_name_what_differs(tmp_path):
         evaluate(identity_sae(8), no_held, with_model=False)
 
 
+def sae_main(capsys, *args):
+    """`sae ARGS` in this process: (exit status, stdout, stderr)."""
+    from sae.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
 def sae_cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "sae", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_cli_bad_inputs(tmp_path):
+def test_cli_bad_inputs(tmp_path, capsys):
     store = ActivationStore.from_tensors(tmp_path / "s", torch.randn(3000, 8), model="m1", site="resid_post")
     run = tmp_path / "run"
     run.mkdir()
@@ -286,13 +295,15 @@ def test_cli_bad_inputs(tmp_path):
              (["eval", "--run", str(tmp_path / "nothing"), "--activations", str(store.path)], "not a run folder"),
              (["eval", "--run", str(run), "--activations", str(tmp_path / "nothing")], "not an activation store")]
     for args, message in cases:
-        proc = sae_cli(*args)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        status, _, err = sae_main(capsys, *args)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+    proc = sae_cli(*cases[0][0])  # the real console path: one line, no traceback
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {run} has no weights (sae.safetensors is missing): "
+                                                f"was its training finished?"]
 
 
-def test_cli_eval_with_model_writes_eval_json_and_table(tmp_path):
+def test_cli_eval_with_model_writes_eval_json_and_table(tmp_path, capsys):
     from sae import variants
     from sae.io import save_run
     loaded = tiny_model_dir(tmp_path / "lm")
@@ -301,12 +312,12 @@ def test_cli_eval_with_model_writes_eval_json_and_table(tmp_path):
     model = variants.create("relu", d_in=32, d_sae=64)
     run = tmp_path / "run"
     save_run(model, run, {"layer": 0, "site": "resid_post", "model": str(tmp_path / "lm"), "store_digest": store.digest})
-    proc = sae_cli("eval", "--run", str(run), "--activations", str(store.path), "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
+    status, out, err = sae_main(capsys, "eval", "--run", str(run), "--activations", str(store.path), "--device", "cpu")
+    assert status == 0, err
     written = json.loads((run / "eval.json").read_text())
     expected = evaluate(model, store, loaded_model=loaded, layer=0, write=False, progress=False)
     for key in ("fvu", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_spliced", "ce_loss_recovered", "kl_div_score"):
         assert written[key] == pytest.approx(expected[key], rel=1e-5), key
-    assert "ce_loss_recovered" in proc.stdout and "fvu" in proc.stdout
-    proc = sae_cli("eval", "--run", str(run), "--activations", str(store.path), "--no-model", "--json")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["downstream_skipped"] == "skipped (--no-model)"
+    assert "ce_loss_recovered" in out and "fvu" in out
+    status, out, _ = sae_main(capsys, "eval", "--run", str(run), "--activations", str(store.path), "--no-model", "--json")
+    assert status == 0 and json.loads(out)["downstream_skipped"] == "skipped (--no-model)"

@@ -143,14 +143,24 @@ def test_default_grid_and_parsing():
 
 
 def test_rank_assignment_is_balanced_for_any_count_and_width():
-    models = build_models(parse_grid("l1:l1_coefficient=1/2/3/4/5,relu,linear"), 16, 4.0)
-    for world in (1, 2, 3, 8):
-        owner = assign_ranks(models, world)
-        assert set(owner) == set(models)
-        loads = [sum(sum(p.numel() for p in models[n].parameters()) for n in owner if owner[n] == r)
-                 for r in range(world)]
-        biggest = max(sum(p.numel() for p in m.parameters()) for m in models.values())
-        assert max(loads) - min(loads) <= biggest
+    costs = {f"sae{i}": width for i, width in enumerate([4608, 64, 1 << 20, 300, 300, 300, 7, 4608, 2048])}
+    for world in (1, 2, 3, 8, 12):
+        owner = assign_ranks(costs, world)
+        assert set(owner) == set(costs) and set(owner.values()) <= set(range(world))
+        loads = [sum(costs[n] for n in owner if owner[n] == r) for r in range(world)]
+        assert max(loads) - min(loads) <= max(costs.values())
+    assert assign_ranks(costs, 2) == assign_ranks(dict(reversed(list(costs.items()))), 2)  # order-free
+
+
+def test_initial_weights_depend_on_name_and_seed_only():
+    grid = parse_grid("l1:l1_coefficient=1/2,relu")
+    full = build_models(grid, 16, 2.0, seed=3)
+    alone = build_models(grid, 16, 2.0, seed=3, only={"relu"})
+    assert list(alone) == ["relu"]
+    for key, value in full["relu"].state_dict().items():
+        assert torch.equal(alone["relu"].state_dict()[key], value)
+    other = build_models(grid, 16, 2.0, seed=4, only={"relu"})
+    assert not torch.equal(other["relu"].W_enc, full["relu"].W_enc)
 
 
 def test_bad_inputs(store, tmp_path):

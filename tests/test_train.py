@@ -308,3 +308,4 @@ def test_prepare_run_dir_rules(tmp_path):
     (run / "checkpoints" / ".step_000010.tmp123").mkdir(parents=True)
     (run / "config.json").write_text("{}")
     assert checkpoint.prepare_run_dir(run, resume=True, force=False) is None
+    assert not (run / "checkpoints" / ".step_000010.tmp123").exists()

@@ -217,3 +217,11 @@ def test_default_widths():
     assert create("relu", d_in=16).d_sae == 128
     assert create("vae", d_in=16).d_sae == 16
     assert create("denoising", d_in=16).default_noise_std > 0
+
+
+def test_linear_exposes_its_tied_encoder():
+    model = create("linear", d_in=16, d_sae=4)
+    model.b_dec.data.normal_()
+    x = torch.randn(5, 16)
+    assert torch.allclose(model.encode_scaled(x), x @ model.W_enc + model.b_enc, atol=1e-6)
+    assert set(model.state_dict()) == {"W_dec", "b_dec", "input_scale"}

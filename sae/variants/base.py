@@ -155,6 +155,11 @@ class SAE(nn.Module):
         """x_input: the (possibly corrupted) scaled input; x_target: the clean scaled input to reconstruct."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def extra_metrics(self, x: torch.Tensor) -> dict:
+        """Variant-specific figures on a scaled sample [n, d_in] (vq: perplexity, usage; vae: active dims)."""
+        return {}
+
     # ---- training hooks with shared defaults ----------------------------------------------
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:

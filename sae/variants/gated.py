@@ -19,7 +19,7 @@ from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fi
 @register
 class GatedSAE(SAE):
     name = "gated"
-    KNOBS = {"l1_coefficient": Knob(1.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0)}
+    KNOBS = {"l1_coefficient": Knob(4.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0)}
     revive_dead = True
 
     def build(self) -> None:

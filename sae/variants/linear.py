@@ -36,6 +36,16 @@ class LinearAutoencoder(SAE):
         self.W_dec = nn.Parameter(basis.T.contiguous())                  # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))                # [d_in]
 
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d_in, d_sae] the tied encoder, for code that reads encoder weights (export, analysis)."""
+        return self.W_dec.T
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        """[d_sae] so that codes = x W_enc + b_enc (the centring folded in)."""
+        return -(self.b_dec @ self.W_dec.T)
+
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
         self.b_dec.copy_(x.mean(dim=0))
