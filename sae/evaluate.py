@@ -163,6 +163,8 @@ def probing_metrics(sae, store: ActivationStore, layer, special_ids: set[int], b
     usable = labels >= 0
     if "token_ids" in store.tensor_names(0):
         usable &= ~_is_special(store.column("token_ids"), special_ids)
+    if len(torch.unique(labels[usable])) < 2:
+        return None  # one label: there is no one-vs-rest task to probe
     docs, rows_per_doc = torch.unique(doc_ids[usable], return_counts=True)
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(1234))
     chosen = docs[order][rows_per_doc[order].cumsum(0) <= max_rows]

@@ -266,23 +266,25 @@ def write_table(rows: list[dict], out: Path):
 
 def plot_frontier(table, path: Path) -> None:
     """L0 vs FVU, one series per variant (dense signed-code variants as a dashed level), and CE-loss
-    recovered vs L0 beside it when the table has it."""
+    recovered vs L0 beside it when the table has it. One legend below, shared by the panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_ce = table["ce_loss_recovered"].notna().any()
-    fig, axes = plt.subplots(1, 2 if with_ce else 1, figsize=(12 if with_ce else 6.5, 4.5), squeeze=False)
+    with_ce = bool(table["ce_loss_recovered"].notna().any())
+    fig, axes = plt.subplots(1, 2 if with_ce else 1, figsize=(12 if with_ce else 7, 5.2), squeeze=False)
     panels = [("fvu", "FVU (lower is better)")] + ([("ce_loss_recovered", "CE loss recovered")] if with_ce else [])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = plt.get_cmap("tab20")
+    variants = sorted(table["variant"].unique())
+    style = {v: (palette(i % 20), "os^Dv<>PXh"[i % 10]) for i, v in enumerate(variants)}
     for ax, (metric, label) in zip(axes[0], panels):
-        for i, (variant, group) in enumerate(table.groupby("variant", sort=True)):
-            color = colors[i % len(colors)]
+        for variant in variants:
+            group = table[table["variant"] == variant]
+            color, marker = style[variant]
             sparse = group[group["l0"].notna() & group[metric].notna()].sort_values("l0")
             if len(sparse):
-                ax.plot(sparse["l0"], sparse[metric], marker="o", color=color, label=variant)
-            dense = group[group["l0"].isna() & group[metric].notna()]
-            for value in dense[metric]:
+                ax.plot(sparse["l0"], sparse[metric], marker=marker, color=color, label=variant)
+            for value in group[group["l0"].isna() & group[metric].notna()][metric]:
                 ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{variant} (dense codes)")
         ax.set_xscale("log")
         ax.set_xlabel("L0 (mean firing latents per token)")
@@ -291,8 +293,11 @@ def plot_frontier(table, path: Path) -> None:
     axes[0][0].set_title("L0–FVU frontier")
     if with_ce:
         axes[0][1].set_title("CE loss recovered vs L0")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(6, len(unique)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(unique) - 1) // 6), 1, 1))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
