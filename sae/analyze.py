@@ -104,7 +104,8 @@ def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, o
     device = resolve(options.device)
     model = (model if model is not None else load(run_dir)).to(device).eval()
     # a foreign folder (SAELens, sparsify) opened by sae.load has no config.json of ours
-    config = read_config(run_dir) if (run_dir / "config.json").is_file() else dict(getattr(model, "run_config", {}) or {})
+    config = read_config(run_dir) if (run_dir / "config.json").is_file() \
+        else dict(getattr(model, "run_config", {}) or {})
     if int(model.d_in) != store.d_model:
         raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
     layer = _resolve_layer(store, config, layer)
@@ -147,7 +148,8 @@ def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, o
         "site": store.manifest.get("site") or config.get("site"), "variant": config.get("variant"),
         "has_contexts": has_contexts, "label_names": label_names or None,
         "hist_bin_edges": edges.tolist(), "histogram_of": "|code|" if signed else "code (firing tokens)",
-        "fire_threshold": None if signed else threshold, "context_radius": options.context_radius if has_contexts else 0,
+        "fire_threshold": None if signed else threshold,
+        "context_radius": options.context_radius if has_contexts else 0,
         "signed_codes": signed, "n_top": options.n_top, "n_bands": options.n_bands,
         "mean_activation_over": "all tokens" if signed else "firing tokens",
         "ranked_by": "|code|" if signed else "code", "run": str(run_dir), "store": str(store.path),

@@ -75,8 +75,13 @@ def bbc_documents() -> tuple[Iterator[Document], list[str]]:
     topics = sorted(p.name for p in folder.iterdir() if p.is_dir())
     files = [(label, path) for label, topic in enumerate(topics) for path in sorted((folder / topic).glob("*.txt"))]
 
+    # doc_ids follow the sorted (topic, file) order, so they never change; the reading order is a fixed
+    # interleaving of the topics, so that a partial collection (--tokens) holds every label.
+    order = sorted(range(len(files)), key=lambda doc_id: ((doc_id * 2246822519) % 2**32, doc_id))
+
     def documents():
-        for doc_id, (label, path) in enumerate(files):
+        for doc_id in order:
+            label, path = files[doc_id]
             yield Document(doc_id, _read_text(path), label)
 
     return documents(), topics

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from sae.topk_stream import BatchContext, TopKeeper, hash_keys
 

@@ -117,8 +117,9 @@ def widths(points: list[GridPoint], d_in: int, expansion: float) -> dict[str, in
     result = {}
     for point in points:
         d_sae = variants.get(point.variant).default_d_sae(d_in, expansion)
-        if "k" in point.knobs and point.knobs["k"] > d_sae:
-            raise UserError(f"{point.name}: k={point.knobs['k']} exceeds d_sae={d_sae}")
+        if "k" in point.knobs and point.knobs["k"] >= d_sae:
+            raise UserError(f"{point.name}: k={point.knobs['k']} must be smaller than d_sae={d_sae}: "
+                            f"raise --expansion or lower k")
         result[point.name] = d_sae
     return result
 
@@ -357,14 +358,15 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     """Train, evaluate and tabulate a grid. Returns the table (pandas DataFrame) on rank 0, else None."""
     from sae.devices import resolve
     from sae.evaluate import load_store_model
-    from sae.store import ActivationStore, write_json
+    from sae.store import write_json
     from sae.train import TrainOptions
 
     from sae import distributed
 
     started = time.perf_counter()
     rank, world_size, local_rank = join_ranks()
-    store = ActivationStore(store_path)
+    from sae.interop import open_store
+    store = open_store(store_path)
     layer = store.resolve_layer(layer)
     if not bool(store.held_out_mask().any()):
         raise UserError(f"the store {store.path} has no held-out documents: the sweep could not evaluate")
@@ -372,6 +374,10 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
     points = parse_grid(variants_spec)
+    if not variants_spec:  # the default grid leaves out k values wider than a small store's dictionaries
+        from sae import variants
+        points = [p for p in points
+                  if p.knobs.get("k", 0) < variants.get(p.variant).default_d_sae(store.d_model, expansion)]
     out = Path(out)
     d_saes = widths(points, store.d_model, expansion)
     owner = assign_ranks({name: d_sae * store.d_model for name, d_sae in d_saes.items()}, world_size)

@@ -1,7 +1,6 @@
 """Static HTML export: an index and one page per feature, all data escaped."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -4,7 +4,6 @@ HELP = "train and evaluate a grid of variants in one pass over the data; writes 
 
 def add_arguments(parser):
     from sae.cli import add_common_arguments
-    from sae.sweep import DEFAULT_TOKENS
     parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
     parser.add_argument("--out", required=True, metavar="DIR", help="the sweep folder (one run folder per SAE)")
     parser.add_argument("--layer", default=None, help="the store's layer (required when it holds several)")
@@ -13,8 +12,8 @@ def add_arguments(parser):
                              "'topk,l1' (their default points) or 'topk:k=16/32/64,kl:kl_coefficient=0.1/1'. "
                              "Default: the modern family at k in {16,32,64} (or three penalties) and the "
                              "classic family at its defaults")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                        help=f"training tokens, shared by every SAE (default {DEFAULT_TOKENS})")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="training tokens, shared by every SAE (default: sae.sweep.DEFAULT_TOKENS)")
     parser.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion × d_in (default 8)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: each variant's own)")
     parser.add_argument("--no-model", action="store_true", help="skip the downstream (CE loss) evaluation")
@@ -29,7 +28,10 @@ def add_arguments(parser):
 
 def run(args):
     from sae.errors import UserError
-    from sae.sweep import format_table, run_sweep
+    from sae.sweep import DEFAULT_TOKENS, format_table, run_sweep
+
+    if args.tokens is None:
+        args.tokens = DEFAULT_TOKENS
 
     if args.tokens < 1 or args.expansion <= 0 or args.windows < 1:
         raise UserError("--tokens, --expansion and --windows must be positive")

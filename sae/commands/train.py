@@ -81,7 +81,8 @@ def add_arguments(parser) -> None:
     live.add_argument("--model-batch", type=int, default=8, help="context windows per model forward pass")
     live.add_argument("--buffer-size", default="256MB", help="memory for shuffled activations (e.g. 256MB)")
     live.add_argument("--max-norm-ratio", type=float, default=None, help="drop rows above this × the median norm")
-    live.add_argument("--keep-special", action="store_true", help="keep BOS/EOS/padding rows")
+    live.add_argument("--keep-special-tokens", "--keep-special", dest="keep_special", action="store_true",
+                      help="keep BOS/EOS/padding rows (as collect's --keep-special-tokens)")
     live.add_argument("--save-activations", default=None, metavar="STORE",
                       help="also write the activations seen to a store")
     parse = parser.parse_known_args
@@ -177,9 +178,9 @@ def run(args) -> int:
     device = resolve(args.device)
     dist = distributed.setup(device.type, args.dist_backend)
     try:
-        from sae.store import ActivationStore
         from sae.train import train_on_store
-        store = ActivationStore(args.activations)
+        from sae.interop import open_store
+        store = open_store(args.activations)  # this project's store or a SAELens activation cache
         if args.shard_latents:
             from sae.sharded import train_sharded_on_store
             train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
