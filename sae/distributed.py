@@ -117,6 +117,11 @@ def teardown() -> None:
 
 
 # ---- reduce hooks (no-ops in one process) --------------------------------------------------
+def world_size() -> int:
+    """Ranks taking part in the current group (1 outside torch.distributed or inside local())."""
+    return torch.distributed.get_world_size() if is_active() else 1
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) \
         if torch.distributed.get_backend() == "nccl" else torch.device("cpu")

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae import distributed
+
 
 
 class Selection(NamedTuple):
@@ -72,13 +74,19 @@ def _batch_topk(pre: torch.Tensor, batch_k: int) -> tuple[torch.Tensor, torch.Te
     sample = flat[::stride]                                              # [~65536]
     n_top = min(sample.numel(), max(1, int(2 * batch_k * sample.numel() / flat.numel()) + 1))
     bound = sample.topk(n_top, sorted=False).values.min().clamp_min(0)
+    # Under torch.distributed the batch is the global one: every rank takes candidates above the lowest
+    # rank's bound (so each holds all of its entries above the global k-th value) and the k-th value is
+    # found among all ranks' candidates. In one process both reductions return their input.
+    bound = distributed.reduce_min(bound)
+    global_k = batch_k * distributed.world_size()
     candidates = pre > bound                                             # [batch, d_sae]
     if int(candidates.count_nonzero()) < batch_k:
         candidates = pre > 0
     rows, cols = candidates.nonzero(as_tuple=True)                       # row-major order
     values = pre[rows, cols]
-    if values.numel() > batch_k:
-        kth = values.topk(batch_k, sorted=False).values.min()
+    every_value = distributed.all_gather_cat(values)                      # [n_candidates over all ranks]
+    if every_value.numel() > global_k:
+        kth = every_value.topk(global_k, sorted=False).values.min()
         keep = values >= kth
         rows, cols, values = rows[keep], cols[keep], values[keep]
     counts = torch.bincount(rows, minlength=pre.shape[0])                # [batch]

@@ -35,7 +35,8 @@ TRAIN = ["--tokens", 128 * 24, "--batch-size", 128, "--device", "cpu", "--expans
          "--checkpoint-every", 0, "--dead-after-tokens", 256]
 
 
-@pytest.mark.parametrize("variant,extra", [("relu", ["--noise-std", "0.2", "--mask-prob", "0.1"])])
+@pytest.mark.parametrize("variant,extra", [("relu", ["--noise-std", "0.2", "--mask-prob", "0.1"]),
+                                           ("batchtopk", ["--k", "4"])])  # global k-th value, variance, AuxK
 def test_two_ranks_match_one_process(store, tmp_path, variant, extra):
     single, double = tmp_path / "single", tmp_path / "double"
     one = subprocess.run([sys.executable, "-m", "sae", "train", "--activations", str(store.path), "--variant", variant,

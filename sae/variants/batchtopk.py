@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sae import distributed
 from sae.kernels import Selection, topk_select
 from sae.variants.base import register
 from sae.variants.topk import TopKSAE
@@ -36,6 +37,7 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, values: torch.Tensor) -> None:
         smallest = values.masked_fill(values <= 0, float("inf")).min()          # no host sync
+        smallest = distributed.reduce_min(smallest)                              # the global batch's
         running = THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
         updated = torch.where(self.threshold < 0, smallest, running)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))

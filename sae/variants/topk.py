@@ -14,6 +14,7 @@ from torch import nn
 from sae.errors import UserError
 from sae.kernels import Selection, dense_codes, sparse_decode, topk_select
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register
+from sae.variants.base import total_variance as global_total_variance
 
 
 @register
@@ -68,7 +69,7 @@ class TopKSAE(SAE):
     def losses(self, x_input, x_target, ctx: StepContext):
         """(x_hat, selection, named loss terms with gradients, logged stats)."""
         sel = self.select(x_input, ctx.dead_mask)
-        total_variance = (x_target - x_target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        total_variance = global_total_variance(x_target)  # the global batch's under DDP
         recon, x_hat, stats = self.reconstruction_loss(sel, x_target, total_variance)
         terms = {"recon": recon}
         if sel.aux_indices.shape[1] > 0:
