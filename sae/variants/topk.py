@@ -35,7 +35,9 @@ class TopKSAE(SAE):
 
     def build(self) -> None:
         W_enc, W_dec = kaiming_pair(self.d_in, self.d_sae)
-        self.W_enc = nn.Parameter(W_enc)                        # [d_in, d_sae]
+        # [d_in, d_sae], stored latent-major (a transposed view of [d_sae, d_in]): the sparse backward builds
+        # its gradient latent-major, so autograd accumulates it without a 10 MB transposing copy per step
+        self.W_enc = nn.Parameter(W_enc.t().contiguous().t())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))      # [d_sae]
         self.W_dec = nn.Parameter(W_dec)                        # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))       # [d_in]
