@@ -34,14 +34,22 @@ class Selection(NamedTuple):
     indices: torch.Tensor      # [batch, k] int64 latent ids
     aux_values: torch.Tensor   # [batch, k_aux] AuxK codes among dead latents ([batch, 0] when off)
     aux_indices: torch.Tensor  # [batch, k_aux]
+    order: torch.Tensor        # [batch*k] latent-major permutation of indices.reshape(-1), shared by the backwards
 
 
-def latent_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """The sparse [d_sae, batch] matrix holding values at (indices[b, j], b), as CSR (fp32)."""
+def latent_order(indices: torch.Tensor) -> torch.Tensor:
+    """[batch*k] permutation that sorts indices.reshape(-1) by latent (stable)."""
+    # sorting float keys (exact below 2^24 latents) is many times faster than sorting int64 ones on CPU
+    return torch.sort(indices.reshape(-1).to(torch.float32), stable=True).indices
+
+
+def latent_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
+    """The sparse [d_sae, batch] matrix holding values at (indices[b, j], b), as CSR (fp32).
+    order: latent_order(indices), when the caller already has it."""
     batch, k = indices.shape
     flat = indices.reshape(-1)                                        # [batch*k]
-    # sorting float keys (exact below 2^24 latents) is many times faster than sorting int64 ones on CPU
-    order = torch.sort(flat.to(torch.float32), stable=True).indices
+    order = latent_order(indices) if order is None else order
     rows = flat[order]
     tokens = torch.div(order, k, rounding_mode="floor")               # [batch*k]
     crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
@@ -103,7 +111,7 @@ class _TopKSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, batch_k, aux_mask, k_aux):
         bias = b_enc - b_dec @ W_enc                                    # [d_sae]: (x − b_dec) W + b = x W + bias
-        pre = torch.addmm(bias.to(x.dtype), x, W_enc.to(x.dtype))      # [batch, d_sae]
+        pre = torch.mm(x, W_enc.to(x.dtype)).add_(bias.to(x.dtype))    # [batch, d_sae] (addmm would copy twice)
         if batch_k is not None:
             values, indices = _batch_topk(pre, batch_k)                 # [batch, width]
         else:
@@ -117,21 +125,24 @@ class _TopKSelect(torch.autograd.Function):
         else:
             aux_values = pre.new_zeros(pre.shape[0], 0)
             aux_indices = torch.zeros(pre.shape[0], 0, dtype=torch.int64, device=pre.device)
-        ctx.save_for_backward(x, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return values, indices, aux_values, aux_indices
+        order = latent_order(indices) if torch.is_grad_enabled() or any(ctx.needs_input_grad) else \
+            indices.new_empty(0)
+        ctx.save_for_backward(x, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices, order)
+        ctx.mark_non_differentiable(indices, aux_indices, order)
+        return values, indices, aux_values, aux_indices, order
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
-        x, W_enc, b_dec, live, indices, aux_live, aux_indices = ctx.saved_tensors
+    def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices, _grad_order):
+        x, W_enc, b_dec, live, indices, aux_live, aux_indices, order = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         grads = [(grad_values if grad_values is not None else torch.zeros_like(live, dtype=x.dtype)) * live]
         all_indices = [indices]
         if aux_indices.shape[1] > 0 and grad_aux is not None:
             grads.append(grad_aux * aux_live)
             all_indices.append(aux_indices)
-        grad_sel = torch.cat(grads, dim=1).float()                      # [batch, k (+ k_aux)]
-        sel = torch.cat(all_indices, dim=1)
+        grad_sel = torch.cat(grads, dim=1).float() if len(grads) > 1 else grads[0].float()  # [batch, k (+ k_aux)]
+        sel = torch.cat(all_indices, dim=1) if len(all_indices) > 1 else indices
+        order = order if len(all_indices) == 1 and order.numel() == sel.numel() else None
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         grad_b = torch.zeros(d_sae, device=x.device).index_add_(0, sel.reshape(-1), grad_sel.reshape(-1))
         if ctx.needs_input_grad[0]:    # rarely wanted: the input is data
@@ -139,7 +150,7 @@ class _TopKSelect(torch.autograd.Function):
                                      per_sample_weights=grad_sel).to(x.dtype)            # [batch, d_in]
         if ctx.needs_input_grad[1]:    # ∂/∂W of x W − b_dec W: (x − b_dec) ⊗ grad, only at selected entries
             centred = x.float() - b_dec.float()                                             # [batch, d_in]
-            grad_W = (latent_major(grad_sel, sel, d_sae) @ centred).t().to(W_enc.dtype)     # [d_in, d_sae]
+            grad_W = (latent_major(grad_sel, sel, d_sae, order) @ centred).t().to(W_enc.dtype)  # [d_in, d_sae]
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_b.to(W_enc.dtype)
         if ctx.needs_input_grad[3]:
@@ -164,13 +175,14 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W_dec):
-        ctx.save_for_backward(values, indices, W_dec)
+    def forward(ctx, values, indices, W_dec, order):
+        ctx.save_for_backward(values, indices, W_dec, order)
         return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values.to(W_dec.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, W_dec = ctx.saved_tensors
+        values, indices, W_dec, order = ctx.saved_tensors
+        order = order if order.numel() == indices.numel() else None
         d_sae = W_dec.shape[0]
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
@@ -178,15 +190,19 @@ class _SparseDecode(torch.autograd.Function):
             sampled = torch.sparse.sampled_addmm(pattern, grad_out.float(), W_dec.t().float(), beta=0.0)
             grad_values = sampled.values().view_as(values).to(values.dtype)            # [batch, k]
         if ctx.needs_input_grad[2]:
-            grad_W = (latent_major(values, indices, d_sae) @ grad_out.float()).to(W_dec.dtype)  # [d_sae, d_in]
-        return grad_values, None, grad_W
+            grad_W = (latent_major(values, indices, d_sae, order) @ grad_out.float()).to(W_dec.dtype)  # [d_sae, d_in]
+        return grad_values, None, grad_W, None
 
 
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[b, j] · W_dec[indices[b, j]]  ->  [batch, d_in] (no bias)."""
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j values[b, j] · W_dec[indices[b, j]]  ->  [batch, d_in] (no bias).
+    order: latent_order(indices) when known (a Selection carries it), saving a sort in the backward."""
     if indices.shape[1] == 0:
         return values.new_zeros(values.shape[0], W_dec.shape[1])
-    return _SparseDecode.apply(values, indices, W_dec)
+    if order is None:
+        order = indices.new_empty(0)
+    return _SparseDecode.apply(values, indices, W_dec, order)
 
 
 def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:

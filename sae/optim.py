@@ -35,14 +35,19 @@ class Adam:
         live = [p for p in self.params if p.grad is not None]
         if not live:
             return
+        originals = list(live)
         self.steps += 1
         beta1, beta2 = self.betas
         grads = [p.grad for p in live]
         exp_avg = [self.state[p]["exp_avg"] for p in live]
         exp_avg_sq = [self.state[p]["exp_avg_sq"] for p in live]
+        # a parameter stored transposed (e.g. a latent-major encoder) is updated through its contiguous
+        # transpose: Adam is elementwise, and the fused kernel would otherwise copy it in and out
+        live, grads, exp_avg, exp_avg_sq = ([_contiguous_view(t) for t in group]
+                                            for group in (live, grads, exp_avg, exp_avg_sq))
         if _FUSED and all(p.dtype == torch.float32 for p in live):
             # one pass over each tensor; the step counts live on the parameters' devices (no host sync)
-            steps = [self._step_tensor(p) for p in live]
+            steps = [self._step_tensor(p) for p in originals]
             torch._foreach_add_(steps, 1.0)
             torch._fused_adam_(live, grads, exp_avg, exp_avg_sq, [], steps, lr=self.lr, beta1=beta1, beta2=beta2,
                                weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
@@ -77,3 +82,10 @@ class Adam:
             self.state[p].pop("step", None)
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[p][key].copy_(tensors[f"optim.{index}.{key}"])
+
+
+def _contiguous_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or its transpose when that is contiguous and the tensor is not (same storage)."""
+    if tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous():
+        return tensor.t()
+    return tensor

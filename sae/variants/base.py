@@ -177,7 +177,8 @@ class SAE(nn.Module):
         """Project out the gradient component parallel to each (unit) decoder row."""
         if self.unit_norm_decoder and hasattr(self, "W_dec") and self.W_dec.grad is not None:
             grad, rows = self.W_dec.grad, self.W_dec
-            grad.sub_((grad * rows).sum(dim=1, keepdim=True) * rows)
+            parallel = torch.einsum("ij,ij->i", grad, rows)        # [d_sae] component along each unit row
+            grad.addcmul_(parallel[:, None], rows, value=-1.0)
 
     @torch.no_grad()
     def revive(self, dead_mask: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> int:

@@ -58,7 +58,7 @@ class TopKSAE(SAE):
     # ---- loss ------------------------------------------------------------------------------------
     def reconstruction_loss(self, sel: Selection, x_target: torch.Tensor, total_variance: torch.Tensor):
         """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats)."""
-        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec) + self.b_dec   # [batch, d_in]
+        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order) + self.b_dec   # [batch, d_in]
         return (x_hat - x_target).pow(2).sum() / total_variance, x_hat, {}
 
     def auxk_loss(self, sel: Selection, x_target: torch.Tensor, x_hat: torch.Tensor,
