@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", metavar="VARIANT:KNOB=VALUE", help="a knob for one variant")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--keep-runs", metavar="DIR", help="keep the run folders under DIR (default: a temporary folder)")
     args = parser.parse_args()
     args.extra = parse_extra(args.set)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
@@ -137,8 +139,11 @@ def main() -> None:
           f"{gflops:,.1f} GFLOP/s")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
+        runs_dir = Path(args.keep_runs) if args.keep_runs else Path(scratch)
         for name in names:
-            row = train_one(name, store_path, Path(scratch) / name, args)
+            if (runs_dir / name).exists():
+                shutil.rmtree(runs_dir / name)
+            row = train_one(name, store_path, runs_dir / name, args)
             if "error" not in row:
                 flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
                 limit = gflops * 1e9 / flops

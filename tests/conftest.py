@@ -90,3 +90,14 @@ def tiny_llama_dir(tmp_path_factory):
     loaded.model.save_pretrained(str(folder))
     loaded.tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, smollm2):
+    """A few thousand real SmolLM2 layer-6 resid_post activations on BBC, collected once per test run."""
+    from sae.collect import CollectOptions, collect
+    out = tmp_path_factory.mktemp("real") / "store"
+    collect(CollectOptions(model="smollm2", dataset="bbc", layers=[6], site="resid_post", out=out, tokens=12_288,
+                           context_size=128, batch_size=8, progress=False), loaded=smollm2)
+    from sae.store import ActivationStore
+    return ActivationStore(out)

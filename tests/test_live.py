@@ -134,8 +134,9 @@ def test_no_held_out_document_reaches_training(tiny, tmp_path, monkeypatch):
 
     # held-out rows after 8 tokens of context: equal only if the 8-token prefix were equal too
     to_held, to_train = nearest(trained, rows(held, skip=8)), nearest(trained, rows(train))
+    # a leaked row matches to float rounding (≤ 1e-4 here); the nearest distinct context is ~1e-2 away
     assert float(to_train.max()) < 1e-3             # every trained row is a training-window activation
-    assert float(to_held.min()) > 1e-2              # and none is a held-out one
+    assert float(to_held.min()) > 3e-3              # and none is a held-out one
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):

@@ -225,3 +225,29 @@ def test_linear_exposes_its_tied_encoder():
     x = torch.randn(5, 16)
     assert torch.allclose(model.encode_scaled(x), x @ model.W_enc + model.b_enc, atol=1e-6)
     assert set(model.state_dict()) == {"W_dec", "b_dec", "input_scale"}
+
+
+def test_linear_matches_pca_on_real_activations(smollm2_store, tmp_path):
+    """Baldi & Hornik on real data: gradient-trained `linear` reaches PCA's held-out FVU at the same width."""
+    from sae.train import TrainOptions, train_on_store
+
+    store = smollm2_store
+    train_x = torch.cat(list(store.activations(split="train")))        # [n_train, 576]
+    held_x = torch.cat(list(store.activations(split="held_out")))      # [n_held, 576]
+    assert len(held_x) > 200
+    d_sae = store.d_model // 8
+    mean = train_x.mean(dim=0)
+    _, _, v = torch.linalg.svd(train_x - mean, full_matrices=False)
+    basis = v[:d_sae]                                                  # [d_sae, 576] top principal axes
+    centred = held_x - mean
+    pca_hat = centred @ basis.T @ basis + mean
+    total = (held_x - held_x.mean(dim=0)).pow(2).sum()
+    pca_fvu = float((held_x - pca_hat).pow(2).sum() / total)
+
+    options = TrainOptions(tokens=1024 * 400, batch_size=1024, device="cpu", eval_rows=0, checkpoint_every=0)
+    train_on_store(store, "linear", tmp_path / "linear", options, progress=False)
+    model = sae.load(tmp_path / "linear")
+    with torch.no_grad():
+        linear_fvu = float((held_x - model.decode(model.encode(held_x))).pow(2).sum() / total)
+    assert pca_fvu < 0.9
+    assert abs(linear_fvu - pca_fvu) <= 0.01, (linear_fvu, pca_fvu)
