@@ -53,6 +53,16 @@ def test_train_writes_a_loadable_run(store, tmp_path):
     assert json.loads(lines[-1])["step"] == 8
 
 
+def test_codebook_size_sets_the_vq_codebook(store, tmp_path):
+    status, err = cli("train", "--activations", store.path, "--variant", "vq", "--out", tmp_path / "vq", *BASIC,
+                      "--codebook-size", 24)
+    assert status == 0, err
+    model = sae.load(tmp_path / "vq")
+    assert model.d_sae == 24 and model.W_dec.shape == (24, 16)
+    codes = model.encode(store.rows(None, torch.arange(100)))
+    assert torch.equal(codes.sum(dim=1), torch.ones(100))  # one-hot over the 24 codes
+
+
 def _foreign_knob(variant):
     """A knob some registered variant takes but `variant` does not."""
     for name in variants.names():
@@ -86,7 +96,7 @@ def test_bad_inputs_are_one_clear_line(store, tmp_path):
 @pytest.mark.parametrize("variant,args,message", [
     ("vq", ["--codebook-size", 0], "codebook"), ("l1", ["--l1-coefficient", -1], "l1-coefficient"),
     ("linear", ["--d-sae", 64], "d_sae"), ("topk", ["--k", 0], "k"), ("topk", ["--k", 500], "k"),
-    ("jumprelu", ["--bandwidth", 0], "bandwidth"),
+    ("jumprelu", ["--bandwidth", 0], "bandwidth"), ("topk", ["--codebook-size", 64], "only to the variant vq"),
 ])
 def test_nonsense_variant_values(store, tmp_path, variant, args, message):
     if variant not in variants.names():

@@ -49,6 +49,7 @@ def add_arguments(parser) -> None:
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--expansion", type=float, default=None, help="d_sae = expansion × d_in (default 8)")
     width.add_argument("--d-sae", type=int, default=None, help="number of latents (codebook size for vq)")
+    width.add_argument("--codebook-size", type=int, default=None, help="vq only: the codebook size (= --d-sae)")
     parser.add_argument("--tokens", type=int, default=None, help="training budget in tokens (default 524,288)")
     parser.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (default: scaled with d_sae)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -166,6 +167,14 @@ def run(args) -> int:
     from sae.devices import resolve
     variants.get(args.variant)  # unknown variant: list the valid ones
     knobs = given_knobs(args, args.variant)
+    if args.codebook_size is not None:
+        if args.variant != "vq":
+            raise UserError(f"--codebook-size applies only to the variant vq, not {args.variant} (use --d-sae)")
+        if args.codebook_size <= 0:
+            raise UserError(f"--codebook-size must be positive, got {args.codebook_size}")
+        args.d_sae = args.codebook_size
+    if args.d_sae is not None and args.d_sae <= 0:
+        raise UserError(f"--d-sae must be positive, got {args.d_sae}")
     if args.expansion is not None and not args.expansion > 0:
         raise UserError(f"--expansion must be positive, got {args.expansion}")
     options = options_from_args(args)
