@@ -26,10 +26,13 @@ class ReLUAutoencoder(SAE):
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))      # [d_in]
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc        # [batch, d_sae]
+        # x W + (b_enc − b_dec W): the bias folded first, so the [batch, d_sae] result is touched once
+        bias = self.b_enc - self.b_dec @ self.W_enc              # [d_sae]
+        return torch.mm(x, self.W_enc).add_(bias)                # [batch, d_sae]
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.pre_acts(x))
+        pre = self.pre_acts(x)
+        return pre.relu_() if not torch.is_grad_enabled() else torch.relu(pre)
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_dec                   # [batch, d_in]
