@@ -79,10 +79,14 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
         super().init_from_data(x)
+        self.log_threshold.copy_(self.sparse_start_log_threshold(self.pre_acts(x)))
+
+    @torch.no_grad()
+    def sparse_start_log_threshold(self, pre: torch.Tensor) -> torch.Tensor:
+        """[n, m] pre-activations -> [m] log θ at which each latent fires on about min(64, d_sae/4)/d_sae of them."""
         rate = min(0.25, INITIAL_L0 / self.d_sae)
-        pre = self.pre_acts(x)                                    # [n, d_sae]
         rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
-        self.log_threshold.copy_(pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log())
+        return pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log()
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -112,5 +116,8 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def revive(self, dead_mask, x, x_hat) -> int:
         revived = super().revive(dead_mask, x, x_hat)
-        self.log_threshold[dead_mask] = float(torch.tensor(INITIAL_THRESHOLD).log())
+        if revived:
+            # a revived latent starts as sparse as a fresh one: a fixed small θ would let it fire on a large
+            # share of tokens at once, and many such latents blow the reconstruction up
+            self.log_threshold[dead_mask] = self.sparse_start_log_threshold(self.pre_acts(x)[:, dead_mask])
         return revived
