@@ -6,7 +6,6 @@ corpus holding `<script>` or `<img onerror=…>` shows them as text. The result 
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Sequence
 
@@ -32,14 +31,6 @@ def md(text) -> str:
     return _MARKDOWN.sub(r"\\\1", "" if text is None else str(text)).replace("\n", " ")
 
 
-def _finite(value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return value if math.isfinite(value) else 0.0
-
-
 def shade_tokens(tokens: Sequence[str], values: Sequence[float], scale: float | None = None,
                  center: int | None = None, titles: Sequence[str] | None = None,
                  prefix: str | None = None) -> str:
@@ -50,28 +41,20 @@ def shade_tokens(tokens: Sequence[str], values: Sequence[float], scale: float | 
     (default: max |value|); center: index of the token the example is about (outlined);
     prefix: plain text shown before the tokens (e.g. the example's activation).
     """
-    values = [_finite(v) for v in values]
+    values = [shared.finite(v) for v in values]
     if len(values) != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {len(values)} values")
     if scale is None or not scale > 0:
         scale = max((abs(v) for v in values), default=0.0)
     head = f'<span class="sae-val">{escape(prefix)}</span>' if prefix is not None else ""
-    if titles is None:
-        body = shared.shade_tokens(tokens, values, scale, center=center)
-    else:
-        spans = []
-        for index, (token, value) in enumerate(zip(tokens, values)):
-            css = "tok center" if index == center else "tok"
-            spans.append(f'<span class="{css}" style="background:{shared.shade_colour(value, scale)}" '
-                         f'title="{escape(titles[index])}">{shared.visible_token(token)}</span>')
-        body = "".join(spans)
+    body = shared.shade_tokens(tokens, values, scale, center=center, titles=titles)
     return f'<div class="ctx sae-ex">{head}{body}</div>'
 
 
 def chips(tokens: Sequence[str], values: Sequence[float], positive: bool = True) -> str:
     """Promoted (green) or suppressed (red) tokens with their logit effect on hover."""
     rgb = "0,160,60" if positive else "220,40,40"
-    values = [_finite(v) for v in values]
+    values = [shared.finite(v) for v in values]
     scale = max((abs(v) for v in values), default=0.0) or 1.0
     spans = [f'<span class="sae-chip" style="background:rgba({rgb},{0.15 + 0.6 * abs(v) / scale:.3f})" '
              f'title="{v:+.4g}">{escape(t)}</span>' for t, v in zip(tokens, values)]

@@ -125,8 +125,7 @@ class _TopKSelect(torch.autograd.Function):
         else:
             aux_values = pre.new_zeros(pre.shape[0], 0)
             aux_indices = torch.zeros(pre.shape[0], 0, dtype=torch.int64, device=pre.device)
-        order = latent_order(indices) if torch.is_grad_enabled() or any(ctx.needs_input_grad) else \
-            indices.new_empty(0)
+        order = latent_order(indices) if any(ctx.needs_input_grad) else indices.new_empty(0)  # for the backwards
         ctx.save_for_backward(x, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices, order)
         ctx.mark_non_differentiable(indices, aux_indices, order)
         return values, indices, aux_values, aux_indices, order

@@ -35,7 +35,8 @@ def visible_token(token) -> str:
     return escape(text)
 
 
-def _finite(value) -> float:
+def finite(value) -> float:
+    """float(value), or 0.0 where it is not a finite number."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -45,27 +46,28 @@ def _finite(value) -> float:
 
 def shade_colour(act: float, max_act: float) -> str:
     """CSS background colour for one code: opacity |act| / max_act, orange above 0, blue below."""
-    act, max_act = _finite(act), abs(_finite(max_act))
+    act, max_act = finite(act), abs(finite(max_act))
     strength = 0.0 if max_act <= 0 else min(1.0, abs(act) / max_act)
     r, g, b = POSITIVE_RGB if act >= 0 else NEGATIVE_RGB
     return f"rgba({r},{g},{b},{strength:.2f})"
 
 
 def shade_tokens(tokens: Sequence, acts: Sequence, max_act: float, center: int | None = None,
-                 show_values: bool = True, css_class: str = "tok") -> str:
+                 show_values: bool = True, css_class: str = "tok", titles: Sequence | None = None) -> str:
     """Tokens as <span>s shaded by activation. tokens and acts have the same length.
 
     tokens: decoded token strings (escaped here); acts: this feature's code on each token;
     max_act: the activation that gets full colour (the feature's max); center: index to outline.
-    show_values adds a hover title with the code.
+    show_values adds a hover title with the code; titles (escaped here) replace those hover texts.
     """
     if len(tokens) != len(acts):
         raise ValueError(f"{len(tokens)} tokens but {len(acts)} activations")
     pieces = []
     for i, (token, act) in enumerate(zip(tokens, acts)):
-        value = _finite(act)
+        value = finite(act)
         classes = css_class + (" center" if center is not None and i == center else "")
-        title = f' title="{value:.3g}"' if show_values else ""
+        title = f' title="{escape(titles[i])}"' if titles is not None else \
+            (f' title="{value:.3g}"' if show_values else "")
         pieces.append(f'<span class="{classes}" style="background:{shade_colour(value, max_act)}"{title}>'
                       f"{visible_token(token)}</span>")
     return "".join(pieces)
@@ -101,6 +103,6 @@ def value_table(tokens: Sequence, values: Sequence[float], positive: bool = True
     """A two-column table of (token, value), e.g. promoted or suppressed logits; all text escaped."""
     colour = "#1a7f37" if positive else "#c4302b"
     rows = "".join(f'<tr><td><code class="tok">{visible_token(t)}</code></td>'
-                   f'<td style="color:{colour};text-align:right">{_finite(v):+.3f}</td></tr>'
+                   f'<td style="color:{colour};text-align:right">{finite(v):+.3f}</td></tr>'
                    for t, v in zip(tokens, values))
     return f'<table class="vals">{rows}</table>'

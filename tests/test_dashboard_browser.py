@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,17 +37,12 @@ def free_port() -> int:
 
 
 def wait_healthy(port: int, process, log: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the dashboard exited early:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as reply:
-                if reply.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the dashboard did not come up in {timeout}s:\n{log.read_text()[-3000:]}")
+    from dashboard import snapshot
+    try:
+        snapshot.wait_healthy(f"http://localhost:{port}", timeout, alive=lambda: process.poll() is None)
+    except RuntimeError:
+        how = "exited early" if process.poll() is not None else f"did not come up in {timeout}s"
+        raise AssertionError(f"the dashboard {how}:\n{log.read_text()[-3000:]}") from None
 
 
 @pytest.fixture(scope="module")

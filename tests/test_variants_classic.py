@@ -11,64 +11,15 @@ from sae.variants import create
 from sae.variants.base import StepContext
 from sae.variants.kl import kl_sparsity
 from sae.variants.vae import gaussian_kl
+from variant_fitting import fit as _fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse fixture)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and the shared machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+def fit(model, x, **options):
+    """The shared loop with each variant's default input corruption (denoising's noise)."""
+    return _fit(model, x, corrupt=True, **options)
 
 
 CLASSIC = ["linear", "relu", "l1", "kl", "denoising", "contractive", "vae", "vq"]
-
-
-def sparse_data(n=3072, d_in=32, n_atoms=96, active=4, seed=0):
-    """Activation-shaped data: a large mean, sparse non-negative mixtures of random atoms, small noise."""
-    gen = torch.Generator().manual_seed(seed)
-    atoms = torch.randn(n_atoms, d_in, generator=gen)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    coeffs = torch.rand(n, n_atoms, generator=gen) * 3
-    keep = torch.rand(n, n_atoms, generator=gen).argsort(dim=1) < active
-    x = (coeffs * keep) @ atoms + torch.randn(d_in, generator=gen)
-    return x + 0.05 * torch.randn(n, d_in, generator=gen)
-
-
-def fit(model, x, steps=150, batch=128, lr=3e-3, seed=0, dead_after=None):
-    """A bare training loop: scale to mean norm √d_in, init from data, Adam, warm-up, unit-norm decoder."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.input_scale.fill_(math.sqrt(x.shape[1]) / x.norm(dim=1).mean())
-    scaled = x * model.input_scale
-    model.init_from_data(scaled[:1024])
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    last_fired = torch.zeros(model.d_sae)
-    losses = []
-    for step in range(steps):
-        target = scaled[torch.randint(len(x), (batch,), generator=gen)]
-        noisy = target + model.default_noise_std * torch.randn_like(target)
-        dead = None
-        if dead_after is not None:
-            dead = (step * batch - last_fired) >= dead_after
-        ctx = StepContext(step=step, progress=step / steps, sparsity_scale=min(1.0, step / (0.1 * steps)),
-                          dead_mask=dead)
-        out = model.training_loss(noisy, target, ctx)
-        optimiser.zero_grad()
-        out.loss.backward()
-        model.remove_parallel_gradient()
-        optimiser.step()
-        model.normalize_decoder()
-        if out.fire_counts is not None:
-            last_fired[out.fire_counts > 0] = (step + 1) * batch
-        losses.append(float(out.loss.detach()))
-    return model.eval(), losses
-
-
-def fvu(model, x):
-    with torch.no_grad():
-        x_hat = model.decode(model.encode(x))
-    return float((x_hat - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
 
 
 @pytest.mark.parametrize("name", CLASSIC)

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from sae import distributed
 from sae.errors import UserError
 
 REGISTRY: dict[str, type["SAE"]] = {}
@@ -239,7 +240,6 @@ def total_variance(x: torch.Tensor) -> torch.Tensor:
     """Σ‖x − mean(x)‖² of the batch, no gradient. Under torch.distributed: the *global* batch's, divided by
     the world size, so that DDP's averaged gradients of Σ_local‖x − x̂‖² / total_variance equal those of a
     single process on the whole batch. In one process it is the plain batch variance sum."""
-    from sae import distributed
     x = x.detach()
     if not distributed.is_active():
         return (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
