@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("SAE_DEBUG") == "1"
+    from sae.devices import keep_freed_memory
+    keep_freed_memory()  # the commands' big per-batch temporaries reuse memory instead of page-faulting
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -19,6 +19,8 @@ values/indices [batch, k] (values ≥ 0; a slot with value 0 contributes nothing
 """
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from typing import NamedTuple
 
@@ -39,22 +41,24 @@ class Selection(NamedTuple):
 
 def latent_order(indices: torch.Tensor) -> torch.Tensor:
     """[batch*k] permutation that sorts indices.reshape(-1) by latent (stable)."""
-    # sorting float keys (exact below 2^24 latents) is many times faster than sorting int64 ones on CPU
-    return torch.sort(indices.reshape(-1).to(torch.float32), stable=True).indices
+    # int32 keys sort several times faster than int64 or float ones on CPU (radix sort)
+    return torch.sort(indices.reshape(-1).to(torch.int32), stable=True).indices
 
 
-def latent_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int,
-                 order: torch.Tensor | None = None) -> torch.Tensor:
-    """The sparse [d_sae, batch] matrix holding values at (indices[b, j], b), as CSR (fp32).
-    order: latent_order(indices), when the caller already has it."""
+def latent_major_product(weights: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor, d_sae: int,
+                         order: torch.Tensor | None = None) -> torch.Tensor:
+    """Sᵀ · dense -> [d_sae, n_cols], where S [batch, d_sae] is sparse with weights[b, j] at (b, indices[b, j]).
+
+    Row l sums weights[b, j] · dense[b] over the selections of latent l: one `embedding_bag` over the
+    latent-sorted selections, a bag per latent (an empty bag is a zero row), reading only the k selected
+    rows of dense per token. order: latent_order(indices), when the caller already has it."""
     batch, k = indices.shape
-    flat = indices.reshape(-1)                                        # [batch*k]
     order = latent_order(indices) if order is None else order
-    rows = flat[order]
-    tokens = torch.div(order, k, rounding_mode="floor")               # [batch*k]
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
-    crow[1:] = torch.bincount(rows, minlength=d_sae).cumsum(0)
-    return _csr(crow, tokens, values.reshape(-1)[order].float(), (d_sae, batch))
+    tokens = torch.div(order, k, rounding_mode="floor")                 # [batch*k] token of each sorted selection
+    counts = torch.bincount(indices.reshape(-1), minlength=d_sae)       # [d_sae]
+    offsets = counts.cumsum(0) - counts                                  # [d_sae] first selection of each latent
+    return F.embedding_bag(tokens, dense, offsets, mode="sum",
+                           per_sample_weights=weights.reshape(-1)[order].to(dense.dtype))
 
 
 def token_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -62,6 +66,38 @@ def token_major(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torc
     batch, k = indices.shape
     crow = torch.arange(0, batch * k + 1, k, device=indices.device)
     return _csr(crow, indices.reshape(-1), values.reshape(-1).float(), (batch, d_sae))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_count(width: int, k: int) -> int | None:
+    """How many strided blocks topk_rows splits a row of `width` into: a divisor of width near √(k·width),
+    above k, leaving candidates (k blocks) of at most a quarter of the row; None when no divisor fits."""
+    target = math.sqrt(k * width)
+    fits = [n for n in range(k + 1, width // 2 + 1) if width % n == 0 and k * (width // n) * 4 <= width]
+    return min(fits, key=lambda n: abs(math.log(n / target))) if fits else None
+
+
+def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [n, k] of the k largest entries of each row of pre [n, width] (unsorted): the same
+    values as torch.topk, found from a candidate set about a tenth of the row.
+
+    The row is cut into `blocks` strided blocks (block j: columns j, j + blocks, …). Let t be the k-th
+    largest block maximum. The k blocks with the largest maxima hold k entries ≥ t, so the row's k-th
+    largest value v is ≥ t, and every entry ≥ v lies in a block whose maximum is ≥ v ≥ t: in one of those
+    k blocks (ties at t aside, where any k such blocks already hold k entries ≥ v). The top k of the
+    k·width/blocks candidates are therefore the row's top k. torch.topk's cost grows with the row width,
+    so two small top-ks plus a strided max beat one wide one several times over."""
+    n, width = pre.shape
+    blocks = _block_count(width, k)
+    if blocks is None or not pre.is_contiguous():
+        return pre.topk(k, dim=1, sorted=False)
+    block = width // blocks
+    maxima = pre.view(n, block, blocks).amax(dim=1)                       # [n, blocks]
+    best_blocks = maxima.topk(k, dim=1, sorted=False).indices             # [n, k]
+    offsets = torch.arange(0, width, blocks, device=pre.device)           # [block]
+    columns = (best_blocks[:, None, :] + offsets[None, :, None]).reshape(n, block * k)  # [n, block*k]
+    values, slots = pre.gather(1, columns).topk(k, dim=1, sorted=False)   # [n, k]
+    return values, columns.gather(1, slots)
 
 
 def _csr(crow, cols, values, size):
@@ -115,7 +151,7 @@ class _TopKSelect(torch.autograd.Function):
         if batch_k is not None:
             values, indices = _batch_topk(pre, batch_k)                 # [batch, width]
         else:
-            values, indices = pre.topk(k, dim=1, sorted=False)         # [batch, k]
+            values, indices = topk_rows(pre, k)                         # [batch, k]
             values = values.clamp_min(0)
         if aux_mask is not None and k_aux > 0:
             candidates = aux_mask.reshape(-1).nonzero().squeeze(1)     # [n_dead] latent ids
@@ -149,7 +185,7 @@ class _TopKSelect(torch.autograd.Function):
                                      per_sample_weights=grad_sel).to(x.dtype)            # [batch, d_in]
         if ctx.needs_input_grad[1]:    # ∂/∂W of x W − b_dec W: (x − b_dec) ⊗ grad, only at selected entries
             centred = x.float() - b_dec.float()                                             # [batch, d_in]
-            grad_W = (latent_major(grad_sel, sel, d_sae, order) @ centred).t().to(W_enc.dtype)  # [d_in, d_sae]
+            grad_W = latent_major_product(grad_sel, sel, centred, d_sae, order).t().to(W_enc.dtype)  # [d_in, d_sae]
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_b.to(W_enc.dtype)
         if ctx.needs_input_grad[3]:
@@ -174,8 +210,9 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W_dec, order):
+    def forward(ctx, values, indices, W_dec, order, unit_rows):
         ctx.save_for_backward(values, indices, W_dec, order)
+        ctx.unit_rows = unit_rows
         return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values.to(W_dec.dtype))
 
     @staticmethod
@@ -184,24 +221,36 @@ class _SparseDecode(torch.autograd.Function):
         order = order if order.numel() == indices.numel() else None
         d_sae = W_dec.shape[0]
         grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:
+        sampled = None
+        if ctx.needs_input_grad[0] or (ctx.needs_input_grad[2] and ctx.unit_rows):
             pattern = token_major(torch.ones_like(values), indices, d_sae)
             sampled = torch.sparse.sampled_addmm(pattern, grad_out.float(), W_dec.t().float(), beta=0.0)
-            grad_values = sampled.values().view_as(values).to(values.dtype)            # [batch, k]
+            sampled = sampled.values().view_as(values)                   # [batch, k]: grad_out[b] · W_dec[idx[b, j]]
+        if ctx.needs_input_grad[0]:
+            grad_values = sampled.to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = (latent_major(values, indices, d_sae, order) @ grad_out.float()).to(W_dec.dtype)  # [d_sae, d_in]
-        return grad_values, None, grad_W, None
+            grad_W = latent_major_product(values, indices, grad_out.float(), d_sae, order)  # [d_sae, d_in]
+            if ctx.unit_rows:
+                # grad_W[l] · W_dec[l] = Σ over l's selections of values · sampled: the parallel part for free
+                parallel = torch.zeros(d_sae, device=grad_W.device).index_add_(
+                    0, indices.reshape(-1), (values.float() * sampled).reshape(-1))   # [d_sae]
+                grad_W.addcmul_(parallel[:, None], W_dec.float(), value=-1.0)
+            grad_W = grad_W.to(W_dec.dtype)
+        return grad_values, None, grad_W, None, None
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
-                  order: torch.Tensor | None = None) -> torch.Tensor:
+                  order: torch.Tensor | None = None, unit_rows: bool = False) -> torch.Tensor:
     """Σ_j values[b, j] · W_dec[indices[b, j]]  ->  [batch, d_in] (no bias).
-    order: latent_order(indices) when known (a Selection carries it), saving a sort in the backward."""
+    order: latent_order(indices) when known (a Selection carries it), saving a sort in the backward.
+    unit_rows: W_dec's rows have unit norm and their gradient should not change that norm: the backward
+    removes each row's gradient component along the row (what SAE.remove_parallel_gradient does on the
+    dense gradient), from the dot products it computes anyway."""
     if indices.shape[1] == 0:
         return values.new_zeros(values.shape[0], W_dec.shape[1])
     if order is None:
         order = indices.new_empty(0)
-    return _SparseDecode.apply(values, indices, W_dec, order)
+    return _SparseDecode.apply(values, indices, W_dec, order, bool(unit_rows))
 
 
 def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:

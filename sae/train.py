@@ -433,7 +433,8 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
 
     total, batch = trainer.total_steps, options.batch_size
     started = time.perf_counter()
-    batches = store.train_batches(layer, batch, options.seed, trainer.step_count, dist.rank, dist.world_size)
+    batches = store.train_batches(layer, batch, options.seed, trainer.step_count, dist.rank, dist.world_size,
+                                  prefetch=4 if trainer.device.type == "cuda" else 0)
     bar = tqdm(total=total * batch, initial=trainer.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc=f"train {variant}", disable=(not progress) or (not dist.is_main) or None, file=sys.stderr)
     pin = trainer.device.type == "cuda"

@@ -1,7 +1,9 @@
 """The sparse TopK kernels against dense autograd: same forward, gradients equal to 1e-5 relative."""
 import torch
 
-from sae.kernels import dense_codes, sparse_decode, topk_select
+import pytest
+
+from sae.kernels import _block_count, dense_codes, sparse_decode, topk_rows, topk_select
 
 
 def _relative(a, b):
@@ -104,3 +106,36 @@ def test_batch_topk_is_exact_when_one_token_owns_many():
     pre = torch.relu(x @ W_enc + b_enc)
     want = pre >= pre.reshape(-1).topk(40).values.min()
     assert torch.equal(codes > 0, want) and int(want[0].sum()) > 2
+
+
+@pytest.mark.parametrize("width, k", [(96, 7), (4608, 32), (1024, 16), (97, 5), (60, 20)])
+def test_topk_rows_equals_torch_topk(width, k):
+    gen = torch.Generator().manual_seed(width + k)
+    pre = torch.randn(64, width, generator=gen)
+    pre[1] = 0.5                                        # a row of ties
+    pre[2] = torch.randint(0, 4, (width,), generator=gen).float()   # many ties at the k-th value
+    pre[3, : width // 2] = -1e9                         # the top k packed in one half of the row
+    values, indices = topk_rows(pre, k)
+    want = pre.topk(k, dim=1).values                    # sorted, for comparison
+    assert torch.equal(values.sort(dim=1, descending=True).values, want)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all())   # k distinct latents a row
+    if (width, k) in ((96, 7), (4608, 32)):
+        assert _block_count(width, k) is not None       # the prefilter ran, not the fallback
+
+
+def test_unit_rows_decode_removes_the_parallel_gradient():
+    x, W_enc, b_enc, W_dec, target, _ = _problem(seed=4)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    sel = topk_select(x, W_enc, b_enc, 6)
+    values = sel.values.detach()
+
+    def decoded(W, unit_rows):
+        return (sparse_decode(values, sel.indices, W, unit_rows=unit_rows) - target).pow(2).sum()
+
+    plain, = _grads(lambda W: decoded(W, False), [W_dec])
+    projected, = _grads(lambda W: decoded(W, True), [W_dec])
+    want = plain - (plain * W_dec).sum(dim=1, keepdim=True) * W_dec     # the dense projection
+    assert _relative(projected, want) < 1e-5                             # the backward works in fp32
+    assert float((projected * W_dec).sum(dim=1).abs().max()) < 1e-5 * float(plain.norm())
+    assert _relative(plain, want) > 1e-3                                 # the projection did something

@@ -178,7 +178,7 @@ class SAE(nn.Module):
         """Project out the gradient component parallel to each (unit) decoder row."""
         if self.unit_norm_decoder and hasattr(self, "W_dec") and self.W_dec.grad is not None:
             grad, rows = self.W_dec.grad, self.W_dec
-            parallel = torch.einsum("ij,ij->i", grad, rows)        # [d_sae] component along each unit row
+            parallel = (grad * rows).sum(dim=1)                   # [d_sae] component along each unit row (einsum: a slow bmm)
             grad.addcmul_(parallel[:, None], rows, value=-1.0)
 
     @torch.no_grad()

@@ -58,8 +58,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         start, per_group = 0, []
         for end in self.group_ends:
             in_group = (sel.indices >= start) & (sel.indices < end)                  # [batch, width]
-            x_hat = x_hat + sparse_decode(sel.values * in_group, sel.indices, self.W_dec, sel.order)
+            x_hat = x_hat + sparse_decode(sel.values * in_group, sel.indices, self.W_dec, sel.order,
+                                          unit_rows=True)
             per_group.append((x_hat - x_target).pow(2).sum() / total_variance)
             start = end
         terms = {f"fvu_group{i}": fvu.detach() for i, fvu in enumerate(per_group)}
+        terms["fvu"] = per_group[-1].detach()                                         # the whole dictionary's
         return torch.stack(per_group).mean(), x_hat, terms

@@ -55,16 +55,21 @@ class TopKSAE(SAE):
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.W_dec + self.b_dec
 
+    def remove_parallel_gradient(self) -> None:
+        """Nothing to do: every decoder gradient comes from sparse_decode(unit_rows=True), whose backward
+        already removed the component along each row."""
+
     # ---- loss ------------------------------------------------------------------------------------
     def reconstruction_loss(self, sel: Selection, x_target: torch.Tensor, total_variance: torch.Tensor):
-        """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats)."""
-        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order) + self.b_dec   # [batch, d_in]
-        return (x_hat - x_target).pow(2).sum() / total_variance, x_hat, {}
+        """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats with "fvu")."""
+        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=True) + self.b_dec
+        fvu = (x_hat - x_target).pow(2).sum() / total_variance                 # x_hat [batch, d_in]
+        return fvu, x_hat, {"fvu": fvu.detach()}
 
     def auxk_loss(self, sel: Selection, x_target: torch.Tensor, x_hat: torch.Tensor,
                   total_variance: torch.Tensor, n_dead: int) -> torch.Tensor:
         residual = (x_target - x_hat).detach()                                      # [batch, d_in]
-        residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec)   # no b_dec
+        residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec, unit_rows=True)  # no b_dec
         scale = min(1.0, n_dead / max(1, sel.aux_indices.shape[1]))
         return scale * (residual_hat - residual).pow(2).sum() / total_variance
 
@@ -78,7 +83,6 @@ class TopKSAE(SAE):
             n_dead = int(ctx.dead_mask.sum())
             terms["auxk"] = self.knobs["auxk_coefficient"] * self.auxk_loss(sel, x_target, x_hat,
                                                                               total_variance, n_dead)
-        stats["fvu"] = ((x_hat - x_target).pow(2).sum() / total_variance).detach()
         return x_hat, sel, terms, stats
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
