@@ -87,6 +87,8 @@ def synthesise_run(path: Path, store_path: Path, args) -> None:
 def run_analysis(args) -> None:
     """Child process: analyse and print one JSON line."""
     from sae.analyze import AnalyzeOptions, analyze
+    from sae.devices import keep_freed_memory
+    keep_freed_memory()  # as `sae analyze` does (sae.cli)
     started, cpu_started = time.perf_counter(), time.process_time()
     meta = analyze(Path(args.dir) / "run", Path(args.dir) / "store", force=True, log=None,
                    options=AnalyzeOptions(batch_size=args.batch_size, device=args.device, with_model=False))
