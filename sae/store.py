@@ -176,6 +176,11 @@ class ActivationStore:
             return out
         starts = torch.tensor([s.start for s in self.shards])
         shard_of = torch.searchsorted(starts, global_indices, right=True) - 1
+        first, last = int(shard_of[0]), int(shard_of[-1])
+        if first == last:   # one shard (indices are sorted): a single gather straight into the result
+            local = global_indices - self.shards[first].start
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            return self.read(first, name, lo, hi)[local - lo].float()
         for shard_index in torch.unique(shard_of).tolist():
             where = (shard_of == shard_index).nonzero().squeeze(1)
             local = global_indices[where] - self.shards[shard_index].start

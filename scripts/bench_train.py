@@ -89,6 +89,25 @@ def train_one(variant: str, store: Path, out: Path, args) -> dict:
             "dead_fraction": held.get("dead_fraction"), "held_out_rows": held.get("rows")}
 
 
+@torch.no_grad()
+def score_on_rows(run_dir: Path, path: str, rows: int = 16_384) -> dict:
+    """FVU, L0 and dead fraction of a trained run on the last `rows` rows of a safetensors file's
+    "activations" (the peers' held-out rows: ../shared/peers/make_acts.py), with the peers' formulas."""
+    from safetensors.torch import load_file
+
+    import sae
+    x = load_file(path)["activations"].float()[-rows:]                    # [rows, d_in]
+    model = sae.load(run_dir)
+    codes = model.encode(x)                                                # [rows, d_sae]
+    fvu = float((x - model.decode(codes)).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
+    tau = model.fire_threshold
+    if tau is None:
+        return {"peer_fvu": fvu}
+    active = codes > tau
+    return {"peer_fvu": fvu, "peer_l0": float(active.sum(dim=1).float().mean()),
+            "peer_dead": float(1 - active.any(dim=0).float().mean())}
+
+
 def flops_per_token(variant: str, d_in: int, d_sae: int) -> tuple[int, str]:
     from sae import variants
     if "k" in variants.get(variant).KNOBS:
@@ -124,6 +143,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="VARIANT:KNOB=VALUE", help="a knob for one variant")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--keep-runs", metavar="DIR", help="keep the run folders under DIR (default: a temporary folder)")
+    parser.add_argument("--peer-rows", metavar="FILE", help="also score every run on the last 16,384 rows of this "
+                        "safetensors file, the peers' held-out rows (../shared/peers/make_acts.py writes it)")
     args = parser.parse_args()
     args.extra = parse_extra(args.set)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
@@ -148,6 +169,8 @@ def main() -> None:
                 flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
                 limit = gflops * 1e9 / flops
                 row.update(roofline_rule=rule, roofline_tokens_per_s=limit, roofline_fraction=row["tokens_per_s"] / limit)
+                if args.peer_rows:
+                    row.update(score_on_rows(runs_dir / name, args.peer_rows))
             rows.append(row)
             print(_line(row), flush=True)
     print()
@@ -162,6 +185,12 @@ def main() -> None:
               f"{fmt(row['l0'], '.1f'):>8}{fmt(row['dead_fraction'], '.2%'):>8}")
     print(f"(matmul {gflops:,.1f} GFLOP/s measured on this machine; tokens/s = training tokens / wall time of the "
           f"whole `sae train` process)")
+    if args.peer_rows:
+        print(f"\non the peers' held-out rows (last 16,384 of {args.peer_rows}):")
+        for row in rows:
+            if "peer_fvu" in row:
+                print(f"  {row['variant']:<12} FVU {row['peer_fvu']:.4f}" + (
+                    f", L0 {row['peer_l0']:.1f}, dead {row['peer_dead']:.2%}" if "peer_l0" in row else ""))
     pairs = sorted((r for r in rows if r["variant"] in PAIRS and "error" not in r and r["l0"] is not None),
                    key=lambda r: r["l0"])
     if pairs:
