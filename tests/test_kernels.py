@@ -79,7 +79,7 @@ def test_batch_topk_keeps_exactly_batch_k_and_matches_dense():
 
     def sparse(x, W_enc, b_enc, W_dec):
         sel = topk_select(x, W_enc, b_enc, 2 * k, batch_k=batch_k)
-        return (sparse_decode(sel.values, sel.indices, W_dec) - target).pow(2).sum()
+        return (sparse_decode(sel.values, sel.indices, W_dec, offsets=sel.offsets) - target).pow(2).sum()
 
     def dense(x, W_enc, b_enc, W_dec):
         pre = torch.relu(x @ W_enc + b_enc)
@@ -89,7 +89,7 @@ def test_batch_topk_keeps_exactly_batch_k_and_matches_dense():
         return (codes @ W_dec - target).pow(2).sum()
 
     sel = topk_select(x, W_enc, b_enc, 2 * k, batch_k=batch_k)
-    codes = dense_codes(sel.values, sel.indices, W_enc.shape[1])
+    codes = dense_codes(sel.values, sel.indices, W_enc.shape[1], sel.offsets)
     assert int((codes > 0).sum()) == batch_k
     pre = torch.relu(x @ W_enc + b_enc)
     assert torch.equal(codes > 0, pre >= pre.reshape(-1).topk(batch_k).values.min())
@@ -102,7 +102,7 @@ def test_batch_topk_is_exact_when_one_token_owns_many():
     x, W_enc, b_enc, _, _, _ = _problem(seed=3)
     x[0] *= 50.0                                      # token 0 dominates the batch's top values
     sel = topk_select(x, W_enc, b_enc, 2, batch_k=40)
-    codes = dense_codes(sel.values, sel.indices, W_enc.shape[1])
+    codes = dense_codes(sel.values, sel.indices, W_enc.shape[1], sel.offsets)
     pre = torch.relu(x @ W_enc + b_enc)
     want = pre >= pre.reshape(-1).topk(40).values.min()
     assert torch.equal(codes > 0, want) and int(want[0].sum()) > 2
@@ -139,3 +139,32 @@ def test_unit_rows_decode_removes_the_parallel_gradient():
     assert _relative(projected, want) < 1e-5                             # the backward works in fp32
     assert float((projected * W_dec).sum(dim=1).abs().max()) < 1e-5 * float(plain.norm())
     assert _relative(plain, want) > 1e-3                                 # the projection did something
+
+
+def test_batch_topk_with_aux_gradients_match_dense_autograd():
+    """The flat (variable-width) selection plus the fixed-width AuxK one, through one backward."""
+    x, W_enc, b_enc, W_dec, target, b_dec = _problem(seed=5)
+    batch_k, k_aux = 3 * x.shape[0], 5
+    dead = torch.zeros(W_enc.shape[1], dtype=torch.bool)
+    dead[1::4] = True
+
+    def sparse(x, W_enc, b_enc, W_dec, b_dec):
+        sel = topk_select(x, W_enc, b_enc, 8, b_dec=b_dec, batch_k=batch_k, aux_mask=dead, k_aux=k_aux)
+        assert sel.values.dim() == 1 and sel.offsets.shape == (x.shape[0] + 1,)
+        main = sparse_decode(sel.values, sel.indices, W_dec, sel.order, offsets=sel.offsets)
+        aux = sparse_decode(sel.aux_values, sel.aux_indices, W_dec)
+        return (main + b_dec - target).pow(2).sum() + 0.3 * (aux - target).pow(2).sum()
+
+    def dense(x, W_enc, b_enc, W_dec, b_dec):
+        pre = (x - b_dec) @ W_enc + b_enc
+        flat = pre.relu().reshape(-1)
+        top = flat.topk(batch_k)
+        codes = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+        aux_top = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+        aux_codes = torch.zeros_like(pre).scatter(1, aux_top.indices, aux_top.values.relu())
+        return (codes @ W_dec + b_dec - target).pow(2).sum() + 0.3 * (aux_codes @ W_dec - target).pow(2).sum()
+
+    inputs = [x, W_enc, b_enc, W_dec, b_dec]
+    assert abs(float(sparse(*inputs) - dense(*inputs))) < 1e-9 * float(dense(*inputs))
+    for got, want in zip(_grads(sparse, inputs), _grads(dense, inputs)):
+        assert _relative(got, want) < 1e-5

@@ -143,7 +143,7 @@ def test_matryoshka_group_losses_use_prefixes():
     total_variance = (x - x.mean(dim=0)).pow(2).sum()
     for g, end in enumerate([8, 16, 32]):
         values = sel.values.detach() * (sel.indices < end)
-        prefix = sparse_decode(values, sel.indices, model.W_dec.detach()) + model.b_dec.detach()
+        prefix = sparse_decode(values, sel.indices, model.W_dec.detach(), offsets=sel.offsets) + model.b_dec.detach()
         assert torch.allclose(stats[f"fvu_group{g}"], (prefix - x).pow(2).sum() / total_variance, rtol=1e-5)
 
 

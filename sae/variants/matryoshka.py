@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sae.errors import UserError
-from sae.kernels import Selection, sparse_decode
+from sae.kernels import Selection, bag_ids, sparse_decode
 from sae.variants.base import Knob, register
 from sae.variants.batchtopk import BatchTopKSAE
 from sae.variants.topk import TopKSAE
@@ -54,14 +54,26 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.group_ends = torch.tensor(self.group_sizes).cumsum(0).tolist()
 
     def reconstruction_loss(self, sel: Selection, x_target, total_variance):
-        x_hat = self.b_dec.expand_as(x_target)
-        start, per_group = 0, []
-        for end in self.group_ends:
-            in_group = (sel.indices >= start) & (sel.indices < end)                  # [batch, width]
-            x_hat = x_hat + sparse_decode(sel.values * in_group, sel.indices, self.W_dec, sel.order,
-                                          unit_rows=True)
-            per_group.append((x_hat - x_target).pow(2).sum() / total_variance)
-            start = end
+        """Every prefix's reconstruction from one sparse decode: the selected entries are split into bags per
+        (token, group) — a flat selection lists a token's entries in latent order, so its groups are
+        consecutive — decoded at once, and summed cumulatively over the groups."""
+        batch, n_groups = x_target.shape[0], len(self.group_ends)
+        values, indices, order, offsets = sel.values, sel.indices, sel.order, sel.offsets
+        if offsets is None:                                   # a per-token selection: flatten in latent order
+            indices, slots = indices.sort(dim=1)
+            values, order = values.gather(1, slots).reshape(-1), None
+            offsets = torch.arange(0, indices.numel() + 1, indices.shape[1], device=indices.device)
+            indices = indices.reshape(-1)
+        ends = torch.tensor(self.group_ends, device=indices.device)
+        bags = bag_ids(offsets) * n_groups + torch.searchsorted(ends, indices, right=True)   # [n], ascending
+        bag_offsets = torch.zeros(batch * n_groups + 1, dtype=torch.int64, device=indices.device)
+        bag_offsets[1:] = torch.bincount(bags, minlength=batch * n_groups).cumsum(0)
+        parts = sparse_decode(values, indices, self.W_dec, order, unit_rows=True, offsets=bag_offsets)
+        residual = x_target - self.b_dec                         # [batch, d_in] what the groups have left
+        per_group = []
+        for part in parts.view(batch, n_groups, -1).unbind(dim=1):   # [batch, d_in] each (a cumsum over the
+            residual = residual - part                                # middle axis costs more than the loop)
+            per_group.append(residual.pow(2).sum() / total_variance)
         terms = {f"fvu_group{i}": fvu.detach() for i, fvu in enumerate(per_group)}
         terms["fvu"] = per_group[-1].detach()                                         # the whole dictionary's
-        return torch.stack(per_group).mean(), x_hat, terms
+        return torch.stack(per_group).mean(), x_target - residual, terms

@@ -62,7 +62,8 @@ class TopKSAE(SAE):
     # ---- loss ------------------------------------------------------------------------------------
     def reconstruction_loss(self, sel: Selection, x_target: torch.Tensor, total_variance: torch.Tensor):
         """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats with "fvu")."""
-        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=True) + self.b_dec
+        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=True,
+                              offsets=sel.offsets) + self.b_dec
         fvu = (x_hat - x_target).pow(2).sum() / total_variance                 # x_hat [batch, d_in]
         return fvu, x_hat, {"fvu": fvu.detach()}
 
