@@ -26,8 +26,9 @@ def keep_freed_memory() -> bool:
     analysis benchmark); freed memory stays reserved up to the trim threshold. A no-op off glibc."""
     import ctypes
     import ctypes.util
+    import os
     import sys
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("SAE_MALLOC_DEFAULTS") == "1":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -112,7 +112,13 @@ def setup(device_type: str, requested_backend: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group, after a barrier: gloo aborts a process whose peer closes its connections
+    while it still has work in flight, so no rank leaves before every rank is done."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        except RuntimeError:   # a peer already failed: nothing left to wait for
+            pass
         torch.distributed.destroy_process_group()
 
 

@@ -49,6 +49,8 @@ def reference():
 
 
 def worker(rank, world, port, results_dir):
+    import faulthandler
+    faulthandler.enable(open(os.path.join(results_dir, f"fault{rank}.txt"), "w"))   # a crash leaves its stack
     torch.set_num_threads(1)
     expected = reference()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -82,6 +84,7 @@ def worker(rank, world, port, results_dir):
         for name, value in final.items():
             torch.testing.assert_close(gathered.state_dict()[name], value, atol=2e-5, rtol=1e-4)
         open(os.path.join(results_dir, f"ok{rank}"), "w").close()
+        dist.barrier()   # neither rank tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 
@@ -94,8 +97,12 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("world", [2])
 def test_two_process_gloo_matches_unsharded(tmp_path, world):
-    mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-    assert sorted(os.listdir(tmp_path)) == [f"ok{r}" for r in range(world)]
+    try:
+        mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    except Exception as error:
+        stacks = [(tmp_path / f"fault{r}.txt").read_text() for r in range(world) if (tmp_path / f"fault{r}.txt").exists()]
+        raise AssertionError(f"{error}\n" + "\n".join(stacks)) from None
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ok")) == [f"ok{r}" for r in range(world)]
 
 
 def test_select_needs_a_process_group():

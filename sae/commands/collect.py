@@ -78,9 +78,8 @@ def run(args):
     try:
         result = collect(options)
     finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        from sae import distributed
+        distributed.teardown()
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
