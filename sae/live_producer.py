@@ -101,6 +101,10 @@ class Producer:
         self.slots = threading.Semaphore(2)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="sae-live-producer")
+        # On the CPU the model and the SAEs share the same cores: run them by turns (one at a time, each with
+        # every thread) instead of side by side, where two thread pools fight over the cores. On a GPU the
+        # model's stream overlaps the SAEs' and no lock is taken.
+        self.turn = threading.Lock() if self.device.type == "cpu" else None
         self.waiting_seconds = 0.0                 # time spent blocked because the SAEs were behind
         self.model_tokens = 0
         self.model_seconds = 0.0
@@ -118,7 +122,8 @@ class Producer:
         padding = torch.stack([w.doc_ids for w in windows]) == PAD_DOC
         if bool(padding.any()) and not self.loaded.is_causal:
             inputs["attention_mask"] = (~padding).long().to(self.device)
-        with torch.inference_mode(), capture(hf, self.spec.site, self.spec.layers, stop=True) as acts:
+        with self.turn or _nothing(), torch.inference_mode(), \
+                capture(hf, self.spec.site, self.spec.layers, stop=True) as acts:
             run_until_captured(hf, **inputs)
         missing = [layer for layer in self.spec.layers if layer not in acts]
         if missing:

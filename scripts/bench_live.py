@@ -130,7 +130,8 @@ def live_run(loaded, args, layers, device) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from sae.devices import resolve
+    from sae.devices import keep_freed_memory, resolve
+    keep_freed_memory()  # as `sae train` does (sae.cli)
     from sae.models import load_model
     device = resolve(args.device)
     loaded = load_model(args.model, device=device)
