@@ -1,4 +1,4 @@
-from sae.cli import main
+from sae.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

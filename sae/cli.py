@@ -43,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("SAE_DEBUG") == "1"
-    from sae.devices import keep_freed_memory
-    keep_freed_memory()  # the commands' big per-batch temporaries reuse memory instead of page-faulting
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -61,3 +59,12 @@ def main(argv=None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(status or 0))
+
+
+def entry() -> None:
+    """The `sae` command (console script and `python -m sae`): main() in a process whose malloc keeps freed
+    memory, so the commands' big per-batch temporaries are reused instead of page-faulting in anew. Kept
+    out of main() itself, which tests and other programs call in their own processes."""
+    from sae.devices import keep_freed_memory
+    keep_freed_memory()
+    main()

@@ -17,13 +17,15 @@ def resolve(name: str | None = "auto") -> torch.device:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to serve every block from its heap and keep up to 1 GiB of freed memory for reuse.
+    """Ask glibc's malloc to serve every block from its heap (no mmap) and not to trim it below 1 GiB.
 
     By default each block over a few MB is a fresh mmap, handed back to the kernel when freed, so every
     batch's big temporaries page-fault in anew: a TopK training step's [batch, d_sae] pre-activations
     (19 MB at 1,024 × 4,608) cost about 3 ms of a 45 ms step on this 2-core machine, and `sae analyze`'s
-    268 MB code batches (4,096 × 16,384) 13% of its pass. Peak memory barely moves (measured +5% on the
-    analysis benchmark); freed memory stays reserved up to the trim threshold. A no-op off glibc."""
+    268 MB code batches (4,096 × 16,384) 13% of its pass. The cost: freed memory is kept for reuse and
+    memory freed in the middle of the heap is never returned to the kernel, so a process's resident size
+    stays near its peak (the analysis benchmark's peak rose 7%). Process-wide: the `sae` command applies it
+    (sae.cli.entry); library callers choose. SAE_MALLOC_DEFAULTS=1 turns it off; a no-op off glibc."""
     import ctypes
     import ctypes.util
     import os

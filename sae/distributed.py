@@ -111,14 +111,17 @@ def setup(device_type: str, requested_backend: str = "auto") -> DistInfo:
     return info()
 
 
-def teardown() -> None:
-    """Leave the process group, after a barrier: gloo aborts a process whose peer closes its connections
-    while it still has work in flight, so no rank leaves before every rank is done."""
+def teardown(clean: bool = True) -> None:
+    """Leave the process group. On a clean exit, after a barrier: gloo aborts a process whose peer closes
+    its connections while it still has work in flight, so no rank leaves before every rank is done. After
+    an error (clean=False) no barrier: the peers may be inside another collective, and leaving at once
+    makes them fail fast instead of waiting for the group's timeout."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        try:
-            torch.distributed.barrier()
-        except RuntimeError:   # a peer already failed: nothing left to wait for
-            pass
+        if clean:
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:   # a peer already failed: nothing left to wait for
+                pass
         torch.distributed.destroy_process_group()
 
 

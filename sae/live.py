@@ -192,7 +192,7 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
                disable=None if progress is None else not progress, dynamic_ncols=True)
     sae_seconds, consumer_wait, last_postfix, first_step = 0.0, 0.0, 0.0, step
     with StopFlag() as stop_flag, Producer(loaded, documents_factory, spec, device, gen_index, start_window,
-                                           writer) as producer:
+                                           writer, steps_needed=stop_at - gen_step) as producer:
         generations = producer.generations()
         while step < stop_at and not stop_flag.requested:
             begin = time.perf_counter()

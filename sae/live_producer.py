@@ -92,11 +92,12 @@ class Producer:
     """Runs the model in a background thread and hands over shuffled generations, two at most alive."""
 
     def __init__(self, loaded, documents_factory, spec: LiveSpec, device, start_generation: int = 0,
-                 start_window: int = 0, writer=None):
+                 start_window: int = 0, writer=None, steps_needed: int | None = None):
         self.loaded, self.spec, self.device = loaded, spec, torch.device(device)
         self.documents_factory = documents_factory
         self.start_generation, self.start_window = start_generation, start_window
         self.writer = writer                       # optional: receives every model batch (held-out too)
+        self.steps_needed = steps_needed           # stop once the generations made hold this many batches
         self.queue: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(2)
         self.stop = threading.Event()
@@ -234,7 +235,9 @@ class Producer:
                 self.measure_norm_median()
             batches = self._batches(self.start_window)
             index = self.start_generation
-            while not self.stop.is_set():
+            steps_made = 0
+            # no generation past the last one the SAEs will use: on the CPU its model time would be lost
+            while not self.stop.is_set() and (self.steps_needed is None or steps_made < self.steps_needed):
                 begin = time.perf_counter()
                 while not self.slots.acquire(timeout=0.1):
                     if self.stop.is_set():
@@ -244,6 +247,7 @@ class Producer:
                 self.model_tokens += generation.model_tokens
                 self.model_seconds += generation.model_seconds
                 self.queue.put(generation)
+                steps_made += generation.n_batches
                 index += 1
         except _Stopped:
             return

@@ -171,16 +171,16 @@ class ActivationStore:
         layer = self.resolve_layer(layer)
         name = f"activations.{layer}"
         global_indices = torch.as_tensor(global_indices, dtype=torch.int64)
-        out = torch.empty(len(global_indices), self.d_model, dtype=torch.float32)
         if len(global_indices) == 0:
-            return out
+            return torch.empty(0, self.d_model, dtype=torch.float32)
         starts = torch.tensor([s.start for s in self.shards])
         shard_of = torch.searchsorted(starts, global_indices, right=True) - 1
-        first, last = int(shard_of[0]), int(shard_of[-1])
-        if first == last:   # one shard (indices are sorted): a single gather straight into the result
+        first, last = int(shard_of.min()), int(shard_of.max())
+        if first == last:   # one shard: a single gather straight into the result
             local = global_indices - self.shards[first].start
-            lo, hi = int(local[0]), int(local[-1]) + 1
+            lo, hi = int(local.min()), int(local.max()) + 1
             return self.read(first, name, lo, hi)[local - lo].float()
+        out = torch.empty(len(global_indices), self.d_model, dtype=torch.float32)
         for shard_index in torch.unique(shard_of).tolist():
             where = (shard_of == shard_index).nonzero().squeeze(1)
             local = global_indices[where] - self.shards[shard_index].start

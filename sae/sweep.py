@@ -188,7 +188,8 @@ def train_all(models, store, layer, options, out: Path, config_extra: dict, prog
     for trainer in trainers.values():
         trainer.init_from_sample(sample)
     seconds = {name: 0.0 for name in trainers}
-    batches = store.train_batches(layer, options.batch_size, seed=options.seed)
+    batches = store.train_batches(layer, options.batch_size, seed=options.seed,
+                                  prefetch=4 if torch.device(options.device).type == "cuda" else 0)
     bar = tqdm(range(options.total_steps), desc=f"sweep ({len(trainers)} SAEs)", unit="step",
                disable=None if progress else True)
     for _ in bar:

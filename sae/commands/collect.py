@@ -79,7 +79,7 @@ def run(args):
         result = collect(options)
     finally:
         from sae import distributed
-        distributed.teardown()
+        distributed.teardown(clean=sys.exc_info()[0] is None)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

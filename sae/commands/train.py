@@ -6,6 +6,7 @@ variant that does not take it is refused, naming the variants that do.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sae.errors import UserError
 
@@ -204,7 +205,7 @@ def run(args) -> int:
             logger.finish()
         return 130 if summary.get("interrupted") else 0
     finally:
-        distributed.teardown()
+        distributed.teardown(clean=sys.exc_info()[0] is None)
 
 
 def _run_live(args, options, knobs) -> int:

@@ -36,7 +36,8 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_threshold(self, values: torch.Tensor) -> None:
-        smallest = values.masked_fill(values <= 0, float("inf")).min()          # no host sync
+        # the smallest code kept (all > 0 in the flat form); +inf for an empty selection. No host sync.
+        smallest = torch.cat([values.reshape(-1), values.new_full((1,), float("inf"))]).min()
         smallest = distributed.reduce_min(smallest)                              # the global batch's
         running = THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
         updated = torch.where(self.threshold < 0, smallest, running)

@@ -68,7 +68,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         bags = bag_ids(offsets) * n_groups + torch.searchsorted(ends, indices, right=True)   # [n], ascending
         bag_offsets = torch.zeros(batch * n_groups + 1, dtype=torch.int64, device=indices.device)
         bag_offsets[1:] = torch.bincount(bags, minlength=batch * n_groups).cumsum(0)
-        parts = sparse_decode(values, indices, self.W_dec, order, unit_rows=True, offsets=bag_offsets)
+        parts = sparse_decode(values, indices, self.W_dec, order, unit_rows=self.unit_norm_decoder,
+                              offsets=bag_offsets)
         residual = x_target - self.b_dec                         # [batch, d_in] what the groups have left
         per_group = []
         for part in parts.view(batch, n_groups, -1).unbind(dim=1):   # [batch, d_in] each (a cumsum over the

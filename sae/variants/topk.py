@@ -56,13 +56,14 @@ class TopKSAE(SAE):
         return codes @ self.W_dec + self.b_dec
 
     def remove_parallel_gradient(self) -> None:
-        """Nothing to do: every decoder gradient comes from sparse_decode(unit_rows=True), whose backward
-        already removed the component along each row."""
+        """Nothing to do: every decoder gradient of the TopK family comes from sparse_decode with
+        unit_rows=unit_norm_decoder, whose backward already removed the component along each row (a
+        new loss term on W_dec must go through sparse_decode too, or call super() here)."""
 
     # ---- loss ------------------------------------------------------------------------------------
     def reconstruction_loss(self, sel: Selection, x_target: torch.Tensor, total_variance: torch.Tensor):
         """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats with "fvu")."""
-        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=True,
+        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=self.unit_norm_decoder,
                               offsets=sel.offsets) + self.b_dec
         fvu = (x_hat - x_target).pow(2).sum() / total_variance                 # x_hat [batch, d_in]
         return fvu, x_hat, {"fvu": fvu.detach()}
@@ -70,7 +71,7 @@ class TopKSAE(SAE):
     def auxk_loss(self, sel: Selection, x_target: torch.Tensor, x_hat: torch.Tensor,
                   total_variance: torch.Tensor, n_dead: int) -> torch.Tensor:
         residual = (x_target - x_hat).detach()                                      # [batch, d_in]
-        residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec, unit_rows=True)  # no b_dec
+        residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec, unit_rows=self.unit_norm_decoder)  # no b_dec
         scale = min(1.0, n_dead / max(1, sel.aux_indices.shape[1]))
         return scale * (residual_hat - residual).pow(2).sum() / total_variance
 
