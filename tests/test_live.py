@@ -216,3 +216,21 @@ def test_a_dataset_of_held_out_documents_only_is_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="no training documents"):
         train_live(tiny, docs, layers="1", site="resid_post", variant="relu", out=tmp_path / "run",
                    options=options(4), d_sae=64, context_size=32, model_batch=2, buffer_size="1MB", progress=False)
+
+
+def test_the_producer_stops_after_the_last_generation_used(tiny, tmp_path, monkeypatch):
+    """No model time on generations the SAEs never see (on a CPU it would come out of the SAEs' time)."""
+    from sae.live import LiveState
+    from sae.live_producer import Producer
+    built = []
+    original = Producer.build
+
+    def counting(self, index, batches):
+        built.append(index)
+        return original(self, index, batches)
+
+    monkeypatch.setattr(Producer, "build", counting)
+    live(tiny, tmp_path / "run", steps=3, layers="1", buffer=32 * 4 * 300)   # a few batches a generation
+    used = LiveState.read(tmp_path / "run").generations
+    assert len(used) >= 2                                # the run spans several generations
+    assert built == [g["index"] for g in used]           # and the producer made exactly those
