@@ -218,3 +218,16 @@ def test_wandb_is_optional(store, tmp_path):
                       "--wandb", "proj")
     assert status == 2 and "needs the wandb package" in err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_the_sae_command_tunes_malloc_and_can_be_told_not_to(monkeypatch):
+    import sys
+
+    from sae.devices import keep_freed_memory
+    monkeypatch.setenv("SAE_MALLOC_DEFAULTS", "1")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("SAE_MALLOC_DEFAULTS")
+    if sys.platform.startswith("linux"):
+        import subprocess   # in a child: the tuning is process-wide, and this test process keeps glibc's defaults
+        code = "from sae.devices import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0

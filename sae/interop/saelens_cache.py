@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from sae.errors import UserError
@@ -51,6 +50,7 @@ class _FlatColumn:
     [seq_starts[c], seq_starts[c+1]) as a read-only numpy view [n_seq_c * context, width]."""
 
     def __init__(self, chunked, context: int, width: int):
+        import pyarrow as pa   # here, not at import: `sae train` on an ordinary store never needs it
         self.context, self.width = context, width
         self.views, starts = [], [0]
         for chunk in chunked.chunks:
