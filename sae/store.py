@@ -167,26 +167,30 @@ class ActivationStore:
         return is_held_out(self.column("doc_id"))
 
     def rows(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
-        """Activations of the given sorted global row indices, as float32. [len(idx), d_model]."""
+        """Activations of the given sorted global row indices, as float32. [len(idx), d_model].
+        Sorted indices fall into each shard as one contiguous run: one gather per shard touched."""
         layer = self.resolve_layer(layer)
         name = f"activations.{layer}"
         global_indices = torch.as_tensor(global_indices, dtype=torch.int64)
-        if len(global_indices) == 0:
+        n = len(global_indices)
+        if n == 0:
             return torch.empty(0, self.d_model, dtype=torch.float32)
-        starts = torch.tensor([s.start for s in self.shards])
-        shard_of = torch.searchsorted(starts, global_indices, right=True) - 1
-        first, last = int(shard_of.min()), int(shard_of.max())
-        if first == last:   # one shard: a single gather straight into the result
-            local = global_indices - self.shards[first].start
-            lo, hi = int(local.min()), int(local.max()) + 1
-            return self.read(first, name, lo, hi)[local - lo].float()
-        out = torch.empty(len(global_indices), self.d_model, dtype=torch.float32)
-        for shard_index in torch.unique(shard_of).tolist():
-            where = (shard_of == shard_index).nonzero().squeeze(1)
-            local = global_indices[where] - self.shards[shard_index].start
-            lo, hi = int(local.min()), int(local.max()) + 1
-            block = self.read(shard_index, name, lo, hi)
-            out[where] = block[local - lo].float()
+        if bool((global_indices[1:] < global_indices[:-1]).any()):
+            raise ValueError("ActivationStore.rows needs sorted indices")
+        bounds = torch.tensor([s.start for s in self.shards] + [self.shards[-1].start + self.shards[-1].n_rows])
+        cuts = torch.searchsorted(global_indices, bounds).tolist()        # where each shard's run begins
+        out = None
+        for shard_index, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            if a == b:
+                continue
+            local = global_indices[a:b] - self.shards[shard_index].start
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            block = self.read(shard_index, name, lo, hi)[local - lo]       # [b - a, d_model]
+            if a == 0 and b == n:
+                return block.float()
+            if out is None:
+                out = torch.empty(n, self.d_model, dtype=torch.float32)
+            out[a:b] = block
         return out
 
     # ---- iteration -----------------------------------------------------------------------
