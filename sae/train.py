@@ -27,6 +27,7 @@ from sae import checkpoint, distributed
 from sae.distributed import StopFlag  # noqa: F401  (re-exported: live training and sweep use it)
 from sae.errors import UserError
 from sae.optim import Adam
+from sae.train_report import progress_postfix, format_summary, held_out_scores  # noqa: F401  (held_out_scores: live)
 from sae.variants.base import SAE, StepContext
 
 METRICS = "metrics.jsonl"
@@ -446,7 +447,7 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
                 metrics = trainer.step(x_raw.pin_memory() if pin else x_raw)
                 bar.update(batch)
                 if metrics:
-                    bar.set_postfix_str(_postfix(metrics), refresh=False)
+                    bar.set_postfix_str(progress_postfix(metrics), refresh=False)
                     if on_log is not None and dist.is_main:
                         on_log(metrics)
                 every = options.checkpoint_every
@@ -479,60 +480,3 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
         if progress:
             print(format_summary(summary))
     return summary
-
-
-@torch.no_grad()
-def held_out_scores(model: SAE, store, layer, rows: int = 16384, device="cpu") -> dict | None:
-    """FVU, L0 and dead fraction of a model in raw units on up to `rows` held-out tokens of the store."""
-    model.eval()
-    err = total_sq = 0.0
-    total = None
-    n = 0
-    fired = torch.zeros(model.d_sae, dtype=torch.bool, device=device)
-    l0_sum = 0.0
-    tau = model.fire_threshold
-    for x in store.activations(layer, batch_size=4096, split="held_out"):
-        x = x[: rows - n].to(device)  # [b, d_in]
-        codes = model.encode(x)  # [b, d_sae]
-        x_hat = model.decode(codes)
-        err += float((x - x_hat).double().pow(2).sum())
-        total_sq += float(x.double().pow(2).sum())
-        total = x.double().sum(0) if total is None else total + x.double().sum(0)
-        if tau is not None:
-            active = codes > tau
-            l0_sum += float(active.sum())
-            fired |= active.any(0)
-        n += x.shape[0]
-        if n >= rows:
-            break
-    if n == 0:
-        return None
-    variance = total_sq - float(total.pow(2).sum()) / n
-    return {"rows": n, "fvu": err / max(variance, 1e-12), "mse": err / (n * model.d_in),
-            "l0": l0_sum / n if tau is not None else None,
-            "dead_fraction": float((~fired).float().mean()) if tau is not None else None}
-
-
-def _fmt(value, spec=".4g") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _postfix(m: dict) -> str:
-    parts = [f"loss {_fmt(m['loss'])}", f"FVU {_fmt(m['fvu'], '.3f')}"]
-    if m.get("l0") is not None:
-        parts += [f"L0 {_fmt(m['l0'], '.1f')}", f"dead {_fmt(m['dead_fraction'], '.1%')}"]
-    return ", ".join(parts + [f"{m['tokens_per_s']:,.0f} tok/s"])
-
-
-def format_summary(s: dict) -> str:
-    train, held = s.get("train") or {}, s.get("held_out") or {}
-    lines = [f"trained {s['variant']} (d_in {s['d_in']}, d_sae {s['d_sae']}, layer {s['layer']}): "
-             f"{s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f} s"
-             + (f" ({s['tokens_per_s']:,.0f} tokens/s)" if s.get("tokens_per_s") else ""),
-             f"  last training window: loss {_fmt(train.get('loss'))}, FVU {_fmt(train.get('fvu'), '.4f')}, "
-             f"L0 {_fmt(train.get('l0'), '.1f')}, dead {_fmt(train.get('dead_fraction'), '.2%')}"]
-    if held:
-        lines.append(f"  held-out ({held['rows']:,} tokens): FVU {_fmt(held['fvu'], '.4f')}, "
-                     f"L0 {_fmt(held['l0'], '.1f')}, dead {_fmt(held['dead_fraction'], '.2%')}")
-    lines.append(f"  run folder: {s['run_dir']}")
-    return "\n".join(lines)
