@@ -185,13 +185,15 @@ class Producer:
                 yield ("held_out" if window.held_out else "train"), pending[window.held_out]
                 pending[window.held_out] = []
 
-    def build(self, index: int, batches) -> Generation:
-        """Consume model batches until the generation holds generation_rows rows; shuffle it."""
+    def build(self, index: int, batches, max_rows: int | None = None) -> Generation:
+        """Consume model batches until the generation holds generation_rows rows (or max_rows, when fewer
+        are left to train on); shuffle it."""
         spec = self.spec
         pieces = {layer: [] for layer in spec.layers}
         rows, tokens, seconds = 0, 0, 0.0
         start_window = end_window = None
-        while rows < spec.generation_rows:
+        target = spec.generation_rows if max_rows is None else min(spec.generation_rows, max_rows)
+        while rows < target:
             if self.stop.is_set():
                 raise _Stopped
             kind, numbered = next(batches)
@@ -243,7 +245,10 @@ class Producer:
                     if self.stop.is_set():
                         return
                 self.waiting_seconds += time.perf_counter() - begin
-                generation = self.build(index, batches)
+                # the last generation holds only the rows the remaining steps use: with a run of a few
+                # generations a full last one would spend a third of the model's time on unused rows
+                left = None if self.steps_needed is None else (self.steps_needed - steps_made) * self.spec.batch_size
+                generation = self.build(index, batches, left)
                 self.model_tokens += generation.model_tokens
                 self.model_seconds += generation.model_seconds
                 self.queue.put(generation)

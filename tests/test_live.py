@@ -222,15 +222,18 @@ def test_the_producer_stops_after_the_last_generation_used(tiny, tmp_path, monke
     """No model time on generations the SAEs never see (on a CPU it would come out of the SAEs' time)."""
     from sae.live import LiveState
     from sae.live_producer import Producer
-    built = []
+    built, sizes = [], []
     original = Producer.build
 
-    def counting(self, index, batches):
+    def counting(self, index, batches, max_rows=None):
         built.append(index)
-        return original(self, index, batches)
+        generation = original(self, index, batches, max_rows)
+        sizes.append(generation.n_batches)
+        return generation
 
     monkeypatch.setattr(Producer, "build", counting)
     live(tiny, tmp_path / "run", steps=3, layers="1", buffer=32 * 4 * 300)   # a few batches a generation
     used = LiveState.read(tmp_path / "run").generations
     assert len(used) >= 2                                # the run spans several generations
-    assert built == [g["index"] for g in used]           # and the producer made exactly those
+    assert built == [g["index"] for g in used]           # and the producer made exactly those,
+    assert sum(sizes[:-1]) < 3 <= sum(sizes), sizes      # the last one no bigger than the steps left need
