@@ -1,6 +1,8 @@
 """Device choice shared by every command."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sae.errors import UserError
@@ -14,6 +16,23 @@ def resolve(name: str | None = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(name)
+
+
+def square_matmul_gflops(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """This machine's roofline as the benchmarks print it: the throughput of an n×n by n×n matmul
+    (fp32; bf16 on CUDA), measured now."""
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def keep_freed_memory() -> bool:

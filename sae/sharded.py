@@ -335,7 +335,8 @@ def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | 
     samples = store.train_batches(layer, init_rows, options.seed + 1)
     trainer.init_from_sample(next(samples))
     samples.close()
-    batches = store.train_batches(layer, options.batch_size, seed=options.seed)  # the global batch, every rank
+    batches = store.train_batches(layer, options.batch_size, seed=options.seed,   # the global batch, every rank
+                                  prefetch=4 if torch.device(device).type == "cuda" else 0)
     bar = tqdm(total=trainer.total_steps, unit="step", disable=None if progress and info.is_main else True,
                desc=f"sharded {variant} ×{info.world_size}")
     metrics_path = run_dir / "metrics.jsonl"

@@ -113,15 +113,6 @@ def time_encoder_matmul(args) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def square_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -146,6 +137,7 @@ def main(argv=None) -> None:
             sys.exit(f"analysis failed:\n{child.stderr}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
         matmul_s, matmul_cpu = time_encoder_matmul(args)
+        from sae.devices import square_matmul_gflops
         roofline = square_matmul_gflops()
     finally:
         if temporary:

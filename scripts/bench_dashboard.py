@@ -22,17 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """This machine's measured fp32 matmul throughput (the roofline printed beside the figures)."""
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 class Session:
     """One simulated browser session (AppTest); each view() is one page load, like following a link."""
 
@@ -84,7 +73,8 @@ def main() -> None:
     views = [session.view((i + 1) * step % args.features) for i in range(args.repeats)]
     warm, warm_total = [v[0] for v in views], [v[1] for v in views]
     list_view = session.view(0, page="features")[0]
-    gflops = matmul_gflops()
+    from sae.devices import square_matmul_gflops
+    gflops = square_matmul_gflops(1024)
 
     print(f"\nsae dashboard: feature page render time ({args.features:,} latents, {args.top} top examples "
           f"of {2 * args.radius + 1} tokens each; Streamlit AppTest, server side)")

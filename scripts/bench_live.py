@@ -41,19 +41,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's roofline: a square fp32 matmul's throughput (bf16 on CUDA)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,12 +117,12 @@ def live_run(loaded, args, layers, device) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from sae.devices import keep_freed_memory, resolve
+    from sae.devices import keep_freed_memory, resolve, square_matmul_gflops
     keep_freed_memory()  # as `sae train` does (sae.cli)
     from sae.models import load_model
     device = resolve(args.device)
     loaded = load_model(args.model, device=device)
-    roofline = matmul_gflops(device)
+    roofline = square_matmul_gflops(device=device)
     rows = []
     for text in args.layer_sets.split(";"):
         layers = [int(x) for x in text.split(",")]

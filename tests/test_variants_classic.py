@@ -6,12 +6,11 @@ import torch
 
 import sae
 from sae.errors import UserError
-from sae.io import save_run
 from sae.variants import create
 from sae.variants.base import StepContext
 from sae.variants.kl import kl_sparsity
 from sae.variants.vae import gaussian_kl
-from variant_fitting import fit as _fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse fixture)
+from variant_fitting import assert_save_load_identical, fit as _fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse)
 
 
 def fit(model, x, **options):
@@ -144,11 +143,7 @@ def test_kl_sparsity_penalty_matches_the_bernoulli_kl():
 def test_save_load_gives_identical_outputs(name, tmp_path):
     x = sparse_data(n=600)
     model, _ = fit(create(name, d_in=32, d_sae=8 if name == "linear" else 48), x, steps=20)
-    save_run(model, tmp_path / "run")
-    loaded = sae.load(tmp_path / "run")
-    with torch.no_grad():
-        assert torch.equal(loaded.encode(x), model.encode(x))
-        assert torch.equal(loaded(x), model(x))
+    assert_save_load_identical(model, x, tmp_path / "run")
 
 
 @pytest.mark.parametrize("name, d_sae, knobs", [

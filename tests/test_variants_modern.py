@@ -6,11 +6,10 @@ import torch
 
 import sae
 from sae.errors import UserError
-from sae.io import save_run
 from sae.kernels import sparse_decode
 from sae.variants import create
 from sae.variants.base import StepContext
-from variant_fitting import fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse fixture)
+from variant_fitting import assert_save_load_identical, fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse)
 
 
 MODERN = ["topk", "batchtopk", "gated", "jumprelu", "matryoshka"]
@@ -178,11 +177,7 @@ def test_jumprelu_threshold_starts_at_the_target_firing_rate():
 def test_save_load_gives_identical_outputs(name, tmp_path):
     x = sparse_data(n=600)
     model, _ = fit(create(name, d_in=32, d_sae=64, **KNOBS[name]), x, steps=20)
-    save_run(model, tmp_path / "run")
-    loaded = sae.load(tmp_path / "run")
-    with torch.no_grad():
-        assert torch.equal(loaded.encode(x), model.encode(x))
-        assert torch.equal(loaded(x), model(x))
+    assert_save_load_identical(model, x, tmp_path / "run")
 
 
 @pytest.mark.parametrize("name, d_sae, knobs", [

@@ -65,3 +65,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_save_load_identical(model, x, run_dir):
+    """save_run -> sae.load gives the same codes and reconstructions, bit for bit."""
+    import sae
+    from sae.io import save_run
+    save_run(model, run_dir)
+    loaded = sae.load(run_dir)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), model.encode(x))
+        assert torch.equal(loaded(x), model(x))

@@ -52,6 +52,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().build()
         self.group_sizes = parse_groups(self.knobs.get("group_sizes"), self.d_sae)
         self.group_ends = torch.tensor(self.group_sizes).cumsum(0).tolist()
+        self.register_buffer("group_end_ids", torch.tensor(self.group_ends), persistent=False)  # [groups]
 
     def reconstruction_loss(self, sel: Selection, x_target, total_variance):
         """Every prefix's reconstruction from one sparse decode: the selected entries are split into bags per
@@ -64,8 +65,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             values, order = values.gather(1, slots).reshape(-1), None
             offsets = torch.arange(0, indices.numel() + 1, indices.shape[1], device=indices.device)
             indices = indices.reshape(-1)
-        ends = torch.tensor(self.group_ends, device=indices.device)
-        bags = bag_ids(offsets) * n_groups + torch.searchsorted(ends, indices, right=True)   # [n], ascending
+        bags = bag_ids(offsets) * n_groups + torch.searchsorted(self.group_end_ids, indices, right=True)  # [n], ascending
         bag_offsets = torch.zeros(batch * n_groups + 1, dtype=torch.int64, device=indices.device)
         bag_offsets[1:] = torch.bincount(bags, minlength=batch * n_groups).cumsum(0)
         parts = sparse_decode(values, indices, self.W_dec, order, unit_rows=self.unit_norm_decoder,
