@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae.matmul import raw_addmm
 from sae import distributed
 
 
@@ -187,7 +188,7 @@ class _TopKSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, batch_k, aux_mask, k_aux):
         bias = b_enc - b_dec @ W_enc                                    # [d_sae]: (x − b_dec) W + b = x W + bias
-        pre = torch.mm(x, W_enc.to(x.dtype)).add_(bias.to(x.dtype))    # [batch, d_sae] (addmm would copy twice)
+        pre = raw_addmm(bias.to(x.dtype), x, W_enc.to(x.dtype))        # [batch, d_sae], bias added inside
         if batch_k is not None:
             values, indices, bags, offsets = _batch_topk(pre, batch_k)  # [n] each, offsets [batch + 1]
         else:

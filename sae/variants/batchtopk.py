@@ -12,6 +12,7 @@ import torch
 from sae import distributed
 from sae.kernels import Selection, topk_select
 from sae.variants.base import register
+from sae.matmul import addmm
 from sae.variants.topk import TopKSAE
 
 THRESHOLD_MOMENTUM = 0.9
@@ -46,5 +47,5 @@ class BatchTopKSAE(TopKSAE):
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         if self.threshold < 0:                                  # untrained: fall back to a per-token top-k
             return super().encode_scaled(x)
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc        # [batch, d_sae]
+        pre = addmm(self.b_enc, x - self.b_dec, self.W_enc)     # [batch, d_sae]
         return pre * (pre > self.threshold.clamp_min(0))

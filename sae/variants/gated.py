@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sae.matmul import addmm, mm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
                                squared_error)
 
@@ -32,7 +33,7 @@ class GatedSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
 
     def paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        projected = (x - self.b_dec) @ self.W_enc               # [batch, d_sae]
+        projected = mm(x - self.b_dec, self.W_enc)              # [batch, d_sae]
         pi_gate = projected + self.b_enc
         pi_mag = projected * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
@@ -42,7 +43,7 @@ class GatedSAE(SAE):
         return (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec
+        return addmm(self.b_dec, codes, self.W_dec)
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         pi_gate, pi_mag = self.paths(x_input)
@@ -51,7 +52,7 @@ class GatedSAE(SAE):
         recon = squared_error(x_hat, x_target)
         gate = torch.relu(pi_gate)
         l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * gate.sum(dim=1).mean()
-        aux = squared_error(gate @ self.W_dec.detach() + self.b_dec.detach(), x_target)
+        aux = squared_error(addmm(self.b_dec.detach(), gate, self.W_dec.detach()), x_target)
         return LossOutput(recon + l1 + aux, x_hat, fired(codes),
                           {"recon": recon.detach(), "l1": l1.detach(), "aux": aux.detach(),
                            "fvu": batch_fvu(x_hat.detach(), x_target)})

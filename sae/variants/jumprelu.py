@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sae.matmul import addmm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
                                squared_error)
 
@@ -93,14 +94,14 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()                          # [d_sae]
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc       # [batch, d_sae]
+        return addmm(self.b_enc, x - self.b_dec, self.W_enc)    # [batch, d_sae]
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec
+        return addmm(self.b_dec, codes, self.W_dec)
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         pre = self.pre_acts(x_input)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sae.matmul import addmm
 from sae.variants.base import SAE, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register, squared_error
 
 
@@ -28,14 +29,14 @@ class ReLUAutoencoder(SAE):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         # x W + (b_enc − b_dec W): the bias folded first, so the [batch, d_sae] result is touched once
         bias = self.b_enc - self.b_dec @ self.W_enc              # [d_sae]
-        return torch.mm(x, self.W_enc).add_(bias)                # [batch, d_sae]
+        return addmm(bias, x, self.W_enc)                        # [batch, d_sae]
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         return pre.relu_() if not torch.is_grad_enabled() else torch.relu(pre)
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec                   # [batch, d_in]
+        return addmm(self.b_dec, codes, self.W_dec)              # [batch, d_in]
 
     def penalty(self, x: torch.Tensor, codes: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Extra loss terms (none for the plain autoencoder)."""

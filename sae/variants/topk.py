@@ -14,6 +14,7 @@ from torch import nn
 from sae.errors import UserError
 from sae.kernels import Selection, dense_codes, sparse_decode, topk_select
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register
+from sae.matmul import addmm
 from sae.variants.base import total_variance as global_total_variance
 
 
@@ -53,7 +54,7 @@ class TopKSAE(SAE):
         return dense_codes(sel.values, sel.indices, self.d_sae)  # [batch, d_sae]
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec
+        return addmm(self.b_dec, codes, self.W_dec)
 
     def remove_parallel_gradient(self) -> None:
         """Nothing to do: every decoder gradient of the TopK family comes from sparse_decode with

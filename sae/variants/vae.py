@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sae.matmul import addmm
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, kaiming_pair, register, squared_error
 
 ACTIVE_KL = 0.01   # nats: a latent dimension with a batch-mean KL above this is "active"
@@ -51,8 +52,8 @@ class VariationalAutoencoder(SAE):
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centred = x - self.b_dec
-        mu = centred @ self.W_enc + self.b_enc                             # [batch, d_sae]
-        logvar = (centred @ self.W_logvar + self.b_logvar).clamp(-12.0, 8.0)  # [batch, d_sae]
+        mu = addmm(self.b_enc, centred, self.W_enc)                        # [batch, d_sae]
+        logvar = addmm(self.b_logvar, centred, self.W_logvar).clamp(-12.0, 8.0)  # [batch, d_sae]
         return mu, logvar
 
     @staticmethod
@@ -64,7 +65,7 @@ class VariationalAutoencoder(SAE):
         return self.posterior(x)[0]
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec
+        return addmm(self.b_dec, codes, self.W_dec)
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         mu, logvar = self.posterior(x_input)

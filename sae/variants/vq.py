@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae.matmul import addmm, mm
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, register, squared_error
 
 
@@ -38,14 +39,14 @@ class VectorQuantizer(SAE):
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, d_in] scaled inputs -> [batch] index of the nearest code."""
         z = (x - self.b_dec).detach()
-        dist = self.W_dec.detach().pow(2).sum(dim=1) - 2 * z @ self.W_dec.detach().T   # [batch, d_sae] (+‖z‖²)
+        dist = self.W_dec.detach().pow(2).sum(dim=1) - 2 * mm(z, self.W_dec.detach().T)   # [batch, d_sae] (+‖z‖²)
         return dist.argmin(dim=1)
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         return F.one_hot(self.nearest(x), self.d_sae).to(x.dtype)            # [batch, d_sae]
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec
+        return addmm(self.b_dec, codes, self.W_dec)
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         index = self.nearest(x_input)                                         # [batch]

@@ -1,0 +1,66 @@
+"""sae.matmul: the oneDNN fp32 product must be the same computation as torch.mm, forward and backward."""
+import pytest
+import torch
+
+from sae import matmul
+
+
+def _reference(bias, a, b):
+    out = a.double() @ b.double()
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("layout", ["row", "latent-major"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_addmm_matches_float64_forward_and_backward(layout, with_bias):
+    torch.manual_seed(0)
+    a = torch.randn(96, 160, requires_grad=True)
+    b = torch.randn(160, 384) if layout == "row" else torch.randn(384, 160).t()   # a transposed view
+    b.requires_grad_(True)
+    bias = torch.randn(384, requires_grad=True) if with_bias else None
+    out = matmul.addmm(bias, a, b)
+    expected = _reference(bias, a, b)
+    assert out.dtype == torch.float32 and out.shape == (96, 384)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+    grad = torch.randn(96, 384)
+    out.backward(grad)
+    torch.testing.assert_close(a.grad.double(), grad.double() @ b.detach().double().t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(b.grad.double(), a.detach().double().t() @ grad.double(), rtol=1e-5, atol=1e-4)
+    assert b.grad.stride() == b.stride()        # a latent-major weight gets a latent-major gradient
+    if with_bias:
+        torch.testing.assert_close(bias.grad, grad.sum(dim=0), rtol=1e-5, atol=1e-4)
+
+
+def test_the_fast_path_is_taken_where_it_exists():
+    if not matmul.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    a, b = torch.randn(256, 128), torch.randn(128, 512)
+    assert matmul._use_onednn(a, b)
+    assert not matmul._use_onednn(a.double(), b.double())       # fp32 only
+    assert not matmul._use_onednn(a[:2, :4], b[:4, :8])          # tiny products stay on torch.mm
+
+
+def test_linear_takes_leading_dims_like_F_linear():
+    torch.manual_seed(1)
+    x, w, bias = torch.randn(3, 70, 128), torch.randn(200, 128), torch.randn(200)
+    torch.testing.assert_close(matmul.linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("SAE_MATMUL", "torch")
+    matmul.onednn_available.cache_clear()
+    try:
+        assert not matmul.onednn_available()
+        a, b = torch.randn(256, 128), torch.randn(128, 512)
+        assert torch.equal(matmul.mm(a, b), torch.mm(a, b))     # exactly torch's own product
+    finally:
+        monkeypatch.delenv("SAE_MATMUL")
+        matmul.onednn_available.cache_clear()
+
+
+def test_best_fp32_gflops_reports_each_path():
+    rates = matmul.best_fp32_gflops(64, 64, 64, repeats=2)
+    assert "torch.mm" in rates and all(rate > 0 for rate in rates.values())
+    assert ("onednn" in rates) == matmul.onednn_available()
