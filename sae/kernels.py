@@ -187,8 +187,8 @@ def _batch_topk(pre: torch.Tensor, batch_k: int) -> tuple[torch.Tensor, torch.Te
 class _TopKSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, batch_k, aux_mask, k_aux):
-        bias = b_enc - b_dec @ W_enc                                    # [d_sae]: (x − b_dec) W + b = x W + bias
-        pre = raw_addmm(bias.to(x.dtype), x, W_enc.to(x.dtype))        # [batch, d_sae], bias added inside
+        centred = x - b_dec.to(x.dtype)                                 # [batch, d_in]: cheaper than folding b_dec
+        pre = raw_addmm(b_enc.to(x.dtype), centred, W_enc.to(x.dtype))  # into the bias (a pass over W_enc)
         if batch_k is not None:
             values, indices, bags, offsets = _batch_topk(pre, batch_k)  # [n] each, offsets [batch + 1]
         else:
@@ -204,22 +204,22 @@ class _TopKSelect(torch.autograd.Function):
             aux_values = pre.new_zeros(pre.shape[0], 0)
             aux_indices = torch.zeros(pre.shape[0], 0, dtype=torch.int64, device=pre.device)
         order = latent_order(indices) if any(ctx.needs_input_grad) else indices.new_empty(0)  # for the backwards
-        ctx.save_for_backward(x, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices, order, bags)
+        ctx.save_for_backward(centred, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices, order, bags)
         ctx.flat = batch_k is not None
         ctx.mark_non_differentiable(indices, aux_indices, order, offsets)
         return values, indices, aux_values, aux_indices, order, offsets
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices, _grad_order, _grad_offsets):
-        x, W_enc, b_dec, live, indices, aux_live, aux_indices, order, bags = ctx.saved_tensors
+        centred, W_enc, b_dec, live, indices, aux_live, aux_indices, order, bags = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         flat = ctx.flat
-        grad_sel = (grad_values if grad_values is not None else torch.zeros_like(live, dtype=x.dtype)) * live
+        grad_sel = (grad_values if grad_values is not None else torch.zeros_like(live, dtype=centred.dtype)) * live
         sel = indices
         if aux_indices.shape[1] > 0 and grad_aux is not None:
             aux_grad = grad_aux * aux_live                                                  # [batch, k_aux]
             if flat:   # both flat: the aux entries become bags of k_aux per token
-                aux_bags = torch.arange(x.shape[0], device=x.device).repeat_interleave(aux_indices.shape[1])
+                aux_bags = torch.arange(centred.shape[0], device=centred.device).repeat_interleave(aux_indices.shape[1])
                 grad_sel, sel = torch.cat([grad_sel, aux_grad.reshape(-1)]), torch.cat([sel, aux_indices.reshape(-1)])
                 bags = torch.cat([bags, aux_bags])
             else:
@@ -229,21 +229,20 @@ class _TopKSelect(torch.autograd.Function):
         order = order if order is not None and order.numel() == sel.numel() else None
         bags = bags if flat else None
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
-        grad_b = torch.zeros(d_sae, device=x.device).index_add_(0, sel.reshape(-1), grad_sel.reshape(-1))
+        grad_b = torch.zeros(d_sae, device=centred.device).index_add_(0, sel.reshape(-1), grad_sel.reshape(-1))
         if ctx.needs_input_grad[0]:    # rarely wanted: the input is data
             W_rows = W_enc.t().float().contiguous()                                         # [d_sae, d_in]
             if flat:
-                grad_x = torch.zeros(x.shape[0], x.shape[1], device=x.device).index_add_(
-                    0, bags, W_rows[sel] * grad_sel[:, None]).to(x.dtype)
+                grad_x = torch.zeros(centred.shape[0], centred.shape[1], device=centred.device).index_add_(
+                    0, bags, W_rows[sel] * grad_sel[:, None]).to(centred.dtype)
             else:
-                grad_x = F.embedding_bag(sel, W_rows, mode="sum", per_sample_weights=grad_sel).to(x.dtype)
+                grad_x = F.embedding_bag(sel, W_rows, mode="sum", per_sample_weights=grad_sel).to(centred.dtype)
         if ctx.needs_input_grad[1]:    # ∂/∂W of x W − b_dec W: (x − b_dec) ⊗ grad, only at selected entries
-            centred = x.float() - b_dec.float()                                             # [batch, d_in]
-            grad_W = latent_major_product(grad_sel, sel, centred, d_sae, order, bags).t().to(W_enc.dtype)
+            grad_W = latent_major_product(grad_sel, sel, centred.float(), d_sae, order, bags).t().to(W_enc.dtype)
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_b.to(W_enc.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b_dec = -(W_enc.float() @ grad_b).to(b_dec.dtype)                          # [d_in]
+            grad_b_dec = -raw_addmm(None, grad_b[None, :], W_enc.float().t()).squeeze(0).to(b_dec.dtype)  # [d_in]
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
 
 
