@@ -64,3 +64,31 @@ def test_best_fp32_gflops_reports_each_path():
     rates = matmul.best_fp32_gflops(64, 64, 64, repeats=2)
     assert "torch.mm" in rates and all(rate > 0 for rate in rates.values())
     assert ("onednn" in rates) == matmul.onednn_available()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_accelerated_language_model_gives_the_same_logits(family, monkeypatch):
+    """A model whose linears (nn.Linear; GPT-2's Conv1D) go through sae.matmul against an untouched copy."""
+    import copy
+
+    import transformers as tf
+    torch.manual_seed(0)
+    if family == "llama":
+        config = tf.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = tf.LlamaForCausalLM(config).eval()
+    else:
+        config = tf.GPT2Config(vocab_size=300, n_embd=128, n_inner=256, n_layer=2, n_head=4, n_positions=128)
+        model = tf.GPT2LMHeadModel(config).eval()
+    untouched = copy.deepcopy(model)
+    calls = []
+    real = matmul.raw_addmm
+    monkeypatch.setattr(matmul, "raw_addmm", lambda *args: calls.append(1) or real(*args))
+    n_linear = sum(1 for m in model.modules() if type(m).__name__ in ("Linear", "Conv1D"))
+    assert matmul.accelerate_linears(model) == n_linear > 0
+    assert matmul.accelerate_linears(model) == 0                 # idempotent
+    ids = torch.randint(0, 300, (4, 64))    # every product big enough for the oneDNN path
+    with torch.no_grad():
+        fast, reference = model(ids).logits, untouched(ids).logits
+    assert len(calls) >= n_linear
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
+from sae.matmul import addmm, mm
 from sae.variants.base import SAE, LossOutput, StepContext, batch_fvu, register, squared_error
 
 
@@ -51,10 +52,10 @@ class LinearAutoencoder(SAE):
         self.b_dec.copy_(x.mean(dim=0))
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_dec.T                           # [batch, d_sae]
+        return mm(x - self.b_dec, self.W_dec.T)                          # [batch, d_sae]
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_dec                           # [batch, d_in]
+        return addmm(self.b_dec, codes, self.W_dec)                      # [batch, d_in]
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         x_hat = self.decode_scaled(self.encode_scaled(x_input))
