@@ -242,7 +242,7 @@ class _TopKSelect(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_b.to(W_enc.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b_dec = -raw_addmm(None, grad_b[None, :], W_enc.float().t()).squeeze(0).to(b_dec.dtype)  # [d_in]
+            grad_b_dec = -(W_enc.float() @ grad_b).to(b_dec.dtype)                          # [d_in]
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
 
 

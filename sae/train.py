@@ -61,6 +61,7 @@ class TrainOptions:
     init_rows: int = 16384                # rows used to set the input scale and the decoder bias
     grad_clip: float | None = None        # max gradient norm (None: no clipping)
     autocast: bool = True                 # bf16 autocast on CUDA
+    cpu_bf16: bool = False                # CPU products with bf16 inputs, fp32 results (sae.matmul.bf16_products)
     eval_rows: int = 16384                # held-out rows scored at the end (0: skip)
 
     @property
@@ -141,8 +142,12 @@ class Trainer:
         self.step_count = 0
         self.tokens_seen = 0
         self.revived_total = 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and options.autocast else nullcontext())
+        self.backward_products = nullcontext()
+        if self.device.type == "cuda":
+            self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.autocast else nullcontext()
+        else:   # CUDA's autocast reaches the backward by itself; the CPU switch is held around both passes
+            from sae.matmul import bf16_products
+            self.autocast = self.backward_products = bf16_products(options.cpu_bf16)
         self._reset_window()
         self._last_log_time = time.perf_counter()
         self.last_metrics: dict = {}
@@ -209,7 +214,8 @@ class Trainer:
             out = self.loss_module(x_input, x, ctx)
         loss = out.loss
         self.optimizer.zero_grad()
-        loss.backward()
+        with self.backward_products:
+            loss.backward()
         model.remove_parallel_gradient()
         if options.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)

@@ -51,16 +51,17 @@ def ensure_store(args) -> Path:
     return store
 
 
-def matmul_gflops(batch: int, d_in: int, d_sae: int, device: str, repeats: int = 20) -> tuple[float, str]:
+def matmul_gflops(batch: int, d_in: int, d_sae: int, device: str, repeats: int = 20,
+                  bf16: bool = False) -> tuple[float, str]:
     """Best-of-N rate of a [batch, d_in] × [d_in, d_sae] product and how it was reached: on the CPU the
-    faster of torch.mm (MKL) and oneDNN in fp32 (sae.matmul: training uses the faster one, so the limit
-    must too), bf16 torch.mm on CUDA."""
+    faster of torch.mm (MKL) and oneDNN, in fp32 (sae.matmul: training uses the faster one, so the limit
+    must too) or, for runs with --bf16, in bf16; bf16 torch.mm on CUDA."""
     if device != "cuda":
-        from sae.matmul import best_fp32_gflops
-        rates = best_fp32_gflops(batch, d_in, d_sae, repeats)
+        from sae.matmul import best_cpu_gflops
+        rates = best_cpu_gflops(batch, d_in, d_sae, repeats, bf16=bf16)
         best = max(rates, key=rates.get)
         detail = ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items())
-        return rates[best], f"fp32, best of {detail} GFLOP/s"
+        return rates[best], f"{'bf16' if bf16 else 'fp32'}, best of {detail} GFLOP/s"
     a = torch.randn(batch, d_in, device=device, dtype=torch.bfloat16)
     b = torch.randn(d_in, d_sae, device=device, dtype=torch.bfloat16)
     best = float("inf")
@@ -80,6 +81,8 @@ def train_one(variant: str, store: Path, out: Path, args) -> dict:
     if args.expansion is not None:
         command += ["--expansion", str(args.expansion)]
     command += args.extra.get(variant, [])
+    if args.bf16:
+        command.append("--bf16")
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -146,6 +149,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", metavar="VARIANT:KNOB=VALUE", help="a knob for one variant")
+    parser.add_argument("--bf16", action="store_true", help="train with `sae train --bf16` (CPU products with "
+                        "bf16 inputs); the roofline is then the machine's bf16 product rate")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--keep-runs", metavar="DIR", help="keep the run folders under DIR (default: a temporary folder)")
     parser.add_argument("--peer-rows", metavar="FILE", help="also score every run on the last 16,384 rows of this "
@@ -159,7 +164,7 @@ def main() -> None:
     store = ActivationStore(store_path)
     d_in = store.d_model
     d_sae_default = int(d_in * (args.expansion or 8))
-    gflops, how = matmul_gflops(args.batch_size, d_in, d_sae_default, device)
+    gflops, how = matmul_gflops(args.batch_size, d_in, d_sae_default, device, bf16=args.bf16)
     print(f"store {store_path}: {len(store):,} tokens, d_in {d_in}; device {device}, {torch.get_num_threads()} threads; "
           f"measured matmul {args.batch_size}×{d_in}×{d_sae_default}: {gflops:,.1f} GFLOP/s ({how})")
     rows = []

@@ -60,8 +60,8 @@ def test_switched_off_by_environment(monkeypatch):
         matmul.onednn_available.cache_clear()
 
 
-def test_best_fp32_gflops_reports_each_path():
-    rates = matmul.best_fp32_gflops(64, 64, 64, repeats=2)
+def test_best_cpu_gflops_reports_each_path():
+    rates = matmul.best_cpu_gflops(64, 64, 64, repeats=2)
     assert "torch.mm" in rates and all(rate > 0 for rate in rates.values())
     assert ("onednn" in rates) == matmul.onednn_available()
 
@@ -92,3 +92,51 @@ def test_accelerated_language_model_gives_the_same_logits(family, monkeypatch):
         fast, reference = model(ids).logits, untouched(ids).logits
     assert len(calls) >= n_linear
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_products_round_the_inputs_and_return_fp32():
+    if not matmul.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(2)
+    a, b, bias = torch.randn(256, 128), torch.randn(128, 512), torch.randn(512)
+    reference = a.bfloat16().double() @ b.bfloat16().double() + bias.bfloat16().double()   # rounded inputs, exact sums
+    exact = matmul.addmm(bias, a, b)
+    with matmul.bf16_products():
+        rounded = matmul.addmm(bias, a, b)
+        with matmul.bf16_products(False):                     # nesting restores the outer setting
+            assert torch.equal(matmul.addmm(bias, a, b), exact)
+        assert torch.equal(matmul.addmm(bias, a, b), rounded)
+    assert rounded.dtype == torch.float32
+    scale = float(reference.abs().max())
+    assert float((rounded.double() - reference).abs().max()) < 1e-2 * scale   # bf16 output rounding only
+    assert not torch.equal(rounded, exact)                                       # the switch did something
+    assert torch.equal(matmul.addmm(bias, a, b), exact)                          # and is off again outside
+
+
+def test_trainer_bf16_products_train_as_well_as_fp32():
+    """TopK (sparse kernels) and relu (dense autograd through sae.matmul) under `--bf16` reach the fp32 run's
+    held-out FVU within a small tolerance, and the switch is recorded with the run's options."""
+    if not matmul.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    from sae import variants
+    from sae.train import Trainer, TrainOptions
+    from variant_fitting import sparse_data
+    x = sparse_data(n=6144, d_in=64, n_atoms=256, active=6)
+    train, held = x[:5120], x[5120:]
+    for name, knobs in (("topk", {"k": 8}), ("relu", {})):
+        scores = {}
+        for bf16 in (False, True):
+            torch.manual_seed(0)
+            model = variants.get(name).create(64, d_sae=512, **knobs)
+            options = TrainOptions(tokens=256 * 120, batch_size=256, checkpoint_every=0, cpu_bf16=bf16, lr=3e-3)
+            trainer = Trainer(model, options)
+            assert trainer.options.to_json()["cpu_bf16"] is bf16
+            trainer.init_from_sample(train[:2048])
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(options.total_steps):
+                trainer.step(train[torch.randint(len(train), (256,), generator=gen)])
+            with torch.no_grad():
+                model.eval()
+                scores[bf16] = float((model(held) - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+        assert scores[True] < 0.5, (name, scores)                       # it learned
+        assert abs(scores[True] - scores[False]) < 0.05, (name, scores)  # and as well as fp32

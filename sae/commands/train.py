@@ -17,7 +17,7 @@ _OPTION_FIELDS = {"tokens": "tokens", "lr": "lr", "noise_std": "noise_std", "mas
                   "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints",
                   "log_every": "log_every", "dead_after_tokens": "dead_after_tokens", "lr_warmup": "lr_warmup",
                   "lr_decay": "lr_decay", "sparsity_warmup": "sparsity_warmup", "grad_clip": "grad_clip",
-                  "eval_rows": "eval_rows"}
+                  "eval_rows": "eval_rows", "bf16": "cpu_bf16"}
 
 
 def _bool(text: str) -> bool:
@@ -67,6 +67,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr-decay", type=float, default=None, help="final fraction of steps of LR decay (0.2)")
     parser.add_argument("--sparsity-warmup", type=float, default=None, help="fraction of steps of penalty warm-up")
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (off by default)")
+    parser.add_argument("--bf16", action="store_const", const=True, default=None,
+                        help="CPU: matrix products with bf16 inputs and fp32 results in training, 2-4x faster on "
+                             "CPUs with bf16 units (AVX512-BF16, AMX); CUDA always trains under bf16 autocast")
     parser.add_argument("--eval-rows", type=int, default=None, help="held-out tokens scored at the end (16,384)")
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
     parser.add_argument("--shard-latents", action="store_true",
