@@ -99,18 +99,26 @@ def run_analysis(args) -> None:
 
 
 def time_encoder_matmul(args) -> tuple[float, float]:
-    """x @ W_enc alone over the same tokens, same batch size (float32, data already in memory)."""
+    """x @ W_enc alone over the same tokens, same batch size (float32, data already in memory), through the
+    faster of torch.matmul (MKL) and sae.matmul's oneDNN path (which the analysis itself uses)."""
+    from sae.matmul import raw_addmm
     x = torch.randn(args.batch_size, args.d_in)
     W_enc = torch.randn(args.d_in, args.d_sae)
     out = torch.empty(args.batch_size, args.d_sae)
-    torch.matmul(x, W_enc, out=out)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    done = 0
-    while done < args.tokens:
-        rows = min(args.batch_size, args.tokens - done)
-        torch.matmul(x[:rows], W_enc, out=out[:rows])
-        done += rows
-    return time.perf_counter() - started, time.process_time() - cpu_started
+    paths = {"torch.matmul": lambda rows: torch.matmul(x[:rows], W_enc, out=out[:rows]),
+             "sae.matmul": lambda rows: raw_addmm(None, x[:rows], W_enc)}
+    best = None
+    for product in paths.values():
+        product(args.batch_size)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        done = 0
+        while done < args.tokens:
+            rows = min(args.batch_size, args.tokens - done)
+            product(rows)
+            done += rows
+        timing = (time.perf_counter() - started, time.process_time() - cpu_started)
+        best = timing if best is None or timing[0] < best[0] else best
+    return best
 
 
 def main(argv=None) -> None:
