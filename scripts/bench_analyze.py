@@ -101,7 +101,9 @@ def run_analysis(args) -> None:
 def time_encoder_matmul(args) -> tuple[float, float]:
     """x @ W_enc alone over the same tokens, same batch size (float32, data already in memory), through the
     faster of torch.matmul (MKL) and sae.matmul's oneDNN path (which the analysis itself uses)."""
+    from sae.devices import keep_freed_memory
     from sae.matmul import raw_addmm
+    keep_freed_memory()  # as the analysis child does: each oneDNN call allocates its [batch, d_sae] result
     x = torch.randn(args.batch_size, args.d_in)
     W_enc = torch.randn(args.d_in, args.d_sae)
     out = torch.empty(args.batch_size, args.d_sae)

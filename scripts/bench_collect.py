@@ -23,16 +23,11 @@ import torch
 from torch import nn
 
 
-def matmul_roofline(seconds: float = 1.0) -> float:
-    """Measured float32 matmul GFLOP/s on this machine (shapes like one MLP projection)."""
-    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
-    for _ in range(3):
-        a @ b
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9
+def matmul_roofline(repeats: int = 30) -> float:
+    """Best fp32 matmul GFLOP/s on this machine (shapes like one MLP projection), through the faster of
+    torch.mm and oneDNN: the model's linears run on the faster one (sae.matmul.accelerate_linears)."""
+    from sae.matmul import best_cpu_gflops
+    return max(best_cpu_gflops(1024, 576, 1536, repeats).values())
 
 
 def forward_flops(model: nn.Module, blocks: nn.ModuleList, layer: int, tokens: int, context: int, d_model: int) -> float:

@@ -41,7 +41,7 @@ def live(tiny, out, steps, layers="1,2", buffer=2 * 2 * 32 * 4 * 600, **kw):
     from sae.live import train_live
     opts = options(steps, checkpoint_every=kw.pop("checkpoint_every", 0))
     return train_live(tiny, documents, layers=layers, site="resid_post", variant=kw.pop("variant", "relu"),
-                      out=out, options=opts, d_sae=64, context_size=64, model_batch=4, buffer_size=buffer,
+                      out=out, options=opts, d_sae=64, context_size=64, model_batch=kw.pop("model_batch", 4), buffer_size=buffer,
                       progress=False, **kw)
 
 
@@ -237,3 +237,32 @@ def test_the_producer_stops_after_the_last_generation_used(tiny, tmp_path, monke
     assert len(used) >= 2                                # the run spans several generations
     assert built == [g["index"] for g in used]           # and the producer made exactly those,
     assert sum(sizes[:-1]) < 3 <= sum(sizes), sizes      # the last one no bigger than the steps left need
+
+
+def test_the_model_runs_only_on_windows_whose_rows_are_trained(tiny, tmp_path, monkeypatch):
+    """Each generation forwards just enough windows for its whole SAE batches: the rows left over at a
+    generation's end are less than one window's, never most of a model batch."""
+    from sae.live_producer import Producer
+    kept, trained = [], []
+    original_forward, original_build = Producer.forward, Producer.build
+
+    def counting_forward(self, windows):
+        acts = original_forward(self, windows)
+        from sae.data import PAD_DOC
+        special = torch.tensor(sorted(self.loaded.special_ids))
+        kept.append(sum(int(((w.doc_ids != PAD_DOC) & ~torch.isin(w.input_ids, special)).sum())
+                        for w in windows if not w.held_out))
+        return acts
+
+    def counting_build(self, index, batches, max_rows=None):
+        generation = original_build(self, index, batches, max_rows)
+        trained.append((sum(kept), generation.n_batches * self.spec.batch_size))
+        kept.clear()
+        return generation
+
+    monkeypatch.setattr(Producer, "forward", counting_forward)
+    monkeypatch.setattr(Producer, "build", counting_build)
+    live(tiny, tmp_path / "run", steps=12, layers="1", buffer=32 * 4 * 700, model_batch=16)
+    assert len(trained) >= 2
+    for rows_forwarded, rows_used in trained:
+        assert rows_used <= rows_forwarded < rows_used + 64, trained   # under one 64-token window left over
