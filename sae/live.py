@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,8 +214,7 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
                 begin = time.perf_counter()
                 for layer, trainer in trainers.items():
                     if trainer.step_count == step:
-                        with producer.turn or nullcontext():   # on the CPU: not while the model runs
-                            trainer.step(generation.acts[layer][j * spec.batch_size:(j + 1) * spec.batch_size])
+                        trainer.step(generation.acts[layer][j * spec.batch_size:(j + 1) * spec.batch_size])
                         if options.checkpoint_every and trainer.step_count % options.checkpoint_every == 0 \
                                 and trainer.step_count < total:
                             trainer.save_checkpoint()

@@ -38,6 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--sae-steps", type=int, default=100, help="steps timed for 'SAE alone'")
     parser.add_argument("--buffer-size", default="256MB")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--bf16", action="store_true", help="SAE steps with bf16 products (`sae train --bf16`)")
     return parser.parse_args(argv)
 
 
@@ -81,7 +82,7 @@ def sae_alone(sample: dict, args, device) -> float:
     from sae import variants
     from sae.train import TrainOptions, Trainer
     options = TrainOptions(tokens=args.sae_steps * args.batch_size, batch_size=args.batch_size,
-                           device=str(device), checkpoint_every=0, eval_rows=0)
+                           device=str(device), checkpoint_every=0, eval_rows=0, cpu_bf16=args.bf16)
     trainers = {}
     for layer, rows in sample.items():
         model = variants.create("topk", rows.shape[1], expansion=args.expansion, k=args.k)
@@ -104,7 +105,7 @@ def live_run(loaded, args, layers, device) -> float:
     from sae.live import train_live
     from sae.train import TrainOptions
     options = TrainOptions(tokens=args.tokens, batch_size=args.batch_size, device=str(device),
-                           checkpoint_every=0, eval_rows=0, log_every=50)
+                           checkpoint_every=0, eval_rows=0, log_every=50, cpu_bf16=args.bf16)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         train_live(loaded, lambda: documents(args), layers=layers, site=args.site, variant="topk",
