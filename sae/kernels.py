@@ -3,8 +3,8 @@
 Training a TopK-style SAE needs one dense product, the encoder's (2·d_in·d_sae FLOP a token). Everything
 else touches only the k selected latents of each token:
 
-- `topk_select(x, W_enc, b_enc, k, b_dec=...)` — forward: pre = (x − b_dec) @ W_enc + b_enc (b_dec folded into
-  the bias), then the exact top-k per token from a strided-block prefilter (`topk_rows`, a few times faster
+- `topk_select(x, W_enc, b_enc, k, b_dec=...)` — forward: pre = (x − b_dec) @ W_enc + b_enc (one product,
+  sae.matmul), then the exact top-k per token from a strided-block prefilter (`topk_rows`, a few times faster
   than torch.topk over the whole row), ReLU; or, with batch_k, the batch's batch_k largest entries
   (BatchTopK / Matryoshka) in a flat form with per-token offsets, no padding; optionally an auxiliary top-k
   among dead latents' columns only (AuxK).
@@ -250,7 +250,7 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
                 b_dec: torch.Tensor | None = None, batch_k: int | None = None,
                 aux_mask: torch.Tensor | None = None, k_aux: int = 0) -> Selection:
     """Encoder ReLU((x − b_dec) W_enc + b_enc) + top-k with a sparse backward (b_dec: optional [d_in]
-    centring, folded into the bias so the input itself never needs a gradient). batch_k: keep only the batch_k largest of the
+    centring, with its gradient through the encoder; the input itself never gets one). batch_k: keep only the batch_k largest of the
     batch's positive pre-activations (BatchTopK; k is then unused, the width varies and the selection comes in
     the flat form, with offsets). aux_mask [d_sae] bool with k_aux > 0: also select the k_aux largest
     pre-activations among the masked (dead) latents."""

@@ -89,14 +89,16 @@ class _Stopped(Exception):
 
 
 class Producer:
-    """Runs the model in a background thread and hands over shuffled generations, two at most alive."""
+    """Runs the model and hands over shuffled generations: on a GPU from a background thread, two at most
+    alive; on the CPU in the caller's thread, one at a time."""
+    THREADED: bool | None = None                   # None: by device (tests set True to run the thread on a CPU)
 
     def __init__(self, loaded, documents_factory, spec: LiveSpec, device, start_generation: int = 0,
                  start_window: int = 0, writer=None, steps_needed: int | None = None):
         self.loaded, self.spec, self.device = loaded, spec, torch.device(device)
         self.documents_factory = documents_factory
         self.start_generation, self.start_window = start_generation, start_window
-        self.writer = writer                       # optional: receives every model batch (held-out too)
+        self.writer = writer                       # optional: receives every window the model runs on
         self.steps_needed = steps_needed           # stop once the generations made hold this many batches
         self.queue: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(1)
@@ -106,7 +108,7 @@ class Producer:
         # the SAEs train on it, and so on. (A producer thread taking turns through a lock ran the model 11%
         # slower than alone: each thread drives its own OpenMP pool, and the idle pool's spinning workers
         # take cycles from the busy one.)
-        self.threaded = self.device.type != "cpu"
+        self.threaded = self.device.type != "cpu" if Producer.THREADED is None else Producer.THREADED
         self.thread = threading.Thread(target=self._run, daemon=True, name="sae-live-producer")
         self.waiting_seconds = 0.0                 # time spent blocked because the SAEs were behind
         self.model_tokens = 0
@@ -190,8 +192,10 @@ class Producer:
         """The leading windows of a model batch that bring the generation to rows_needed rows, by the
         collection rule's count of each window's kept tokens (special tokens and padding dropped): the
         model never runs on windows whose rows would be left over (up to a whole SAE batch a generation,
-        5% of the model's time in a 262k-token run). With --max-norm-ratio a window may keep fewer rows
-        than counted; the generation then takes another batch."""
+        5% of the model's time in a 262k-token run). The windows left out of the batch are skipped: neither
+        trained on nor, with --save-activations, stored (a few windows a generation; a resumed run skips the
+        same ones). With --max-norm-ratio a window may keep fewer rows than counted; the generation then
+        takes another batch."""
         ids = torch.stack([w.input_ids for _, w in numbered])                        # [b, ctx]
         docs = torch.stack([w.doc_ids for _, w in numbered])
         keep = keep_rows(ids, docs, {}, self.loaded.special_ids, self.spec.keep_special, None, None)
@@ -249,7 +253,7 @@ class Producer:
             self._produce()
 
     def _stream(self) -> Iterator[Generation]:
-        """The generations in order, made in the calling thread; wait() blocks until one may be made."""
+        """The generations in order, each made in the calling thread when the next is asked for."""
         if self.spec.max_norm_ratio is not None and self.spec.norm_median is None:
             self.measure_norm_median()
         batches = self._batches(self.start_window)
@@ -310,7 +314,7 @@ class Producer:
 
 # ---- --save-activations: the produced rows as an ordinary store ---------------------------------
 class StoreWriter:
-    """Writes every model batch (training and held-out windows) as store shards on the way.
+    """Writes every window the model runs on (training and held-out) as store shards on the way.
 
     Rows follow the collection rule (padding and, unless kept, special tokens dropped; --max-norm-ratio
     applied); held-out documents are kept, as in any store. Resumable: the manifest records the last

@@ -8,8 +8,8 @@ results differ in rounding order only (about 1e-6 relative), so this is the same
 
 On CUDA, or where oneDNN is absent, or for small products, everything falls back to torch.mm / addmm.
 SAE_MATMUL=torch turns the oneDNN path off (to compare, or should a future build misbehave).
-Inside `with bf16_products():` the CPU products read bf16-rounded inputs instead (not exact; `sae train
---bf16`), twice as fast again on CPUs with bf16 units.
+Inside `with bf16_products():` the CPU products read bf16-rounded inputs instead and round their
+product to bf16 (not exact; `sae train --bf16`), twice as fast again on CPUs with bf16 units.
 
     sae.matmul.mm(a, b)            # a [n, k] @ b [k, m] -> [n, m]
     sae.matmul.addmm(bias, a, b)   # a @ b + bias [m], the bias added inside the product
@@ -54,32 +54,34 @@ _BF16 = threading.local()
 
 
 class bf16_products:
-    """Within the block, CPU fp32 products of `addmm`/`mm`/`linear` read their inputs rounded to bf16 and
-    return fp32 (oneDNN accumulates in fp32): what CUDA's bf16 autocast does to the same products, for
-    CPUs with bf16 units (AVX512-BF16, AMX), where it runs 2–4× faster. Not exact: each input is rounded
-    to 8 significant bits. `sae train --bf16` uses it for the training steps only; eval and analysis stay
-    fp32. Reusable and re-entrant; per thread (CPU autograd runs the backward in the calling thread)."""
+    """Within the block, CPU fp32 products of `addmm`/`mm`/`linear` read their inputs rounded to bf16
+    (oneDNN accumulates in fp32 and rounds the product to bf16, as CUDA's bf16 autocast does); a bias is
+    then added in fp32 and the result is fp32. For CPUs with bf16 units (AVX512-BF16, AMX), where the
+    product runs 2–4× faster. Not exact: inputs and product keep 8 significant bits. `sae train --bf16`
+    uses it for the training steps only; eval and analysis stay fp32. Reusable, re-entrant, per thread
+    (CPU autograd runs the backward in the calling thread)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = bool(enabled)
-        self._saved: list[bool] = []
 
     def __enter__(self):
-        self._saved.append(getattr(_BF16, "on", False))
+        if not hasattr(_BF16, "saved"):
+            _BF16.saved = []
+        _BF16.saved.append(getattr(_BF16, "on", False))
         _BF16.on = self.enabled
         return self
 
     def __exit__(self, *exc):
-        _BF16.on = self._saved.pop()
+        _BF16.on = _BF16.saved.pop()
         return False
 
 
 def raw_addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [n, k] @ b [k, m] (+ bias [m]) with no autograd: oneDNN on the CPU in fp32, torch elsewhere."""
     if _use_onednn(a, b) and (bias is None or (bias.dim() == 1 and bias.dtype == torch.float32)):
-        if getattr(_BF16, "on", False):
-            bias = None if bias is None else bias.detach().bfloat16()   # the [n, m] result is bf16 anyway
-            return torch.ops.mkldnn._linear_pointwise(a.bfloat16(), b.t().bfloat16(), bias, "none", [], "").float()
+        if getattr(_BF16, "on", False):   # the product's result is bf16; the bias is added to it in fp32
+            out = torch.ops.mkldnn._linear_pointwise(a.bfloat16(), b.t().bfloat16(), None, "none", [], "").float()
+            return out if bias is None else out.add_(bias)
         bias = None if bias is None else bias.contiguous()
         return torch.ops.mkldnn._linear_pointwise(_strided_ok(a), _strided_ok(b.t()), bias, "none", [], "")
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
@@ -106,8 +108,8 @@ class _AddMM(torch.autograd.Function):
 
 def addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [n, k] @ b [k, m] + bias [m] (bias may be None), differentiable in all three."""
-    if not _use_onednn(a, b):
-        return a @ b if bias is None else torch.addmm(bias, a, b)
+    if not _use_onednn(a, b):   # (a product plus an fp32 bias: under CUDA autocast the sum stays fp32)
+        return a @ b if bias is None else a @ b + bias
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (bias, a, b)):
         return raw_addmm(bias, a, b)
     return _AddMM.apply(bias, a, b)

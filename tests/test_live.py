@@ -139,8 +139,13 @@ def test_no_held_out_document_reaches_training(tiny, tmp_path, monkeypatch):
     assert float(to_held.min()) > 3e-3              # and none is a held-out one
 
 
-def test_resume_equals_uninterrupted(tiny, tmp_path):
+@pytest.mark.parametrize("threaded", [False, True], ids=["cpu-turns", "producer-thread"])
+def test_resume_equals_uninterrupted(tiny, tmp_path, threaded, monkeypatch):
+    """On the CPU the model and the SAEs take turns in one thread; the producer thread (what a GPU uses)
+    is run here on the CPU too, through the same resume and --save-activations paths."""
     from safetensors.torch import load_file
+    from sae.live_producer import Producer
+    monkeypatch.setattr(Producer, "THREADED", threaded)
     from sae import checkpoint
     whole = tmp_path / "whole"
     live(tiny, whole, steps=30, checkpoint_every=10)

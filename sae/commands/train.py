@@ -69,7 +69,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (off by default)")
     parser.add_argument("--bf16", action="store_const", const=True, default=None,
                         help="CPU: matrix products with bf16 inputs and fp32 results in training, 2-4x faster on "
-                             "CPUs with bf16 units (AVX512-BF16, AMX); CUDA always trains under bf16 autocast")
+                             "CPUs with bf16 units (AVX512-BF16, AMX), slower on CPUs without them; CUDA always "
+                             "trains under bf16 autocast")
     parser.add_argument("--eval-rows", type=int, default=None, help="held-out tokens scored at the end (16,384)")
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
     parser.add_argument("--shard-latents", action="store_true",
@@ -195,6 +196,9 @@ def run(args) -> int:
         from sae.interop import open_store
         store = open_store(args.activations)  # this project's store or a SAELens activation cache
         if args.shard_latents:
+            if options.cpu_bf16:
+                raise UserError("--bf16 does not apply to --shard-latents (sharded training runs on GPUs, "
+                                "under bf16 autocast)")
             from sae.sharded import train_sharded_on_store
             train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
                                    d_sae=args.d_sae, expansion=args.expansion, force=args.force)
