@@ -123,6 +123,8 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) with x [..., k], weight [m, k] -> [..., m], through addmm."""
     flat = x.reshape(-1, x.shape[-1])
+    if not _use_onednn(flat, weight.t()):      # CUDA, other dtypes, small products: exactly F.linear
+        return torch.nn.functional.linear(x, weight, bias)
     return addmm(bias, flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -154,6 +156,8 @@ def _linear_forward(module, x):
 
 def _conv1d_forward(module, x):        # transformers' Conv1D (GPT-2): x @ weight [in, out] + bias
     flat = x.reshape(-1, x.shape[-1])
+    if not _use_onednn(flat, module.weight):   # exactly Conv1D's own addmm
+        return torch.addmm(module.bias, flat, module.weight).reshape(*x.shape[:-1], module.weight.shape[1])
     return addmm(module.bias, flat, module.weight).reshape(*x.shape[:-1], module.weight.shape[1])
 
 

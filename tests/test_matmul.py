@@ -143,3 +143,12 @@ def test_trainer_bf16_products_train_as_well_as_fp32():
         assert scores[True] < 0.5, (name, scores)                       # it learned
         assert abs(scores[True] - scores[False]) < 0.05, (name, scores)  # and as well as fp32
         assert scores[True] != scores[False], (name, scores)             # through bf16 products indeed
+
+
+def test_linear_off_the_fast_path_is_exactly_F_linear():
+    """Where oneDNN is not used (other dtypes, small products; CUDA likewise) the patched layers are torch's own."""
+    torch.manual_seed(3)
+    x, w, bias = torch.randn(3, 70, 128).double(), torch.randn(200, 128).double(), torch.randn(200).double()
+    assert torch.equal(matmul.linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    small = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+    assert torch.equal(matmul.linear(*small), torch.nn.functional.linear(*small))
