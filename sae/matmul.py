@@ -35,7 +35,7 @@ def onednn_available() -> bool:
         a, w = torch.ones(2, 3), torch.ones(4, 3)
         out = torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
         return bool(out.shape == (2, 4) and torch.all(out == 3))
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except Exception:  # noqa: BLE001 - a capability probe: any failure means "not here"
         return False
 
 
