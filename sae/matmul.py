@@ -76,14 +76,19 @@ class bf16_products:
         return False
 
 
+def _onednn_addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (+ bias) on oneDNN, no autograd; the caller has checked _use_onednn(a, b)."""
+    if getattr(_BF16, "on", False):   # the product's result is bf16; the bias is added to it in fp32
+        out = torch.ops.mkldnn._linear_pointwise(a.bfloat16(), b.t().bfloat16(), None, "none", [], "").float()
+        return out if bias is None else out.add_(bias)
+    bias = None if bias is None else bias.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(_strided_ok(a), _strided_ok(b.t()), bias, "none", [], "")
+
+
 def raw_addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [n, k] @ b [k, m] (+ bias [m]) with no autograd: oneDNN on the CPU in fp32, torch elsewhere."""
     if _use_onednn(a, b) and (bias is None or (bias.dim() == 1 and bias.dtype == torch.float32)):
-        if getattr(_BF16, "on", False):   # the product's result is bf16; the bias is added to it in fp32
-            out = torch.ops.mkldnn._linear_pointwise(a.bfloat16(), b.t().bfloat16(), None, "none", [], "").float()
-            return out if bias is None else out.add_(bias)
-        bias = None if bias is None else bias.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(_strided_ok(a), _strided_ok(b.t()), bias, "none", [], "")
+        return _onednn_addmm(bias, a, b)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
@@ -92,7 +97,7 @@ class _AddMM(torch.autograd.Function):
     def forward(ctx, bias, a, b):
         ctx.save_for_backward(a, b)
         ctx.has_bias = bias is not None
-        return raw_addmm(bias, a, b)
+        return _onednn_addmm(bias, a, b)
 
     @staticmethod
     def backward(ctx, grad):                      # grad [n, m]
@@ -106,13 +111,17 @@ class _AddMM(torch.autograd.Function):
         return grad_bias, grad_a, grad_b
 
 
+def _differentiable_onednn_addmm(bias, a, b) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (bias, a, b)):
+        return _onednn_addmm(bias, a, b)
+    return _AddMM.apply(bias, a, b)
+
+
 def addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [n, k] @ b [k, m] + bias [m] (bias may be None), differentiable in all three."""
-    if not _use_onednn(a, b):   # (a product plus an fp32 bias: under CUDA autocast the sum stays fp32)
-        return a @ b if bias is None else a @ b + bias
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (bias, a, b)):
-        return raw_addmm(bias, a, b)
-    return _AddMM.apply(bias, a, b)
+    if not _use_onednn(a, b) or (bias is not None and (bias.dim() != 1 or bias.dtype != torch.float32)):
+        return a @ b if bias is None else a @ b + bias   # (under CUDA autocast the sum stays fp32)
+    return _differentiable_onednn_addmm(bias, a, b)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,9 +132,9 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) with x [..., k], weight [m, k] -> [..., m], through addmm."""
     flat = x.reshape(-1, x.shape[-1])
-    if not _use_onednn(flat, weight.t()):      # CUDA, other dtypes, small products: exactly F.linear
-        return torch.nn.functional.linear(x, weight, bias)
-    return addmm(bias, flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+    if not _use_onednn(flat, weight.t()) or (bias is not None and bias.dtype != torch.float32):
+        return torch.nn.functional.linear(x, weight, bias)   # CUDA, other dtypes, small products: exactly torch's
+    return _differentiable_onednn_addmm(bias, flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def best_cpu_gflops(n: int, k: int, m: int, repeats: int = 20, bf16: bool = False) -> dict[str, float]:
@@ -156,9 +165,8 @@ def _linear_forward(module, x):
 
 def _conv1d_forward(module, x):        # transformers' Conv1D (GPT-2): x @ weight [in, out] + bias
     flat = x.reshape(-1, x.shape[-1])
-    if not _use_onednn(flat, module.weight):   # exactly Conv1D's own addmm
-        return torch.addmm(module.bias, flat, module.weight).reshape(*x.shape[:-1], module.weight.shape[1])
-    return addmm(module.bias, flat, module.weight).reshape(*x.shape[:-1], module.weight.shape[1])
+    product = _differentiable_onednn_addmm if _use_onednn(flat, module.weight) else torch.addmm  # else Conv1D's own
+    return product(module.bias, flat, module.weight).reshape(*x.shape[:-1], module.weight.shape[1])
 
 
 def accelerate_linears(model: torch.nn.Module) -> int:

@@ -145,9 +145,11 @@ class Trainer:
         self.backward_products = nullcontext()
         if self.device.type == "cuda":
             self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.autocast else nullcontext()
-        else:   # CUDA's autocast reaches the backward by itself; the CPU switch is held around both passes
+        elif options.cpu_bf16:   # CUDA's autocast reaches the backward by itself; this switch is held around both
             from sae.matmul import bf16_products
-            self.autocast = self.backward_products = bf16_products(options.cpu_bf16)
+            self.autocast = self.backward_products = bf16_products()
+        else:
+            self.autocast = nullcontext()
         self._reset_window()
         self._last_log_time = time.perf_counter()
         self.last_metrics: dict = {}
