@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.matmul import raw_addmm
-from sae import distributed
+from sae import distributed, native
 
 
 
@@ -98,6 +98,18 @@ def _block_count(width: int, k: int) -> int | None:
     return min(fits, key=lambda n: abs(math.log(n / target))) if fits else None
 
 
+@functools.lru_cache(maxsize=64)
+def _native_block_count(width: int, k: int) -> int | None:
+    """The strided blocks of the compiled top-k (sae.native): a divisor of width above k, at most half the
+    row and 512, near 2k (its costs: a vector rank count over the block maxima, growing as blocks², and a
+    candidate set that shrinks as blocks grow); multiples of 16 (a vector) preferred. None: no divisor fits."""
+    fits = [n for n in range(k + 1, min(width // 2, 512) + 1) if width % n == 0]
+    if not fits:
+        return None
+    aligned = [n for n in fits if n % 16 == 0] or fits
+    return min(aligned, key=lambda n: abs(math.log(n / (2 * k))))
+
+
 def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [n, k] of the k largest entries of each row of pre [n, width] (unsorted): the same
     values as torch.topk, found from a candidate set about a tenth of the row.
@@ -109,6 +121,11 @@ def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     k·width/blocks candidates are therefore the row's top k. torch.topk's cost grows with the row width,
     so two small top-ks plus a strided max beat one wide one several times over."""
     n, width = pre.shape
+    native_blocks = _native_block_count(width, k)
+    if native_blocks is not None:
+        found = native.topk_rows(pre, k, native_blocks)   # the same selection in compiled code (sae.native)
+        if found is not None:
+            return found
     blocks = _block_count(width, k)
     if blocks is None or not pre.is_contiguous():
         return pre.topk(k, dim=1, sorted=False)
@@ -119,6 +136,21 @@ def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     columns = (best_blocks[:, None, :] + offsets[None, :, None]).reshape(n, block * k)  # [n, block*k]
     values, slots = pre.gather(1, columns).topk(k, dim=1, sorted=False)   # [n, k]
     return values, columns.gather(1, slots)
+
+
+def selected_dots(dense: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """dense[b] · rows[indices[b, j]] for every selection -> shaped like indices: dense [batch, d],
+    rows [d_sae, d], indices [batch, k] (or flat [n] with offsets [batch + 1]). A row-parallel dot loop in
+    compiled code (sae.native) where it is here, else a sampled sparse-dense product (the same sums)."""
+    flat_ids = indices.reshape(-1)
+    bags = bag_ids(offsets) if offsets is not None else None
+    found = native.row_dots(dense.contiguous(), rows.contiguous(), flat_ids.contiguous(), bags,
+                            per_row=indices.shape[1] if offsets is None else 1) if flat_ids.numel() else None
+    if found is not None:
+        return found.view_as(indices)
+    pattern = token_major(torch.ones(indices.shape, device=dense.device), indices, rows.shape[0], offsets)
+    return torch.sparse.sampled_addmm(pattern, dense, rows.t(), beta=0.0).values().view_as(indices)
 
 
 def _csr(crow, cols, values, size):
@@ -282,9 +314,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_W = None
         sampled = None
         if ctx.needs_input_grad[0] or (ctx.needs_input_grad[2] and ctx.unit_rows):
-            pattern = token_major(torch.ones_like(values), indices, d_sae, offsets if flat else None)
-            sampled = torch.sparse.sampled_addmm(pattern, grad_out.float(), W_dec.t().float(), beta=0.0)
-            sampled = sampled.values().view_as(values)                   # grad_out[bag] · W_dec[idx] per entry
+            sampled = selected_dots(grad_out.float(), W_dec.float(), indices, offsets if flat else None)
         if ctx.needs_input_grad[0]:
             grad_values = sampled.to(values.dtype)
         if ctx.needs_input_grad[2]:

@@ -1,0 +1,161 @@
+/* Hot loops of the TopK family's step that torch has no single fast op for (see sae/native.py).
+ *
+ * Plain C99 + OpenMP. Built on first use by sae/native.py with the machine's C compiler and loaded with
+ * ctypes; OpenMP resolves to the libgomp torch has already loaded, so these loops run on torch's own
+ * thread pool. Every function is exact (it returns entries of its input, or sums in fp32), row-parallel,
+ * and never allocates more than a few rows of scratch per thread.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* Rearrange vals/ids [0, n) so that the first k hold the k largest values (any order): quickselect with a
+ * three-way partition, so runs of equal values cost one pass (an all-equal row is linear, not quadratic). */
+static void select_largest(float *vals, int64_t *ids, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n;
+    while (hi - lo > 1 && k > lo && k < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        float a = vals[lo], b = vals[mid], c = vals[hi - 1];
+        float pivot = (a < b) ? ((b < c) ? b : ((a < c) ? c : a)) : ((a < c) ? a : ((b < c) ? c : b));
+        int64_t lt = lo, i = lo, gt = hi;       /* [lo,lt) > pivot, [lt,i) == pivot, [gt,hi) < pivot */
+        while (i < gt) {
+            float v = vals[i];
+            if (v > pivot) {
+                float tv = vals[lt]; vals[lt] = v; vals[i] = tv;
+                if (ids) { int64_t ti = ids[lt]; ids[lt] = ids[i]; ids[i] = ti; }
+                lt++; i++;
+            } else if (v < pivot) {
+                gt--;
+                float tv = vals[gt]; vals[gt] = v; vals[i] = tv;
+                if (ids) { int64_t ti = ids[gt]; ids[gt] = ids[i]; ids[i] = ti; }
+            } else {
+                i++;
+            }
+        }
+        if (k <= lt) hi = lt;            /* the k largest lie in the "greater" part */
+        else if (k <= gt) return;        /* the first k are greater than or equal to the pivot: done */
+        else lo = gt;                    /* all of [lo, gt) belong; look further down */
+    }
+}
+
+/* Copy the entries of row [width] that are >= bound into vals [width + 16] and their columns into cols
+ * [width + 16]; returns how many. (The AVX-512 path compresses in registers and stores whole vectors:
+ * a compressing store to memory is microcoded and slow on AMD's Zen 4/5.) */
+static int64_t collect_at_least(const float *row, int64_t width, float bound, float *vals, int32_t *cols) {
+    int64_t count = 0, j = 0;
+#ifdef __AVX512F__
+    const __m512 limit = _mm512_set1_ps(bound);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= width; j += 16) {
+        __m512 v = _mm512_loadu_ps(row + j);
+        __mmask16 hit = _mm512_cmp_ps_mask(v, limit, _CMP_GE_OQ);
+        if (!hit) continue;
+        _mm512_storeu_ps(vals + count, _mm512_maskz_compress_ps(hit, v));
+        __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)j));
+        _mm512_storeu_si512((void *)(cols + count), _mm512_maskz_compress_epi32(hit, at));
+        count += __builtin_popcount((unsigned)hit);
+    }
+#endif
+    for (; j < width; j++) {
+        vals[count] = row[j];
+        cols[count] = (int32_t)j;
+        count += row[j] >= bound;
+    }
+    return count;
+}
+
+/* The k-th largest of vals [n] (1 <= k <= n, no NaN). vals must have room for n rounded up to 16: the
+ * AVX-512 path pads it with -inf there. Each entry's rank (how many entries exceed it) is a vector count;
+ * the k-th largest is the smallest entry of rank < k. O(n^2 / 16) compares, branch-free: faster than a
+ * quickselect's mispredicted branches for the few hundred entries this sees. */
+static float kth_largest(float *vals, int64_t n, int64_t k, float *scratch) {
+#ifdef __AVX512F__
+    if (n <= 1024) {
+        int64_t padded = (n + 15) & ~(int64_t)15;
+        for (int64_t i = n; i < padded; i++) vals[i] = -__builtin_inff();
+        float best = __builtin_inff();
+        for (int64_t j = 0; j < n; j++) {
+            __m512 probe = _mm512_set1_ps(vals[j]);
+            int64_t above = 0;
+            for (int64_t i = 0; i < padded; i += 16)
+                above += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(_mm512_loadu_ps(vals + i), probe, _CMP_GT_OQ));
+            if (above < k && vals[j] < best) best = vals[j];
+        }
+        return best;
+    }
+#endif
+    memcpy(scratch, vals, sizeof(float) * n);
+    select_largest(scratch, NULL, n, k);
+    float bound = scratch[0];
+    for (int64_t j = 1; j < k; j++) bound = scratch[j] < bound ? scratch[j] : bound;
+    return bound;
+}
+
+/* Per-row exact top-k of pre [n, width] (row-major) into values/indices [n, k] (unsorted).
+ *
+ * The row is cut into `blocks` strided blocks (block j: columns j, j + blocks, ...; blocks divides width).
+ * t, the k-th largest block maximum, is a lower bound for the row's k-th largest value (k blocks each hold
+ * an entry >= t), so every top-k entry is >= t and lies in a block whose maximum is >= t. Only those
+ * blocks are scanned for candidates. The strided maxima are an elementwise max of contiguous rows of
+ * `blocks` floats, which the compiler vectorises.
+ * A row holding a NaN is not done: failed[r] = 1 (the caller redoes such rows with torch.topk, which
+ * orders NaN first). Returns the number of failed rows. */
+int64_t sae_topk_rows(const float *pre, int64_t n, int64_t width, int64_t k, int64_t blocks,
+                      float *values, int64_t *indices, uint8_t *failed) {
+    int64_t n_failed = 0;
+    const int64_t depth = width / blocks;
+#pragma omp parallel reduction(+ : n_failed) if (n >= 16)
+    {
+        float *maxima = malloc(sizeof(float) * (blocks + 16));
+        float *scratch = malloc(sizeof(float) * (width + 16));
+        float *cand_vals = malloc(sizeof(float) * (width + 16));
+        int32_t *cand_cols = malloc(sizeof(int32_t) * (width + 16));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            const float *row = pre + r * width;
+            int nan_seen = 0;
+            memcpy(maxima, row, sizeof(float) * blocks);
+            for (int64_t j = 0; j < blocks; j++) nan_seen |= (row[j] != row[j]);
+            for (int64_t i = 1; i < depth; i++) {
+                const float *part = row + i * blocks;
+                for (int64_t j = 0; j < blocks; j++) {
+                    float v = part[j];
+                    nan_seen |= (v != v);
+                    maxima[j] = v > maxima[j] ? v : maxima[j];
+                }
+            }
+            failed[r] = (uint8_t)nan_seen;
+            if (nan_seen) { n_failed++; continue; }
+            float bound = kth_largest(maxima, blocks, k, scratch);
+            int64_t count = collect_at_least(row, width, bound, cand_vals, cand_cols);
+            float kth = kth_largest(cand_vals, count, k, scratch);
+            int64_t taken = 0;                                   /* those above the k-th, then ties */
+            float *out_vals = values + r * k;
+            int64_t *out_ids = indices + r * k;
+            for (int64_t c = 0; c < count; c++)
+                if (cand_vals[c] > kth) { out_vals[taken] = cand_vals[c]; out_ids[taken++] = cand_cols[c]; }
+            for (int64_t c = 0; c < count && taken < k; c++)
+                if (cand_vals[c] == kth) { out_vals[taken] = cand_vals[c]; out_ids[taken++] = cand_cols[c]; }
+        }
+        free(maxima); free(scratch); free(cand_vals); free(cand_cols);
+    }
+    return n_failed;
+}
+
+/* out[e] = a[a_row(e)] . b[b_rows[e]] for e in [0, n), rows of length d (row-major a, b).
+ * a_row(e) = a_rows[e], or e / per_row when a_rows is NULL (per_row selections a token). fp32 sums. */
+void sae_row_dots(const float *a, const float *b, int64_t d, const int64_t *a_rows, int64_t per_row,
+                  const int64_t *b_rows, int64_t n, float *out) {
+#pragma omp parallel for schedule(static) if (n * d >= 65536)
+    for (int64_t e = 0; e < n; e++) {
+        const float *u = a + (a_rows ? a_rows[e] : e / per_row) * d;
+        const float *v = b + b_rows[e] * d;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < d; i++) acc += u[i] * v[i];
+        out[e] = acc;
+    }
+}

@@ -1,0 +1,102 @@
+"""sae.native: the compiled top-k and sampled dot products against torch's own (brute-force) results."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sae import kernels, native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler here: the torch path is used")
+
+
+def _same_selection(pre, values, indices, k):
+    expected = pre.topk(k, dim=1).values                                        # [n, k] sorted
+    assert torch.equal(values.sort(dim=1, descending=True).values, expected)
+    assert torch.equal(pre.gather(1, indices), values)                          # values sit at their indices
+    assert all(row.unique().numel() == k for row in indices)                    # no column twice
+
+
+@needs_native
+@pytest.mark.parametrize("n,width,k,blocks", [(1024, 4608, 32, 64), (37, 4608, 32, 72), (5, 96, 3, 8),
+                                              (64, 1000, 7, 20), (16, 4096, 100, 256)])
+def test_topk_rows_equals_torch_topk(n, width, k, blocks):
+    generator = torch.Generator().manual_seed(n + width)
+    pre = torch.randn(n, width, generator=generator)
+    values, indices = native.topk_rows(pre, k, blocks)
+    _same_selection(pre, values, indices, k)
+
+
+@needs_native
+def test_topk_rows_ties_constants_infinities_and_nan_rows():
+    pre = torch.randn(8, 512)
+    pre[0] = 0.0                                             # all equal: any k columns, all distinct
+    pre[1] = torch.randint(0, 3, (512,)).float()             # heavy ties at the k-th value
+    pre[2, ::7] = float("inf")                               # more infinities than k
+    pre[3] = float("-inf"); pre[3, 5] = 1.0                  # one finite entry among -inf
+    pre[4, 100] = float("nan")                               # redone by torch.topk (NaN first)
+    values, indices = native.topk_rows(pre, 16, 32)
+    ok = [0, 1, 2, 3, 5, 6, 7]
+    _same_selection(pre[ok], values[ok], indices[ok], 16)
+    reference = pre[4:5].topk(16, dim=1, sorted=False)
+    assert torch.isnan(values[4]).sum() == 1 and torch.equal(indices[4].sort().values,
+                                                            reference.indices[0].sort().values)
+
+
+@needs_native
+def test_kernels_topk_rows_takes_the_compiled_path_and_agrees():
+    pre = torch.randn(300, 4608)
+    assert kernels._native_block_count(4608, 32) == 64
+    values, indices = kernels.topk_rows(pre, 32)
+    _same_selection(pre, values, indices, 32)
+    assert native.topk_rows(pre.t().contiguous().t(), 32, 64) is None   # not row-major: the torch path's job
+    assert native.topk_rows(pre.double(), 32, 64) is None
+
+
+@needs_native
+def test_row_dots_equal_brute_force_both_forms():
+    dense, rows = torch.randn(50, 96, dtype=torch.float64), torch.randn(300, 96, dtype=torch.float64)
+    indices = torch.randint(0, 300, (50, 6))
+    expected = (dense[:, None, :] * rows[indices]).sum(-1)                     # [50, 6] in float64
+    got = native.row_dots(dense.float(), rows.float(), indices.reshape(-1), per_row=6).view(50, 6)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    tokens = torch.randint(0, 50, (200,))                                       # flat form: an explicit row each
+    columns = torch.randint(0, 300, (200,))
+    got = native.row_dots(dense.float(), rows.float(), columns, a_rows=tokens)
+    torch.testing.assert_close(got.double(), (dense[tokens] * rows[columns]).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_selected_dots_fallback_matches_compiled_or_brute_force(monkeypatch):
+    dense, rows = torch.randn(40, 64), torch.randn(200, 64)
+    indices = torch.randint(0, 200, (40, 5))
+    expected = (dense[:, None, :] * rows[indices]).sum(-1)
+    torch.testing.assert_close(kernels.selected_dots(dense, rows, indices), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(native, "row_dots", lambda *a, **k: None)              # the sampled sparse product
+    torch.testing.assert_close(kernels.selected_dots(dense, rows, indices), expected, rtol=1e-5, atol=1e-5)
+    offsets = torch.tensor([0, 3, 3, 8])                                        # flat, a token with none
+    flat = torch.randint(0, 200, (8,))
+    bags = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])
+    torch.testing.assert_close(kernels.selected_dots(dense[:3], rows, flat, offsets),
+                               (dense[bags] * rows[flat]).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_by_environment():
+    code = "import sae.native as n, sae.kernels as k, torch; p = torch.randn(64, 4608); " \
+           "v, i = k.topk_rows(p, 32); assert n.library() is None; " \
+           "assert torch.equal(v.sort(1, descending=True).values, p.topk(32, 1).values); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "SAE_NATIVE": "0"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and native.topk_rows(torch.randn(4, 64), 2, 8) is None
+        values, _ = kernels.topk_rows(torch.ones(4, 64), 2)
+        assert values.shape == (4, 2)
+    finally:
+        native.library.cache_clear()
