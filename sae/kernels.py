@@ -273,8 +273,11 @@ class _TopKSelect(torch.autograd.Function):
             grad_W = latent_major_product(grad_sel, sel, centred.float(), d_sae, order, bags).t().to(W_enc.dtype)
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad_b.to(W_enc.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_b_dec = -(W_enc.float() @ grad_b).to(b_dec.dtype)                          # [d_in]
+        if ctx.needs_input_grad[3]:   # −W_enc grad_b [d_in]; a latent-major W_enc is summed row by row
+            grad_b_dec = native.weighted_row_sum(W_enc.t(), grad_b, -1.0)
+            if grad_b_dec is None:
+                grad_b_dec = -(W_enc.float() @ grad_b)
+            grad_b_dec = grad_b_dec.to(b_dec.dtype)
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
 
 

@@ -94,6 +94,10 @@ def library() -> ctypes.CDLL | None:
     lib.sae_topk_rows.restype = i64
     lib.sae_row_dots.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, ptr]
     lib.sae_row_dots.restype = None
+    lib.sae_normalize_rows.argtypes = [ptr, i64, i64, ctypes.c_float]
+    lib.sae_normalize_rows.restype = None
+    lib.sae_weighted_row_sum.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
+    lib.sae_weighted_row_sum.restype = None
     return lib
 
 
@@ -136,4 +140,27 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, b_rows: torch.Tensor, a_rows: tor
     out = torch.empty(b_rows.numel())                     # [n]
     lib.sae_row_dots(a.data_ptr(), b.data_ptr(), a.shape[1], 0 if a_rows is None else a_rows.data_ptr(),
                      max(1, int(per_row)), b_rows.data_ptr(), b_rows.numel(), out.data_ptr())
+    return out
+
+
+def normalize_rows_(rows: torch.Tensor, eps: float) -> bool:
+    """rows [n, d] /= max(‖row‖, eps) in place, one pass; False (nothing done) when the kernels are not
+    here or rows is not a contiguous CPU fp32 matrix."""
+    lib = library()
+    if lib is None or rows.dim() != 2 or not _plain(rows, torch.float32):
+        return False
+    lib.sae_normalize_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], eps)
+    return True
+
+
+def weighted_row_sum(rows: torch.Tensor, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
+    """scale · Σ_r weights[r] · rows[r] -> [d] (weights @ rows) for rows [n, d], weights [n]: each thread
+    sums its share of the rows. None when the kernels are not here or the inputs are not contiguous CPU fp32."""
+    lib = library()
+    if lib is None or rows.dim() != 2 or not (_plain(rows, torch.float32) and _plain(weights, torch.float32)) \
+            or weights.numel() != rows.shape[0]:
+        return None
+    out = torch.empty(rows.shape[1])                      # [d]
+    lib.sae_weighted_row_sum(rows.data_ptr(), weights.data_ptr(), rows.shape[0], rows.shape[1], scale,
+                             out.data_ptr())
     return out

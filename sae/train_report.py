@@ -18,15 +18,13 @@ def held_out_scores(model: SAE, store, layer, rows: int = 16384, device="cpu") -
     tau = model.fire_threshold
     for x in store.activations(layer, batch_size=4096, split="held_out"):
         x = x[: rows - n].to(device)  # [b, d_in]
-        codes = model.encode(x)  # [b, d_sae]
-        x_hat = model.decode(codes)
+        x_hat, fire_counts = model.reconstruct(x)  # [b, d_in], [d_sae] (None for signed codes)
         err += float((x - x_hat).double().pow(2).sum())
         total_sq += float(x.double().pow(2).sum())
         total = x.double().sum(0) if total is None else total + x.double().sum(0)
         if tau is not None:
-            active = codes > tau
-            l0_sum += float(active.sum())
-            fired |= active.any(0)
+            l0_sum += float(fire_counts.sum())
+            fired |= fire_counts > 0
         n += x.shape[0]
         if n >= rows:
             break

@@ -63,6 +63,15 @@ def test_train_batches_cover_each_training_row_once_per_epoch_and_mix_shards(sto
     assert len(shards_in_first_batch) > 1
 
 
+def test_gather_returns_rows_in_the_order_asked_across_shards(store):
+    s, acts = store
+    order = torch.randperm(3000, generator=torch.Generator().manual_seed(3))[:500]   # every shard, any order
+    assert torch.equal(s.gather(3, order), acts[order])
+    within_one = torch.tensor([1405, 1400, 1399 + 2])                                 # one shard, unsorted
+    assert torch.equal(s.gather(3, within_one), acts[within_one])
+    assert torch.equal(s.gather(3, torch.tensor([2999, 0])), acts[[2999, 0]])          # first and last shard
+
+
 def test_ranks_split_the_global_batch(store):
     s, _ = store
     whole = next(s.train_batches(batch_size=128, seed=3))

@@ -190,3 +190,15 @@ def test_save_load_gives_identical_outputs(name, tmp_path):
 def test_bad_knobs_are_user_errors(name, d_sae, knobs):
     with pytest.raises(UserError):
         create(name, d_in=32, d_sae=d_sae, **knobs)
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_reconstruct_equals_decode_of_encode_and_counts_firings(name):
+    x = sparse_data(n=600) * 3.0 + 1.0                                  # raw units: input_scale matters
+    model, _ = fit(create(name, d_in=32, d_sae=64, **KNOBS[name]), x, steps=20)
+    model.input_scale.fill_(0.7)
+    with torch.no_grad():
+        codes = model.encode(x)                                          # [n, d_sae], dense
+        x_hat, counts = model.reconstruct(x)
+        torch.testing.assert_close(x_hat, model.decode(codes), rtol=1e-5, atol=1e-5)
+    assert torch.equal(counts, (codes > model.fire_threshold).sum(dim=0))

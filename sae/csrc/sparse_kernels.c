@@ -8,6 +8,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -158,4 +161,51 @@ void sae_row_dots(const float *a, const float *b, int64_t d, const int64_t *a_ro
         for (int64_t i = 0; i < d; i++) acc += u[i] * v[i];
         out[e] = acc;
     }
+}
+
+/* rows [n, d] (row-major): each row divided by max(its L2 norm, eps), in place. */
+void sae_normalize_rows(float *rows, int64_t n, int64_t d, float eps) {
+#pragma omp parallel for schedule(static) if (n * d >= 65536)
+    for (int64_t r = 0; r < n; r++) {
+        float *row = rows + r * d;
+        float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < d; i++) sq += row[i] * row[i];
+        float norm = __builtin_sqrtf(sq);
+        norm = norm > eps ? norm : eps;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) row[i] = row[i] / norm;
+    }
+}
+
+/* out [d] = scale * sum_r weights[r] * rows[r] for rows [n, d] (row-major): each thread sums its share of
+ * the rows into its own d floats, then the threads' partial sums are added in thread order. */
+void sae_weighted_row_sum(const float *rows, const float *weights, int64_t n, int64_t d, float scale,
+                          float *out) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = n * d >= 65536 ? omp_get_max_threads() : 1;
+#endif
+    float *partial = calloc((size_t)threads * d, sizeof(float));
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *acc = partial + (int64_t)t * d;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            const float *row = rows + r * d;
+            const float w = weights[r];
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) acc[i] += w * row[i];
+        }
+    }
+    for (int64_t i = 0; i < d; i++) {
+        float total = 0.0f;
+        for (int t = 0; t < threads; t++) total += partial[(int64_t)t * d + i];
+        out[i] = scale * total;
+    }
+    free(partial);
 }

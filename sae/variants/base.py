@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from sae import distributed
+from sae import distributed, native
 from sae.errors import UserError
 
 REGISTRY: dict[str, type["SAE"]] = {}
@@ -140,6 +140,14 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_hat [n, d_in], fire_counts [d_sae] of the n tokens, None for signed codes), raw units: what
+        scoring needs, the same as decode(encode(x)). Sparse variants override it to skip dense codes."""
+        codes = self.encode(x)                                    # [n, d_sae]
+        counts = None if self.fire_threshold is None else (codes > self.fire_threshold).sum(dim=0)
+        return self.decode(codes), counts
+
     @property
     def W_dec_raw(self) -> torch.Tensor:
         """[d_sae, d_in] decoder directions in raw units."""
@@ -171,7 +179,8 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder and hasattr(self, "W_dec"):
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            if not native.normalize_rows_(self.W_dec.data, 1e-8):    # one pass where the C kernels are here
+                self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:

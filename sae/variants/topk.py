@@ -56,6 +56,19 @@ class TopKSAE(SAE):
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
         return addmm(self.b_dec, codes, self.W_dec)
 
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor):
+        """decode(encode(x)) and the fire counts without the dense [n, d_sae] codes: a sparse decode of
+        the selection (per-token top-k only; subclasses that encode otherwise use the dense default)."""
+        if type(self).encode_scaled is not TopKSAE.encode_scaled:
+            return super().reconstruct(x)
+        x_scaled = x.to(self.input_scale.dtype) * self.input_scale
+        sel = topk_select(x_scaled, self.W_enc, self.b_enc, b_dec=self.b_dec, k=self.knobs["k"])
+        x_hat = sparse_decode(sel.values, sel.indices, self.W_dec) + self.b_dec        # [n, d_in] scaled
+        live = (sel.values > 0).reshape(-1)
+        counts = torch.bincount(sel.indices.reshape(-1)[live], minlength=self.d_sae)   # [d_sae]
+        return x_hat / self.input_scale, counts
+
     def remove_parallel_gradient(self) -> None:
         """Nothing to do: every decoder gradient of the TopK family comes from sparse_decode with
         unit_rows=unit_norm_decoder, whose backward already removed the component along each row (a
