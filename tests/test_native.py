@@ -100,3 +100,17 @@ def test_no_compiler_means_the_torch_path(monkeypatch, tmp_path):
         assert values.shape == (4, 2)
     finally:
         native.library.cache_clear()
+
+
+@needs_native
+def test_normalize_rows_and_weighted_row_sum_equal_torch():
+    rows = torch.randn(700, 96) * 5
+    rows[3] = 0.0                                                               # a zero row stays zero (eps)
+    expected = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    assert native.normalize_rows_(rows, 1e-8)
+    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-7)
+    weights = torch.randn(700)
+    got = native.weighted_row_sum(rows, weights, -2.0)
+    torch.testing.assert_close(got.double(), -2.0 * (weights.double() @ rows.double()), rtol=1e-5, atol=1e-5)
+    assert native.weighted_row_sum(rows.t(), torch.randn(96)) is None            # not row-major: torch's job
+    assert not native.normalize_rows_(rows.t(), 1e-8)
