@@ -51,7 +51,8 @@ def _build(compiler: str) -> Path | None:
     from sae.models import cache_dir
     source = SOURCE.read_bytes()
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+        args = [*flags, "-std=gnu11", "-shared", "-fPIC"]
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(args).encode(),
                                          _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:16]
         target = cache_dir() / "native" / f"sparse_kernels_{key}.so"
         if target.is_file():
@@ -60,7 +61,7 @@ def _build(compiler: str) -> Path | None:
         handle, scratch = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
         os.close(handle)
         try:
-            done = subprocess.run([compiler, *flags, "-std=c99", "-shared", "-fPIC", str(SOURCE), "-o", scratch],
+            done = subprocess.run([compiler, *args, str(SOURCE), "-o", scratch],
                                   capture_output=True, timeout=120)
             if done.returncode == 0:
                 os.replace(scratch, target)
@@ -98,6 +99,10 @@ def library() -> ctypes.CDLL | None:
     lib.sae_normalize_rows.restype = None
     lib.sae_weighted_row_sum.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.sae_weighted_row_sum.restype = None
+    lib.sae_latent_major.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.sae_latent_major.restype = None
+    lib.sae_bag_sum.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ptr]
+    lib.sae_bag_sum.restype = None
     return lib
 
 
@@ -163,4 +168,42 @@ def weighted_row_sum(rows: torch.Tensor, weights: torch.Tensor, scale: float = 1
     out = torch.empty(rows.shape[1])                      # [d]
     lib.sae_weighted_row_sum(rows.data_ptr(), weights.data_ptr(), rows.shape[0], rows.shape[1], scale,
                              out.data_ptr())
+    return out
+
+
+def latent_major(dense: torch.Tensor, ids: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                 n_latents: int, rows: torch.Tensor | None = None, per_row: int = 1,
+                 parallel: torch.Tensor | None = None, along: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[n_latents, d]: row l = Σ weights[e] · dense[row(e)] over the entries e of latent l (ids [n]), taken
+    in `order` (entries sorted by latent); row(e) = rows[e], or e // per_row. With parallel [n_latents] and
+    along [n_latents, d]: minus parallel[l] · along[l], in the same pass. None when the kernels are not
+    here or an input is not contiguous CPU fp32 / int64."""
+    lib = library()
+    floats = [dense, weights] + ([parallel, along] if parallel is not None else [])
+    longs = [ids, order] + ([rows] if rows is not None else [])
+    if lib is None or dense.dim() != 2 or not all(_plain(t, torch.float32) for t in floats) \
+            or not all(_plain(t, torch.int64) for t in longs) or not ids.numel() == order.numel() == weights.numel():
+        return None
+    out = torch.empty(n_latents, dense.shape[1])          # [n_latents, d]
+    lib.sae_latent_major(dense.data_ptr(), dense.shape[1], ids.data_ptr(), order.data_ptr(), weights.data_ptr(),
+                         None if rows is None else rows.data_ptr(), max(1, int(per_row)), ids.numel(), n_latents,
+                         None if parallel is None else parallel.data_ptr(),
+                         None if parallel is None else along.data_ptr(), out.data_ptr())
+    return out
+
+
+def bag_sum(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None = None,
+            per_bag: int = 1) -> torch.Tensor | None:
+    """[n_bags, d]: row b = Σ weights[e] · table[ids[e]] over bag b's entries (offsets [n_bags + 1] as CSR
+    row pointers, or per_bag entries each): embedding_bag(mode="sum") with per-sample weights. None when the
+    kernels are not here or an input is not contiguous CPU fp32 / int64."""
+    lib = library()
+    if lib is None or table.dim() != 2 or not (_plain(table, torch.float32) and _plain(weights, torch.float32)
+                                               and _plain(ids, torch.int64)) or ids.numel() != weights.numel() \
+            or (offsets is not None and not _plain(offsets, torch.int64)):
+        return None
+    n_bags = offsets.numel() - 1 if offsets is not None else ids.numel() // max(1, per_bag)
+    out = torch.empty(n_bags, table.shape[1])             # [n_bags, d]
+    lib.sae_bag_sum(table.data_ptr(), table.shape[1], ids.data_ptr(), weights.data_ptr(),
+                    None if offsets is None else offsets.data_ptr(), max(1, int(per_bag)), n_bags, out.data_ptr())
     return out

@@ -28,7 +28,7 @@ from sae.distributed import StopFlag  # noqa: F401  (re-exported: live training 
 from sae.errors import UserError
 from sae.optim import Adam
 from sae.train_report import progress_postfix, format_summary, held_out_scores  # noqa: F401  (held_out_scores: live)
-from sae.variants.base import SAE, StepContext
+from sae.variants.base import SAE, StepContext, squared_distance
 
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -235,8 +235,8 @@ class Trainer:
         self._bad |= ~torch.isfinite(loss.detach())
         self._accumulate("loss", loss)
         x_hat = out.x_hat.detach().float()
-        self._accumulate("fvu_num", (x_hat - x).pow(2).sum())
-        self._accumulate("x_sq", x.pow(2).sum())  # FVU's denominator uses the whole window's mean, so it
+        self._accumulate("fvu_num", squared_distance(x_hat, x))
+        self._accumulate("x_sq", torch.dot(x.reshape(-1), x.reshape(-1)))  # FVU's denominator uses the whole window's mean, so it
         self._accumulate("x_sum", x.sum(dim=0))    # reduces across ranks exactly: Σ‖x‖² − ‖Σx‖²/n
         for name, value in out.terms.items():
             if torch.is_tensor(value):

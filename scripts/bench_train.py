@@ -6,8 +6,9 @@
 
 Each variant is trained by a separate `python -m sae train` process, timed from start to exit
 (imports, initialisation, checkpoints and the held-out scoring included). Beside each figure the
-table prints the machine's own matmul rate, measured here on a [batch, d_in] × [d_in, d_sae] product,
-and the fraction of the roofline reached:
+table prints the machine's own matmul rate, measured on a [batch, d_in] × [d_in, d_sae] product just before
+and just after the variant's run (the faster of the two: these machines drift by several percent within
+minutes), and the fraction of the roofline reached:
   dense variants       10·d_in·d_sae FLOP a token (forward 4, backward about 6);
   TopK family (any variant with a `k` knob): the encoder-only limit 2·d_in·d_sae FLOP a token
   (issue 4: only the encoder's product needs to be dense).
@@ -173,27 +174,34 @@ def main() -> None:
         for name in names:
             if (runs_dir / name).exists():
                 shutil.rmtree(runs_dir / name)
+            before = gflops if not rows else matmul_gflops(args.batch_size, d_in, d_sae_default, device,
+                                                           bf16=args.bf16)[0]
             row = train_one(name, store_path, runs_dir / name, args)
+            after = matmul_gflops(args.batch_size, d_in, d_sae_default, device, bf16=args.bf16)[0]
+            # the limit beside a run is the faster of the products measured just before and just after it:
+            # these machines drift by several percent within minutes, and the stricter of the two is used
+            row.update(matmul_gflops=max(before, after), matmul_gflops_before=before, matmul_gflops_after=after)
             if "error" not in row:
                 flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
-                limit = gflops * 1e9 / flops
+                limit = row["matmul_gflops"] * 1e9 / flops
                 row.update(roofline_rule=rule, roofline_tokens_per_s=limit, roofline_fraction=row["tokens_per_s"] / limit)
                 if args.peer_rows:
                     row.update(score_on_rows(runs_dir / name, args.peer_rows))
             rows.append(row)
             print(_line(row), flush=True)
     print()
-    print(f"{'variant':<12}{'d_sae':>7}{'tokens/s':>11}{'roofline tok/s':>16}{'of roofline':>12}  {'rule':<20}"
-          f"{'held-out FVU':>13}{'L0':>8}{'dead':>8}")
+    print(f"{'variant':<12}{'d_sae':>7}{'tokens/s':>11}{'GFLOP/s':>9}{'roofline tok/s':>16}{'of roofline':>12}  "
+          f"{'rule':<20}{'held-out FVU':>13}{'L0':>8}{'dead':>8}")
     for row in rows:
         if "error" in row:
             print(f"{row['variant']:<12}  error: {row['error']}")
             continue
-        print(f"{row['variant']:<12}{row['d_sae']:>7}{row['tokens_per_s']:>11,.0f}{row['roofline_tokens_per_s']:>16,.0f}"
+        print(f"{row['variant']:<12}{row['d_sae']:>7}{row['tokens_per_s']:>11,.0f}{row['matmul_gflops']:>9,.0f}"
+              f"{row['roofline_tokens_per_s']:>16,.0f}"
               f"{row['roofline_fraction']:>12.1%}  {row['roofline_rule']:<20}{fmt(row['fvu'], '.4f'):>13}"
               f"{fmt(row['l0'], '.1f'):>8}{fmt(row['dead_fraction'], '.2%'):>8}")
-    print(f"(matmul {gflops:,.1f} GFLOP/s measured on this machine; tokens/s = training tokens / wall time of the "
-          f"whole `sae train` process)")
+    print("(GFLOP/s: the matmul rate measured on this machine just before and just after each run, the faster "
+          "of the two; tokens/s = training tokens / wall time of the whole `sae train` process)")
     if args.peer_rows:
         print(f"\non the peers' held-out rows (last 16,384 of {args.peer_rows}):")
         for row in rows:

@@ -1,8 +1,8 @@
 /* Hot loops of the TopK family's step that torch has no single fast op for (see sae/native.py).
  *
- * Plain C99 + OpenMP. Built on first use by sae/native.py with the machine's C compiler and loaded with
- * ctypes; OpenMP resolves to the libgomp torch has already loaded, so these loops run on torch's own
- * thread pool. Every function is exact (it returns entries of its input, or sums in fp32), row-parallel,
+ * GNU C11 (for its vector extensions) + OpenMP. Built on first use by sae/native.py with the machine's C
+ * compiler and loaded with ctypes; OpenMP resolves to the libgomp torch has already loaded, so these loops
+ * run on torch's own thread pool. Every function is exact (it returns entries of its input, or sums in fp32), row-parallel,
  * and never allocates more than a few rows of scratch per thread.
  */
 #include <stdint.h>
@@ -208,4 +208,96 @@ void sae_weighted_row_sum(const float *rows, const float *weights, int64_t n, in
         out[i] = scale * total;
     }
     free(partial);
+}
+
+/* Sixteen floats as one value: GCC/Clang lower it to the widest vector the target has (AVX-512: one
+ * register; AVX2/NEON: two or four). The unaligned variant reads and writes rows at any float offset. */
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16u __attribute__((vector_size(64), aligned(4)));
+
+/* out [n_latents, d] = S^T dense, S [batch, n_latents] sparse with weights[e] at (row(e), ids[e]) for
+ * e in [0, n): row l of out sums weights[e] * dense[row(e)] over the entries of latent l, in the order
+ * `order` lists them (entries sorted by latent, as latent_order makes it). row(e) = rows[e], or e / per_row
+ * when rows is NULL. With `along` [n_latents, d] and `parallel` [n_latents], out[l] -= parallel[l] *
+ * along[l] afterwards (the decoder gradient's component along unit rows, removed in the same pass).
+ * Parallel over latents: each output row is written once, by one thread, 64 columns at a time with the
+ * sums in registers. */
+void sae_latent_major(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
+                      const float *weights, const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
+                      const float *parallel, const float *along, float *out) {
+    int64_t *starts = malloc(sizeof(int64_t) * (n_latents + 1));    /* first position of each latent */
+    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));  /* dense row of each position */
+    float *scales = malloc(sizeof(float) * (n > 0 ? n : 1));            /* its weight */
+    int64_t pos = 0;
+    for (int64_t l = 0; l < n_latents; l++) {
+        starts[l] = pos;
+        while (pos < n && ids[order[pos]] == l) pos++;
+    }
+    starts[n_latents] = pos;
+#pragma omp parallel if (n * d >= 65536)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < n; p++) {
+            const int64_t e = order[p];
+            sources[p] = dense + (rows ? rows[e] : e / per_row) * d;
+            scales[p] = weights[e];
+        }
+#pragma omp for schedule(static)
+        for (int64_t l = 0; l < n_latents; l++) {
+            float *target = out + l * d;
+            const int64_t first = starts[l], end = starts[l + 1];
+            const float c = parallel ? parallel[l] : 0.0f;
+            const float *u = parallel ? along + l * d : NULL;
+            int64_t c0 = 0;
+            for (; c0 + 64 <= d; c0 += 64) {
+                vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t p = first; p < end; p++) {
+                    const vec16u *src = (const vec16u *)(sources[p] + c0);
+                    const float w = scales[p];
+                    a0 += w * src[0]; a1 += w * src[1]; a2 += w * src[2]; a3 += w * src[3];
+                }
+                if (u) {
+                    const vec16u *v = (const vec16u *)(u + c0);
+                    a0 -= c * v[0]; a1 -= c * v[1]; a2 -= c * v[2]; a3 -= c * v[3];
+                }
+                vec16u *dst = (vec16u *)(target + c0);
+                dst[0] = a0; dst[1] = a1; dst[2] = a2; dst[3] = a3;
+            }
+            for (int64_t i = c0; i < d; i++) {      /* the last d % 64 columns */
+                float sum = 0.0f;
+                for (int64_t p = first; p < end; p++) sum += scales[p] * sources[p][i];
+                target[i] = u ? sum - c * u[i] : sum;
+            }
+        }
+    }
+    free(starts); free(sources); free(scales);
+}
+
+/* out [n_bags, d]: out[b] = sum of weights[e] * table[ids[e]] over the entries e of bag b, which are
+ * offsets[b] .. offsets[b + 1] - 1 (CSR), or b * per_bag .. (b + 1) * per_bag - 1 when offsets is NULL.
+ * A sparse decode: gather-and-sum of the selected decoder rows, 64 columns at a time in registers. */
+void sae_bag_sum(const float *table, int64_t d, const int64_t *ids, const float *weights, const int64_t *offsets,
+                 int64_t per_bag, int64_t n_bags, float *out) {
+#pragma omp parallel for schedule(static) if (n_bags * d >= 65536)
+    for (int64_t b = 0; b < n_bags; b++) {
+        const int64_t first = offsets ? offsets[b] : b * per_bag;
+        const int64_t end = offsets ? offsets[b + 1] : first + per_bag;
+        float *target = out + b * d;
+        int64_t c0 = 0;
+        for (; c0 + 64 <= d; c0 += 64) {
+            vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t e = first; e < end; e++) {
+                const vec16u *src = (const vec16u *)(table + ids[e] * d + c0);
+                const float w = weights[e];
+                a0 += w * src[0]; a1 += w * src[1]; a2 += w * src[2]; a3 += w * src[3];
+            }
+            vec16u *dst = (vec16u *)(target + c0);
+            dst[0] = a0; dst[1] = a1; dst[2] = a2; dst[3] = a3;
+        }
+        for (int64_t i = c0; i < d; i++) {
+            float sum = 0.0f;
+            for (int64_t e = first; e < end; e++) sum += weights[e] * table[ids[e] * d + i];
+            target[i] = sum;
+        }
+    }
 }

@@ -245,13 +245,18 @@ def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x_hat - x).pow(2).sum(dim=-1).mean()
 
 
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ (a − b)² over every element: (a − b).pow(2).sum() as one fused pass, with a fused backward."""
+    return torch.nn.functional.mse_loss(a, b.expand_as(a), reduction="sum")
+
+
 def total_variance(x: torch.Tensor) -> torch.Tensor:
     """Σ‖x − mean(x)‖² of the batch, no gradient. Under torch.distributed: the *global* batch's, divided by
     the world size, so that DDP's averaged gradients of Σ_local‖x − x̂‖² / total_variance equal those of a
     single process on the whole batch. In one process it is the plain batch variance sum."""
     x = x.detach()
     if not distributed.is_active():
-        return (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        return squared_distance(x, x.mean(dim=0)).clamp_min(1e-12)
     n = torch.tensor([float(x.shape[0])], device=x.device)
     stats = distributed.reduce_sum(torch.cat([n, x.pow(2).sum().reshape(1), x.sum(dim=0)]))
     n_global, sq_global, sum_global = stats[0], stats[1], stats[2:]
@@ -261,7 +266,7 @@ def total_variance(x: torch.Tensor) -> torch.Tensor:
 
 def batch_fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Fraction of the batch's variance left unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖² (global batch under DDP)."""
-    return (x_hat - x).pow(2).sum() / total_variance(x)
+    return squared_distance(x_hat, x) / total_variance(x)
 
 
 def fired(codes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

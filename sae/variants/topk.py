@@ -13,7 +13,7 @@ from torch import nn
 
 from sae.errors import UserError
 from sae.kernels import Selection, dense_codes, sparse_decode, topk_select
-from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register
+from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register, squared_distance
 from sae.matmul import addmm
 from sae.variants.base import total_variance as global_total_variance
 
@@ -79,7 +79,7 @@ class TopKSAE(SAE):
         """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats with "fvu")."""
         x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=self.unit_norm_decoder,
                               offsets=sel.offsets) + self.b_dec
-        fvu = (x_hat - x_target).pow(2).sum() / total_variance                 # x_hat [batch, d_in]
+        fvu = squared_distance(x_hat, x_target) / total_variance               # x_hat [batch, d_in]
         return fvu, x_hat, {"fvu": fvu.detach()}
 
     def auxk_loss(self, sel: Selection, x_target: torch.Tensor, x_hat: torch.Tensor,
@@ -87,7 +87,7 @@ class TopKSAE(SAE):
         residual = (x_target - x_hat).detach()                                      # [batch, d_in]
         residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec, unit_rows=self.unit_norm_decoder)  # no b_dec
         scale = min(1.0, n_dead / max(1, sel.aux_indices.shape[1]))
-        return scale * (residual_hat - residual).pow(2).sum() / total_variance
+        return scale * squared_distance(residual_hat, residual) / total_variance
 
     def losses(self, x_input, x_target, ctx: StepContext):
         """(x_hat, selection, named loss terms with gradients, logged stats)."""
