@@ -175,9 +175,14 @@ class Trainer:
         self._window_tokens = 0
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def _accumulate(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
+        """Add a step's figures to the window's sums: one in-place foreach add for the names already there."""
+        values = {name: value.detach().float() for name, value in values.items()}
+        known = [name for name in values if name in self._sums]
+        if known:
+            torch._foreach_add_([self._sums[name] for name in known], [values[name] for name in known])
+        for name in values.keys() - self._sums.keys():
+            self._sums[name] = values[name].clone()
 
     # ---- one step -------------------------------------------------------------------------
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,20 +232,22 @@ class Trainer:
         model.normalize_decoder()
 
         global_batch = x.shape[0] * self.dist.world_size
+        figures = {}
         if self.tracks_dead and out.fire_counts is not None:
             counts = distributed.reduce_sum(out.fire_counts.detach().float())  # [d_sae] over the global batch
             self.tokens_since_fired += global_batch
             self.tokens_since_fired.masked_fill_(counts > 0, 0)
-            self._accumulate("l0", counts.sum() / global_batch)
+            figures["l0"] = counts.sum() / global_batch
         self._bad |= ~torch.isfinite(loss.detach())
-        self._accumulate("loss", loss)
         x_hat = out.x_hat.detach().float()
-        self._accumulate("fvu_num", squared_distance(x_hat, x))
-        self._accumulate("x_sq", torch.dot(x.reshape(-1), x.reshape(-1)))  # FVU's denominator uses the whole window's mean, so it
-        self._accumulate("x_sum", x.sum(dim=0))    # reduces across ranks exactly: Σ‖x‖² − ‖Σx‖²/n
+        figures["loss"] = loss
+        figures["fvu_num"] = out.squared_error if out.squared_error is not None else squared_distance(x_hat, x)
+        figures["x_sq"] = torch.dot(x.reshape(-1), x.reshape(-1))  # FVU's denominator uses the whole window's
+        figures["x_sum"] = x.sum(dim=0)   # mean, so it reduces across ranks exactly: Σ‖x‖² − ‖Σx‖²/n
         for name, value in out.terms.items():
             if torch.is_tensor(value):
-                self._accumulate(f"terms.{name}", value.float().mean())
+                figures[f"terms.{name}"] = value.float().mean()
+        self._accumulate(figures)
         self.step_count += 1
         self.tokens_seen += global_batch
         self._window_steps += 1

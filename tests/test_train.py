@@ -13,7 +13,7 @@ from sae import checkpoint, variants
 from sae.errors import UserError
 from sae.store import from_tensors
 from sae.train import Trainer, TrainOptions, TrainingDiverged, held_out_scores, lr_at, train_on_store
-from sae.variants.base import REGISTRY
+from sae.variants.base import REGISTRY, StepContext
 from tiny_variants import TinyNaN, TinyNoisy, TinyReLU, synthetic
 
 
@@ -309,3 +309,32 @@ def test_prepare_run_dir_rules(tmp_path):
     (run / "config.json").write_text("{}")
     assert checkpoint.prepare_run_dir(run, resume=True, force=False) is None
     assert not (run / "checkpoints" / ".step_000010.tmp123").exists()
+
+
+@pytest.mark.parametrize("name", ["topk", "relu"])
+def test_logged_training_fvu_is_the_window_reconstruction_error(name):
+    """The window FVU the trainer logs (for TopK from the loss's own Σ‖x̂ − x‖²) equals one computed here
+    from the model as it stood before each step."""
+    variants.load_all()
+    x = synthetic(n=512, d_in=16)
+    model = variants.create(name, d_in=16, d_sae=64, **({"k": 4} if name == "topk" else {}))
+    trainer = Trainer(model, opts(tokens=256 * 2, log_every=2), None)
+    trainer.init_from_sample(x)
+    errors, total = 0.0, x[:512] * model.input_scale
+    for step in range(2):
+        batch = x[step * 256:(step + 1) * 256]
+        with torch.no_grad():
+            errors += float(((model(batch) - batch) * model.input_scale).double().pow(2).sum())
+        metrics = trainer.step(batch)
+    variance = float((total.double() - total.double().mean(0)).pow(2).sum())
+    assert metrics["fvu"] == pytest.approx(errors / variance, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka"])
+def test_loss_squared_error_is_that_of_its_reconstruction(name):
+    variants.load_all()
+    x = synthetic(n=256, d_in=16)
+    model = variants.create(name, d_in=16, d_sae=64, k=4)
+    out = model.training_loss(x, x, StepContext())
+    assert "squared_error" not in out.terms
+    assert float(out.squared_error) == pytest.approx(float((out.x_hat - x).double().pow(2).sum()), rel=1e-5)

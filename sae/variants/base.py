@@ -58,6 +58,7 @@ class LossOutput:
     x_hat: torch.Tensor                   # [batch, d_in] reconstruction of the clean target, scaled units
     fire_counts: torch.Tensor | None      # [d_sae] how many tokens of the batch each latent fired on; None for dense signed codes
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss parts and extra stats, for logging
+    squared_error: torch.Tensor | None = None  # Σ‖x_hat − x‖² of the batch (no grad), when the loss had it at hand
 
 
 class SAE(nn.Module):

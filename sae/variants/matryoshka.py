@@ -77,4 +77,5 @@ class MatryoshkaSAE(BatchTopKSAE):
             per_group.append(residual.pow(2).sum() / total_variance)
         terms = {f"fvu_group{i}": fvu.detach() for i, fvu in enumerate(per_group)}
         terms["fvu"] = per_group[-1].detach()                                         # the whole dictionary's
+        terms["squared_error"] = (per_group[-1] * total_variance).detach()            # Σ‖x − x̂‖²
         return torch.stack(per_group).mean(), x_target - residual, terms

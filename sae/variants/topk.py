@@ -79,8 +79,9 @@ class TopKSAE(SAE):
         """Main term: the batch FVU of the sparse reconstruction. Returns (loss, x_hat, logged stats with "fvu")."""
         x_hat = sparse_decode(sel.values, sel.indices, self.W_dec, sel.order, unit_rows=self.unit_norm_decoder,
                               offsets=sel.offsets) + self.b_dec
-        fvu = squared_distance(x_hat, x_target) / total_variance               # x_hat [batch, d_in]
-        return fvu, x_hat, {"fvu": fvu.detach()}
+        squared_error = squared_distance(x_hat, x_target)                     # x_hat [batch, d_in]
+        fvu = squared_error / total_variance
+        return fvu, x_hat, {"fvu": fvu.detach(), "squared_error": squared_error.detach()}
 
     def auxk_loss(self, sel: Selection, x_target: torch.Tensor, x_hat: torch.Tensor,
                   total_variance: torch.Tensor, n_dead: int) -> torch.Tensor:
@@ -106,5 +107,6 @@ class TopKSAE(SAE):
         loss = sum(terms.values())
         live = (sel.values > 0).reshape(-1)
         fire_counts = torch.bincount(sel.indices.reshape(-1), weights=live.float(), minlength=self.d_sae)
+        squared_error = stats.pop("squared_error", None)      # the trainer's FVU reuses it
         return LossOutput(loss, x_hat.detach(), fire_counts.long(),
-                          {**{name: value.detach() for name, value in terms.items()}, **stats})
+                          {**{name: value.detach() for name, value in terms.items()}, **stats}, squared_error)
