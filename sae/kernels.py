@@ -334,6 +334,15 @@ class _SparseDecode(torch.autograd.Function):
         flat = offsets.numel() > 0
         d_sae = W_dec.shape[0]
         grad_values = grad_W = None
+        if ctx.needs_input_grad[2] and indices.numel():        # both gradients in one compiled pass, where here
+            fused = native.decoder_backward(
+                grad_out.float().contiguous(), W_dec.float().contiguous(), indices.reshape(-1),
+                (order if order is not None else latent_order(indices)).long(), values.reshape(-1).float(),
+                bag_ids(offsets) if flat else None, per_row=1 if flat else indices.shape[1], unit_rows=ctx.unit_rows)
+            if fused is not None:
+                sampled, grad_W = fused
+                grad_values = sampled.view_as(values).to(values.dtype) if ctx.needs_input_grad[0] else None
+                return grad_values, None, grad_W.to(W_dec.dtype), None, None, None
         sampled = None
         if ctx.needs_input_grad[0] or (ctx.needs_input_grad[2] and ctx.unit_rows):
             sampled = selected_dots(grad_out.float(), W_dec.float(), indices, offsets if flat else None)

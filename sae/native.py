@@ -103,6 +103,8 @@ def library() -> ctypes.CDLL | None:
     lib.sae_latent_major.restype = None
     lib.sae_bag_sum.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ptr]
     lib.sae_bag_sum.restype = None
+    lib.sae_decoder_backward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
+    lib.sae_decoder_backward.restype = None
     return lib
 
 
@@ -207,3 +209,25 @@ def bag_sum(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offse
     lib.sae_bag_sum(table.data_ptr(), table.shape[1], ids.data_ptr(), weights.data_ptr(),
                     None if offsets is None else offsets.data_ptr(), max(1, int(per_bag)), n_bags, out.data_ptr())
     return out
+
+
+def decoder_backward(grad_out: torch.Tensor, W: torch.Tensor, ids: torch.Tensor, order: torch.Tensor,
+                     values: torch.Tensor, rows: torch.Tensor | None = None, per_row: int = 1,
+                     unit_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sparse decode's backward in one latent-major pass: (sampled [n], grad_W [n_latents, d]) with
+    sampled[e] = grad_out[row(e)] · W[ids[e]] and grad_W[l] = Σ values[e] · grad_out[row(e)] over latent l's
+    entries, minus (Σ values[e] · sampled[e]) · W[l] when unit_rows. order: the entries sorted by latent;
+    row(e) = rows[e], or e // per_row. None when the kernels are not here or an input is not contiguous
+    CPU fp32 / int64."""
+    lib = library()
+    if lib is None or not (_plain(grad_out, torch.float32) and _plain(W, torch.float32) and _plain(values, torch.float32)
+                           and _plain(ids, torch.int64) and _plain(order, torch.int64)
+                           and (rows is None or _plain(rows, torch.int64))) \
+            or grad_out.shape[1] != W.shape[1] or not ids.numel() == order.numel() == values.numel():
+        return None
+    sampled = torch.empty(ids.numel())                    # [n]
+    grad_W = torch.empty_like(W)                          # [n_latents, d]
+    lib.sae_decoder_backward(grad_out.data_ptr(), W.data_ptr(), W.shape[1], ids.data_ptr(), order.data_ptr(),
+                             values.data_ptr(), None if rows is None else rows.data_ptr(), max(1, int(per_row)),
+                             ids.numel(), W.shape[0], int(bool(unit_rows)), sampled.data_ptr(), grad_W.data_ptr())
+    return sampled, grad_W

@@ -114,3 +114,19 @@ def test_normalize_rows_and_weighted_row_sum_equal_torch():
     torch.testing.assert_close(got.double(), -2.0 * (weights.double() @ rows.double()), rtol=1e-5, atol=1e-5)
     assert native.weighted_row_sum(rows.t(), torch.randn(96)) is None            # not row-major: torch's job
     assert not native.normalize_rows_(rows.t(), 1e-8)
+
+
+@needs_native
+def test_the_fp32_training_path_runs_on_the_compiled_kernels(monkeypatch):
+    """test_kernels' float32 cases compare these paths with dense autograd; here: they are the ones taken."""
+    used = set()
+    for name in ("topk_rows", "bag_sum", "decoder_backward", "latent_major", "weighted_row_sum"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: used.add(_n) or _f(*a, **k))
+    W_dec = torch.randn(96, 24)
+    W_enc = torch.nn.Parameter(W_dec.clone().t())                           # [24, 96] latent-major, as the variants keep it
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(96)), torch.nn.Parameter(torch.zeros(24))
+    W_dec = torch.nn.Parameter(W_dec)
+    sel = kernels.topk_select(torch.randn(48, 24), W_enc, b_enc, 7, b_dec=b_dec)
+    kernels.sparse_decode(sel.values, sel.indices, W_dec, sel.order, unit_rows=True).pow(2).sum().backward()
+    assert used == {"topk_rows", "bag_sum", "decoder_backward", "latent_major", "weighted_row_sum"}

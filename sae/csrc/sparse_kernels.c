@@ -215,60 +215,101 @@ void sae_weighted_row_sum(const float *rows, const float *weights, int64_t n, in
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4)));
 
-/* out [n_latents, d] = S^T dense, S [batch, n_latents] sparse with weights[e] at (row(e), ids[e]) for
- * e in [0, n): row l of out sums weights[e] * dense[row(e)] over the entries of latent l, in the order
- * `order` lists them (entries sorted by latent, as latent_order makes it). row(e) = rows[e], or e / per_row
- * when rows is NULL. With `along` [n_latents, d] and `parallel` [n_latents], out[l] -= parallel[l] *
- * along[l] afterwards (the decoder gradient's component along unit rows, removed in the same pass).
- * Parallel over latents: each output row is written once, by one thread, 64 columns at a time with the
- * sums in registers. */
-void sae_latent_major(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
-                      const float *weights, const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
-                      const float *parallel, const float *along, float *out) {
-    int64_t *starts = malloc(sizeof(int64_t) * (n_latents + 1));    /* first position of each latent */
-    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));  /* dense row of each position */
-    float *scales = malloc(sizeof(float) * (n > 0 ? n : 1));            /* its weight */
+/* Latent-major bags: starts [n_latents + 1], the first position in `order` of each latent (order lists the
+ * entries sorted by latent id ids[e]), and sources [n], the row of `dense` [*, d] each position reads:
+ * rows[e], or e / per_row when rows is NULL (one division per entry, not one per column block). */
+static void latent_bags(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
+                        const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
+                        int64_t *starts, const float **sources) {
     int64_t pos = 0;
     for (int64_t l = 0; l < n_latents; l++) {
         starts[l] = pos;
         while (pos < n && ids[order[pos]] == l) pos++;
     }
     starts[n_latents] = pos;
-#pragma omp parallel if (n * d >= 65536)
-    {
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < n; p++) {
-            const int64_t e = order[p];
-            sources[p] = dense + (rows ? rows[e] : e / per_row) * d;
-            scales[p] = weights[e];
+#pragma omp parallel for schedule(static) if (n >= 16384)
+    for (int64_t p = 0; p < n; p++) {
+        const int64_t e = order[p];
+        sources[p] = dense + (rows ? rows[e] : e / per_row) * d;
+    }
+}
+
+/* target [d] = sum over positions p in [first, end) of scales[p] * sources[p] - c * minus (minus may be
+ * NULL), 64 columns at a time with the sums in registers. */
+static void weighted_sum(const float *const *sources, const float *scales, int64_t first, int64_t end,
+                         int64_t d, float c, const float *minus, float *target) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= d; c0 += 64) {
+        vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t p = first; p < end; p++) {
+            const vec16u *src = (const vec16u *)(sources[p] + c0);
+            const float w = scales[p];
+            a0 += w * src[0]; a1 += w * src[1]; a2 += w * src[2]; a3 += w * src[3];
         }
-#pragma omp for schedule(static)
-        for (int64_t l = 0; l < n_latents; l++) {
-            float *target = out + l * d;
-            const int64_t first = starts[l], end = starts[l + 1];
-            const float c = parallel ? parallel[l] : 0.0f;
-            const float *u = parallel ? along + l * d : NULL;
-            int64_t c0 = 0;
-            for (; c0 + 64 <= d; c0 += 64) {
-                vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                for (int64_t p = first; p < end; p++) {
-                    const vec16u *src = (const vec16u *)(sources[p] + c0);
-                    const float w = scales[p];
-                    a0 += w * src[0]; a1 += w * src[1]; a2 += w * src[2]; a3 += w * src[3];
-                }
-                if (u) {
-                    const vec16u *v = (const vec16u *)(u + c0);
-                    a0 -= c * v[0]; a1 -= c * v[1]; a2 -= c * v[2]; a3 -= c * v[3];
-                }
-                vec16u *dst = (vec16u *)(target + c0);
-                dst[0] = a0; dst[1] = a1; dst[2] = a2; dst[3] = a3;
-            }
-            for (int64_t i = c0; i < d; i++) {      /* the last d % 64 columns */
-                float sum = 0.0f;
-                for (int64_t p = first; p < end; p++) sum += scales[p] * sources[p][i];
-                target[i] = u ? sum - c * u[i] : sum;
-            }
+        if (minus) {
+            const vec16u *u = (const vec16u *)(minus + c0);
+            a0 -= c * u[0]; a1 -= c * u[1]; a2 -= c * u[2]; a3 -= c * u[3];
         }
+        vec16u *dst = (vec16u *)(target + c0);
+        dst[0] = a0; dst[1] = a1; dst[2] = a2; dst[3] = a3;
+    }
+    for (int64_t i = c0; i < d; i++) {          /* the last d % 64 columns */
+        float sum = 0.0f;
+        for (int64_t p = first; p < end; p++) sum += scales[p] * sources[p][i];
+        target[i] = minus ? sum - c * minus[i] : sum;
+    }
+}
+
+/* out [n_latents, d] = S^T dense, S [batch, n_latents] sparse with weights[e] at (row(e), ids[e]) for
+ * e in [0, n): row l of out sums weights[e] * dense[row(e)] over the entries of latent l, in the order
+ * `order` lists them (entries sorted by latent, as latent_order makes it). row(e) = rows[e], or e / per_row
+ * when rows is NULL. With `along` [n_latents, d] and `parallel` [n_latents], out[l] -= parallel[l] *
+ * along[l] as well. Parallel over latents: each output row is written once, by one thread. */
+void sae_latent_major(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
+                      const float *weights, const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
+                      const float *parallel, const float *along, float *out) {
+    int64_t *starts = malloc(sizeof(int64_t) * (n_latents + 1));
+    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));
+    float *scales = malloc(sizeof(float) * (n > 0 ? n : 1));
+    latent_bags(dense, d, ids, order, rows, per_row, n, n_latents, starts, sources);
+    for (int64_t p = 0; p < n; p++) scales[p] = weights[order[p]];
+#pragma omp parallel for schedule(static) if (n * d >= 65536)
+    for (int64_t l = 0; l < n_latents; l++)
+        weighted_sum(sources, scales, starts[l], starts[l + 1], d, parallel ? parallel[l] : 0.0f,
+                     parallel ? along + l * d : NULL, out + l * d);
+    free(starts); free(sources); free(scales);
+}
+
+/* The sparse decoder's whole backward in one pass over the latents. Entries e in [0, n) select row ids[e]
+ * of W [n_latents, d] with value values[e] for row(e) of grad_out [batch, d] (row(e) = rows[e], or
+ * e / per_row); `order` lists the entries sorted by latent. Writes
+ *   sampled[e] = grad_out[row(e)] . W[ids[e]]                    (the values' gradient)
+ *   grad_W[l]  = sum over l's entries of values[e] * grad_out[row(e)]
+ *                - (unit_rows ? sum of values[e] * sampled[e] : 0) * W[l]   (minus the part along W[l])
+ * Each W row is read once and each selected grad_out row twice (the second time from L1), where separate
+ * dot and gather passes would read both once per entry. */
+void sae_decoder_backward(const float *grad_out, const float *W, int64_t d, const int64_t *ids,
+                          const int64_t *order, const float *values, const int64_t *rows, int64_t per_row,
+                          int64_t n, int64_t n_latents, int unit_rows, float *sampled, float *grad_W) {
+    int64_t *starts = malloc(sizeof(int64_t) * (n_latents + 1));
+    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));
+    float *scales = malloc(sizeof(float) * (n > 0 ? n : 1));
+    latent_bags(grad_out, d, ids, order, rows, per_row, n, n_latents, starts, sources);
+    for (int64_t p = 0; p < n; p++) scales[p] = values[order[p]];
+#pragma omp parallel for schedule(static) if (n * d >= 65536)
+    for (int64_t l = 0; l < n_latents; l++) {
+        const float *w_row = W + l * d;
+        float along = 0.0f;
+        for (int64_t p = starts[l]; p < starts[l + 1]; p++) {
+            const float *src = sources[p];
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d; i++) dot += src[i] * w_row[i];
+            sampled[order[p]] = dot;
+            along += scales[p] * dot;
+        }
+        weighted_sum(sources, scales, starts[l], starts[l + 1], d, unit_rows ? along : 0.0f,
+                     unit_rows ? w_row : NULL, grad_W + l * d);
     }
     free(starts); free(sources); free(scales);
 }
@@ -301,3 +342,4 @@ void sae_bag_sum(const float *table, int64_t d, const int64_t *ids, const float 
         }
     }
 }
+
