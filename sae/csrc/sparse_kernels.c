@@ -215,23 +215,34 @@ void sae_weighted_row_sum(const float *rows, const float *weights, int64_t n, in
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4)));
 
-/* Latent-major bags: starts [n_latents + 1], the first position in `order` of each latent (order lists the
- * entries sorted by latent id ids[e]), and sources [n], the row of `dense` [*, d] each position reads:
- * rows[e], or e / per_row when rows is NULL (one division per entry, not one per column block). */
-static void latent_bags(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
-                        const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
-                        int64_t *starts, const float **sources) {
+/* Latent-major bags of n entries: starts [n_latents + 1], the first position in `order` of each latent
+ * (order lists the entries sorted by latent id ids[e]); sources [n], the row of `dense` [*, d] each position
+ * reads (rows[e], or e / per_row when rows is NULL: one division per entry, not one per column block); and
+ * scales [n], the entry's weight. */
+struct bags { int64_t *starts; const float **sources; float *scales; };
+
+static struct bags latent_bags(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
+                               const float *weights, const int64_t *rows, int64_t per_row, int64_t n,
+                               int64_t n_latents) {
+    struct bags bags = {malloc(sizeof(int64_t) * (n_latents + 1)), malloc(sizeof(float *) * (n > 0 ? n : 1)),
+                        malloc(sizeof(float) * (n > 0 ? n : 1))};
     int64_t pos = 0;
     for (int64_t l = 0; l < n_latents; l++) {
-        starts[l] = pos;
+        bags.starts[l] = pos;
         while (pos < n && ids[order[pos]] == l) pos++;
     }
-    starts[n_latents] = pos;
+    bags.starts[n_latents] = pos;
 #pragma omp parallel for schedule(static) if (n >= 16384)
     for (int64_t p = 0; p < n; p++) {
         const int64_t e = order[p];
-        sources[p] = dense + (rows ? rows[e] : e / per_row) * d;
+        bags.sources[p] = dense + (rows ? rows[e] : e / per_row) * d;
+        bags.scales[p] = weights[e];
     }
+    return bags;
+}
+
+static void free_bags(struct bags bags) {
+    free(bags.starts); free(bags.sources); free(bags.scales);
 }
 
 /* target [d] = sum over positions p in [first, end) of scales[p] * sources[p] - c * minus (minus may be
@@ -268,16 +279,15 @@ static void weighted_sum(const float *const *sources, const float *scales, int64
 void sae_latent_major(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
                       const float *weights, const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
                       const float *parallel, const float *along, float *out) {
-    int64_t *starts = malloc(sizeof(int64_t) * (n_latents + 1));
-    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));
-    float *scales = malloc(sizeof(float) * (n > 0 ? n : 1));
-    latent_bags(dense, d, ids, order, rows, per_row, n, n_latents, starts, sources);
-    for (int64_t p = 0; p < n; p++) scales[p] = weights[order[p]];
+    struct bags bags = latent_bags(dense, d, ids, order, weights, rows, per_row, n, n_latents);
+    const int64_t *starts = bags.starts;
+    const float *const *sources = bags.sources;
+    const float *scales = bags.scales;
 #pragma omp parallel for schedule(static) if (n * d >= 65536)
     for (int64_t l = 0; l < n_latents; l++)
         weighted_sum(sources, scales, starts[l], starts[l + 1], d, parallel ? parallel[l] : 0.0f,
                      parallel ? along + l * d : NULL, out + l * d);
-    free(starts); free(sources); free(scales);
+    free_bags(bags);
 }
 
 /* The sparse decoder's whole backward in one pass over the latents. Entries e in [0, n) select row ids[e]
@@ -291,11 +301,10 @@ void sae_latent_major(const float *dense, int64_t d, const int64_t *ids, const i
 void sae_decoder_backward(const float *grad_out, const float *W, int64_t d, const int64_t *ids,
                           const int64_t *order, const float *values, const int64_t *rows, int64_t per_row,
                           int64_t n, int64_t n_latents, int unit_rows, float *sampled, float *grad_W) {
-    int64_t *starts = malloc(sizeof(int64_t) * (n_latents + 1));
-    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));
-    float *scales = malloc(sizeof(float) * (n > 0 ? n : 1));
-    latent_bags(grad_out, d, ids, order, rows, per_row, n, n_latents, starts, sources);
-    for (int64_t p = 0; p < n; p++) scales[p] = values[order[p]];
+    struct bags bags = latent_bags(grad_out, d, ids, order, values, rows, per_row, n, n_latents);
+    const int64_t *starts = bags.starts;
+    const float *const *sources = bags.sources;
+    const float *scales = bags.scales;
 #pragma omp parallel for schedule(static) if (n * d >= 65536)
     for (int64_t l = 0; l < n_latents; l++) {
         const float *w_row = W + l * d;
@@ -311,7 +320,7 @@ void sae_decoder_backward(const float *grad_out, const float *W, int64_t d, cons
         weighted_sum(sources, scales, starts[l], starts[l + 1], d, unit_rows ? along : 0.0f,
                      unit_rows ? w_row : NULL, grad_W + l * d);
     }
-    free(starts); free(sources); free(scales);
+    free_bags(bags);
 }
 
 /* out [n_bags, d]: out[b] = sum of weights[e] * table[ids[e]] over the entries e of bag b, which are
