@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="VARIANT:KNOB=VALUE", help="a knob for one variant")
     parser.add_argument("--bf16", action="store_true", help="train with `sae train --bf16` (CPU products with "
                         "bf16 inputs); the roofline is then the machine's bf16 product rate")
+    parser.add_argument("--repeat", type=int, default=1, help="train each variant this many times and report "
+                        "the try with the median roofline fraction (each against the rates measured beside it)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--keep-runs", metavar="DIR", help="keep the run folders under DIR (default: a temporary folder)")
     parser.add_argument("--peer-rows", metavar="FILE", help="also score every run on the last 16,384 rows of this "
@@ -174,17 +176,28 @@ def main() -> None:
         for name in names:
             if (runs_dir / name).exists():
                 shutil.rmtree(runs_dir / name)
-            before = gflops if not rows else matmul_gflops(args.batch_size, d_in, d_sae_default, device,
-                                                           bf16=args.bf16)[0]
-            row = train_one(name, store_path, runs_dir / name, args)
-            after = matmul_gflops(args.batch_size, d_in, d_sae_default, device, bf16=args.bf16)[0]
-            # the limit beside a run is the faster of the products measured just before and just after it:
-            # these machines drift by several percent within minutes, and the stricter of the two is used
-            row.update(matmul_gflops=max(before, after), matmul_gflops_before=before, matmul_gflops_after=after)
-            if "error" not in row:
-                flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
-                limit = row["matmul_gflops"] * 1e9 / flops
-                row.update(roofline_rule=rule, roofline_tokens_per_s=limit, roofline_fraction=row["tokens_per_s"] / limit)
+            tries = []
+            for _ in range(max(1, args.repeat)):
+                before = gflops if not rows and not tries else matmul_gflops(args.batch_size, d_in, d_sae_default,
+                                                                             device, bf16=args.bf16)[0]
+                row = train_one(name, store_path, runs_dir / name, args)
+                after = matmul_gflops(args.batch_size, d_in, d_sae_default, device, bf16=args.bf16)[0]
+                # the limit beside a run is the faster of the products measured just before and just after
+                # it: these machines drift by several percent within minutes; the stricter of the two is used
+                row.update(matmul_gflops=max(before, after), matmul_gflops_before=before, matmul_gflops_after=after)
+                if "error" not in row:
+                    flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
+                    limit = row["matmul_gflops"] * 1e9 / flops
+                    row.update(roofline_rule=rule, roofline_tokens_per_s=limit,
+                               roofline_fraction=row["tokens_per_s"] / limit)
+                tries.append(row)
+                if "error" in row:
+                    break
+                if args.repeat > 1:
+                    print(f"  {name} try {len(tries)}: " + _line(row), flush=True)
+            if "error" not in tries[-1]:   # the try with the median fraction (its run folder is the last one's)
+                row = sorted(tries, key=lambda r: r["roofline_fraction"])[(len(tries) - 1) // 2]
+                row["fractions_of_tries"] = [r["roofline_fraction"] for r in tries]
                 if args.peer_rows:
                     row.update(score_on_rows(runs_dir / name, args.peer_rows))
             rows.append(row)
