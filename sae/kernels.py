@@ -208,24 +208,31 @@ def _batch_topk(pre: torch.Tensor, batch_k: int) -> tuple[torch.Tensor, torch.Te
     stride = max(1, flat.numel() // 65536) | 1
     sample = flat[::stride]                                              # [~65536]
     n_top = min(sample.numel(), max(1, int(2 * batch_k * sample.numel() / flat.numel()) + 1))
-    bound = sample.topk(n_top, sorted=False).values.min().clamp_min(0)
+    bound = torch.kthvalue(sample, sample.numel() - n_top + 1).values.clamp_min(0)   # the n_top-th largest
     # Under torch.distributed the batch is the global one: every rank takes candidates above the lowest
     # rank's bound (so each holds all of its entries above the global k-th value) and the k-th value is
     # found among all ranks' candidates. In one process both reductions return their input.
     bound = distributed.reduce_min(bound)
     global_k = batch_k * distributed.world_size()
     per_token = max(1, batch_k // max(1, pre.shape[0]))
-    rows, cols, values = _entries_above(pre, bound, per_token)          # [n_candidates] each
+
+    def above(limit: torch.Tensor):   # [n_candidates] each; the compiled pass lists them token by token
+        found = native.entries_above(pre, float(limit)) if pre.device.type == "cpu" else None
+        return (*_entries_above(pre, limit, per_token), False) if found is None else (*found, True)
+
+    rows, cols, values, in_order = above(bound)
     if rows.numel() < batch_k:
-        rows, cols, values = _entries_above(pre, pre.new_zeros(()), per_token)
+        rows, cols, values, in_order = above(pre.new_zeros(()))
     every_value = distributed.all_gather_cat(values)                      # [n_candidates over all ranks]
     if every_value.numel() > global_k:
-        kth = every_value.topk(global_k, sorted=False).values.min()
-        keep = values >= kth
+        # the global_k-th largest candidate, by selection (no sort of the candidates)
+        kth = torch.kthvalue(every_value, every_value.numel() - global_k + 1).values
+        keep = (values >= kth).nonzero().squeeze(1)                      # [n_kept] positions, in order
         rows, cols, values = rows[keep], cols[keep], values[keep]
-    key = rows * pre.shape[1] + cols                                     # token by token, latents ascending
-    order = torch.sort(key.to(torch.int32) if pre.numel() < 2**31 else key).indices
-    rows, cols, values = rows[order], cols[order], values[order]
+    if not in_order:
+        key = rows * pre.shape[1] + cols                                 # token by token, latents ascending
+        order = torch.sort(key.to(torch.int32) if pre.numel() < 2**31 else key).indices
+        rows, cols, values = rows[order], cols[order], values[order]
     offsets = torch.zeros(pre.shape[0] + 1, dtype=torch.int64, device=pre.device)
     offsets[1:] = torch.bincount(rows, minlength=pre.shape[0]).cumsum(0)
     return values, cols, rows, offsets

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -105,6 +106,10 @@ def library() -> ctypes.CDLL | None:
     lib.sae_bag_sum.restype = None
     lib.sae_decoder_backward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.sae_decoder_backward.restype = None
+    lib.sae_count_above.argtypes = [ptr, i64, i64, ctypes.c_float, ptr]
+    lib.sae_count_above.restype = i64
+    lib.sae_entries_above.argtypes = [ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
+    lib.sae_entries_above.restype = None
     return lib
 
 
@@ -231,3 +236,22 @@ def decoder_backward(grad_out: torch.Tensor, W: torch.Tensor, ids: torch.Tensor,
                              values.data_ptr(), None if rows is None else rows.data_ptr(), max(1, int(per_row)),
                              ids.numel(), W.shape[0], int(bool(unit_rows)), sampled.data_ptr(), grad_W.data_ptr())
     return sampled, grad_W
+
+
+def entries_above(pre: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, cols, values) [n] of the entries of pre [batch, width] greater than bound, row by row and in
+    column order within a row (so sorted by rows·width + cols). None when the kernels are not here or pre
+    is not a contiguous CPU fp32 matrix (or bound is not a finite number)."""
+    lib = library()
+    if lib is None or pre.dim() != 2 or not _plain(pre, torch.float32) or not math.isfinite(bound):
+        return None
+    batch, width = pre.shape
+    counts = torch.empty(batch, dtype=torch.int64)         # [batch]
+    total = lib.sae_count_above(pre.data_ptr(), batch, width, bound, counts.data_ptr())
+    offsets = torch.zeros(batch + 1, dtype=torch.int64)    # [batch + 1]
+    torch.cumsum(counts, 0, out=offsets[1:])
+    rows, cols = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
+    values = torch.empty(total)                           # [total]
+    lib.sae_entries_above(pre.data_ptr(), batch, width, bound, offsets.data_ptr(), rows.data_ptr(),
+                          cols.data_ptr(), values.data_ptr())
+    return rows, cols, values

@@ -130,3 +130,14 @@ def test_the_fp32_training_path_runs_on_the_compiled_kernels(monkeypatch):
     sel = kernels.topk_select(torch.randn(48, 24), W_enc, b_enc, 7, b_dec=b_dec)
     kernels.sparse_decode(sel.values, sel.indices, W_dec, sel.order, unit_rows=True).pow(2).sum().backward()
     assert used == {"topk_rows", "bag_sum", "decoder_backward", "latent_major", "weighted_row_sum"}
+
+
+@needs_native
+def test_entries_above_lists_every_entry_over_the_bound_in_row_order():
+    pre = torch.randn(70, 4608)
+    pre[3, :40] = 0.5                                                           # exactly the bound: not above
+    rows, cols, values = native.entries_above(pre, 0.5)
+    want_rows, want_cols = (pre > 0.5).nonzero(as_tuple=True)                   # row-major order
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+    assert torch.equal(values, pre[want_rows, want_cols])
+    assert native.entries_above(pre, float("inf")) is None                      # the torch path's job

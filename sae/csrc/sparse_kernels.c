@@ -44,17 +44,17 @@ static void select_largest(float *vals, int64_t *ids, int64_t n, int64_t k) {
     }
 }
 
-/* Copy the entries of row [width] that are >= bound into vals [width + 16] and their columns into cols
- * [width + 16]; returns how many. (The AVX-512 path compresses in registers and stores whole vectors:
- * a compressing store to memory is microcoded and slow on AMD's Zen 4/5.) */
-static int64_t collect_at_least(const float *row, int64_t width, float bound, float *vals, int32_t *cols) {
+/* Copy the entries of row [width] that are >= bound (> bound when strict) into vals [width + 16] and their
+ * columns into cols [width + 16], in column order; returns how many. (The AVX-512 path compresses in
+ * registers and stores whole vectors: a compressing store to memory is microcoded and slow on Zen 4/5.) */
+static int64_t collect(const float *row, int64_t width, float bound, int strict, float *vals, int32_t *cols) {
     int64_t count = 0, j = 0;
 #ifdef __AVX512F__
     const __m512 limit = _mm512_set1_ps(bound);
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; j + 16 <= width; j += 16) {
         __m512 v = _mm512_loadu_ps(row + j);
-        __mmask16 hit = _mm512_cmp_ps_mask(v, limit, _CMP_GE_OQ);
+        __mmask16 hit = strict ? _mm512_cmp_ps_mask(v, limit, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, limit, _CMP_GE_OQ);
         if (!hit) continue;
         _mm512_storeu_ps(vals + count, _mm512_maskz_compress_ps(hit, v));
         __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)j));
@@ -65,7 +65,7 @@ static int64_t collect_at_least(const float *row, int64_t width, float bound, fl
     for (; j < width; j++) {
         vals[count] = row[j];
         cols[count] = (int32_t)j;
-        count += row[j] >= bound;
+        count += strict ? row[j] > bound : row[j] >= bound;
     }
     return count;
 }
@@ -133,7 +133,7 @@ int64_t sae_topk_rows(const float *pre, int64_t n, int64_t width, int64_t k, int
             failed[r] = (uint8_t)nan_seen;
             if (nan_seen) { n_failed++; continue; }
             float bound = kth_largest(maxima, blocks, k, scratch);
-            int64_t count = collect_at_least(row, width, bound, cand_vals, cand_cols);
+            int64_t count = collect(row, width, bound, 0, cand_vals, cand_cols);
             float kth = kth_largest(cand_vals, count, k, scratch);
             int64_t taken = 0;                                   /* those above the k-th, then ties */
             float *out_vals = values + r * k;
@@ -352,3 +352,45 @@ void sae_bag_sum(const float *table, int64_t d, const int64_t *ids, const float 
     }
 }
 
+
+/* How many entries of each row of pre [n, width] exceed bound: counts [n]. Returns their total. */
+int64_t sae_count_above(const float *pre, int64_t n, int64_t width, float bound, int64_t *counts) {
+    int64_t total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (n >= 16)
+    for (int64_t r = 0; r < n; r++) {
+        const float *row = pre + r * width;
+        int64_t count = 0, j = 0;
+#ifdef __AVX512F__
+        const __m512 limit = _mm512_set1_ps(bound);
+        for (; j + 16 <= width; j += 16)
+            count += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), limit, _CMP_GT_OQ));
+#endif
+        for (; j < width; j++) count += row[j] > bound;
+        counts[r] = count;
+        total += count;
+    }
+    return total;
+}
+
+/* The entries of pre [n, width] above bound, row by row and in column order within a row: row r's go to
+ * positions offsets[r] .. offsets[r + 1] - 1 (offsets from sae_count_above's counts) of rows_out, cols_out
+ * and values_out. */
+void sae_entries_above(const float *pre, int64_t n, int64_t width, float bound, const int64_t *offsets,
+                       int64_t *rows_out, int64_t *cols_out, float *values_out) {
+#pragma omp parallel if (n >= 16)
+    {
+        float *vals = malloc(sizeof(float) * (width + 16));
+        int32_t *cols = malloc(sizeof(int32_t) * (width + 16));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            const int64_t count = collect(pre + r * width, width, bound, 1, vals, cols);
+            const int64_t at = offsets[r];
+            for (int64_t c = 0; c < count && at + c < offsets[r + 1]; c++) {
+                rows_out[at + c] = r;
+                cols_out[at + c] = cols[c];
+                values_out[at + c] = vals[c];
+            }
+        }
+        free(vals); free(cols);
+    }
+}
