@@ -66,8 +66,9 @@ def entry() -> None:
     memory, so the commands' big per-batch temporaries are reused instead of page-faulting in anew, and
     which ends without the interpreter's teardown (freeing every tensor and module of torch one by one: 0.2 s
     and more a command) once the command has returned and its output is flushed. Every file a command
-    writes is closed (and renamed into place) before it returns. Under torch.distributed the process exits
-    the ordinary way. Kept out of main() itself, which tests and other programs call in their own processes."""
+    writes is closed (and renamed into place) before it returns. Under torchrun (WORLD_SIZE > 1) or an
+    initialised torch.distributed the process exits the ordinary way: a rank leaving early would reset its
+    peers' connections. Kept out of main() itself, which tests and other programs call in their own processes."""
     from sae.devices import keep_freed_memory
     keep_freed_memory()
     try:
@@ -80,7 +81,9 @@ def entry() -> None:
         code = 1
     code = int(code or 0)
     torch_distributed = sys.modules.get("torch.distributed")
-    if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1    # torchrun: ranks end in step, the usual way
+    if launched or (torch_distributed is not None and torch_distributed.is_available()
+                    and torch_distributed.is_initialized()):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.c"
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-fopenmp", "-fno-math-errno"])
 _LOCK = threading.Lock()
 
 
@@ -110,6 +110,9 @@ def library() -> ctypes.CDLL | None:
     lib.sae_count_above.restype = i64
     lib.sae_entries_above.argtypes = [ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
     lib.sae_entries_above.restype = None
+    f32 = ctypes.c_float
+    lib.sae_adam_step.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, f32, f32, f32, f32, ctypes.c_int, f32]
+    lib.sae_adam_step.restype = None
     return lib
 
 
@@ -255,3 +258,21 @@ def entries_above(pre: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.
     lib.sae_entries_above(pre.data_ptr(), batch, width, bound, offsets.data_ptr(), rows.data_ptr(),
                           cols.data_ptr(), values.data_ptr())
     return rows, cols, values
+
+
+def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+               lr: float, beta1: float, beta2: float, eps: float, step: int, unit_rows: bool = False,
+               norm_eps: float = 1e-8) -> bool:
+    """One Adam update of param in place (torch.optim.Adam's, no weight decay; step counts from 1), with each
+    row of a 2-D param renormalised to unit length in the same pass when unit_rows. False (nothing done)
+    when the kernels are not here or a tensor is not contiguous CPU fp32 of param's shape."""
+    lib = library()
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if lib is None or not all(_plain(t, torch.float32) and t.shape == param.shape for t in tensors) \
+            or (unit_rows and param.dim() != 2):
+        return False
+    rows, cols = (param.shape[0], param.shape[1]) if param.dim() == 2 else (1, param.numel())
+    lib.sae_adam_step(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), rows, cols,
+                      lr, beta1, beta2, eps, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step), int(bool(unit_rows)),
+                      norm_eps)
+    return True

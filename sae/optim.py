@@ -7,14 +7,22 @@ import math
 
 import torch
 
+from sae import native
 
 _FUSED = hasattr(torch, "_fused_adam_")
 
 
 class Adam:
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    """unit_rows: 2-D parameters whose rows are renormalised to unit length after every update (a unit-norm
+    decoder). On the CPU the compiled update (sae.native) does that in its own pass over the rows and sets
+    `renormalised`; elsewhere `renormalised` stays False and the caller renormalises."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 unit_rows=()):
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.unit_rows = {id(p) for p in unit_rows}
+        self.renormalised = False
         self.steps = 0
         self.state = {p: {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
@@ -45,6 +53,23 @@ class Adam:
         # transpose: Adam is elementwise, and the fused kernel would otherwise copy it in and out
         live, grads, exp_avg, exp_avg_sq = ([_contiguous_view(t) for t in group]
                                             for group in (live, grads, exp_avg, exp_avg_sq))
+        self.renormalised = False
+        if all(p.device.type == "cpu" for p in live) and native.available():
+            # one compiled pass per parameter, unit rows renormalised in it; what it cannot take goes below
+            rest = []
+            renormalised = 0
+            for group in zip(live, grads, exp_avg, exp_avg_sq, originals):
+                unit = id(group[4]) in self.unit_rows
+                if native.adam_step_(*group[:4], lr=self.lr, beta1=beta1, beta2=beta2, eps=self.eps,
+                                     step=self.steps, unit_rows=unit):
+                    self.state[group[4]].pop("step", None)    # the fused path's counter, rebuilt from self.steps
+                    renormalised += unit
+                else:
+                    rest.append(group)
+            self.renormalised = renormalised == len(self.unit_rows) and not rest
+            if not rest:
+                return
+            live, grads, exp_avg, exp_avg_sq, originals = (list(group) for group in zip(*rest))
         if _FUSED and all(p.dtype == torch.float32 for p in live):
             # one pass over each tensor; the step counts live on the parameters' devices (no host sync)
             steps = [self._step_tensor(p) for p in originals]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sae import checkpoint, distributed
 from sae.distributed import StopFlag  # noqa: F401  (re-exported: live training and sweep use it)
@@ -125,8 +126,11 @@ class Trainer:
         model.to(self.device).train()
         self.total_steps = options.total_steps
         self.base_lr = options.lr or default_lr(model)
+        # a unit-norm decoder the base class renormalises: the CPU's compiled Adam does it in its own pass
+        unit_rows = [model.W_dec] if (model.unit_norm_decoder and isinstance(getattr(model, "W_dec", None), nn.Parameter)
+                                      and type(model).normalize_decoder is SAE.normalize_decoder) else []
         self.optimizer = Adam(model.parameters(), lr=self.base_lr, betas=(options.beta1, options.beta2),
-                              eps=options.eps)
+                              eps=options.eps, unit_rows=unit_rows)
         self.loss_module = _LossModule(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -181,8 +185,9 @@ class Trainer:
         known = [name for name in values if name in self._sums]
         if known:
             torch._foreach_add_([self._sums[name] for name in known], [values[name] for name in known])
-        for name in values.keys() - self._sums.keys():
-            self._sums[name] = values[name].clone()
+        for name in values:              # in the step's own order: every rank reduces the sums in the same one
+            if name not in self._sums:
+                self._sums[name] = values[name].clone()
 
     # ---- one step -------------------------------------------------------------------------
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +234,8 @@ class Trainer:
         lr = lr_at(step, self.total_steps, self.base_lr, options.lr_warmup, options.lr_decay)
         self.optimizer.lr = lr
         self.optimizer.step()
-        model.normalize_decoder()
+        if not self.optimizer.renormalised:
+            model.normalize_decoder()
 
         global_batch = x.shape[0] * self.dist.world_size
         figures = {}

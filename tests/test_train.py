@@ -276,19 +276,35 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
     assert math.isclose(other.base_lr, trainer.base_lr)
 
 
-def test_adam_matches_torch_adam():
-    torch.manual_seed(0)
-    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))
-    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_adam_matches_torch_adam(path, monkeypatch):
+    """Ours (the compiled update where sae.native is here, else torch's fused one) against torch.optim.Adam,
+    with a parameter stored transposed and one whose rows are renormalised after each update."""
+    from sae import native
     from sae.optim import Adam
-    ours, theirs = Adam([a, b], lr=1e-2, betas=(0.9, 0.99)), torch.optim.Adam([a2, b2], lr=1e-2, betas=(0.9, 0.99))
+    if path == "torch":
+        monkeypatch.setattr(native, "adam_step_", lambda *a, **k: False)
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, 5).t())                   # [5, 3], stored transposed
+    b, rows = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 5))
+    a2, b2, rows2 = (torch.nn.Parameter(t.detach().clone()) for t in (a, b, rows))
+    ours = Adam([a, b, rows], lr=1e-2, betas=(0.9, 0.99), unit_rows=[rows])
+    theirs = torch.optim.Adam([a2, b2, rows2], lr=1e-2, betas=(0.9, 0.99))
     for step in range(5):
         target = torch.randn(5)
-        for p, q, opt in ((a, b, ours), (a2, b2, theirs)):
+        for p, q, r, opt in ((a, b, rows, ours), (a2, b2, rows2, theirs)):
             opt.zero_grad()
             ((p @ q - target) ** 2).sum().backward()
+            (r @ p @ q).pow(2).sum().backward()
             opt.step()
-    assert torch.allclose(a, a2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)
+        if not ours.renormalised:
+            with torch.no_grad():
+                rows.div_(rows.norm(dim=1, keepdim=True))
+        with torch.no_grad():
+            rows2.div_(rows2.norm(dim=1, keepdim=True))
+    assert ours.renormalised == (path == "compiled" and native.available())
+    for mine, reference in ((a, a2), (b, b2), (rows, rows2)):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_prepare_run_dir_rules(tmp_path):

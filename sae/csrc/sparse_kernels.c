@@ -394,3 +394,38 @@ void sae_entries_above(const float *pre, int64_t n, int64_t width, float bound, 
         free(vals); free(cols);
     }
 }
+
+/* One Adam step (torch.optim.Adam's update, no weight decay) over p, g, m, v [rows, cols], in place:
+ *   m = m + (1 - beta1) (g - m);  v = beta2 v + (1 - beta2) g^2
+ *   p = p - (lr / bias1) m / (sqrt(v) / bias2_sqrt + eps)
+ * with bias1 = 1 - beta1^t and bias2_sqrt = sqrt(1 - beta2^t). With unit_rows, each row of p is then
+ * divided by max(its norm, norm_eps) while it is still in L1 (a unit-norm decoder's renormalisation, which
+ * would otherwise be a second pass over the matrix). */
+void sae_adam_step(float *p, const float *g, float *m, float *v, int64_t rows, int64_t cols, float lr,
+                   float beta1, float beta2, float eps, float bias1, float bias2_sqrt, int unit_rows,
+                   float norm_eps) {
+    const float step_size = lr / bias1;
+#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * cols, *mr = m + r * cols, *vr = v + r * cols;
+        const float *gr = g + r * cols;
+        float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < cols; i++) {
+            const float grad = gr[i];
+            const float first = mr[i] + (1.0f - beta1) * (grad - mr[i]);
+            const float second = beta2 * vr[i] + (1.0f - beta2) * grad * grad;
+            mr[i] = first;
+            vr[i] = second;
+            const float updated = pr[i] - step_size * first / (__builtin_sqrtf(second) / bias2_sqrt + eps);
+            pr[i] = updated;
+            sq += updated * updated;
+        }
+        if (unit_rows) {
+            float norm = __builtin_sqrtf(sq);
+            norm = norm > norm_eps ? norm : norm_eps;
+#pragma omp simd
+            for (int64_t i = 0; i < cols; i++) pr[i] = pr[i] / norm;
+        }
+    }
+}
