@@ -76,12 +76,13 @@ def entry() -> None:
         code = 0
     except SystemExit as done:
         code = done.code
-    if isinstance(code, str):             # sys.exit("message"): what the interpreter would print
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):       # sys.exit("message") or another object: as the interpreter does
         print(code, file=sys.stderr)
         code = 1
-    code = int(code or 0)
     torch_distributed = sys.modules.get("torch.distributed")
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1    # torchrun: ranks end in step, the usual way
+    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")   # torchrun: ranks end the usual way
     if launched or (torch_distributed is not None and torch_distributed.is_available()
                     and torch_distributed.is_initialized()):
         sys.exit(code)

@@ -11,6 +11,9 @@ renamed into place (concurrent first runs are safe). Its OpenMP calls resolve to
 loaded, so the loops run on torch's threads. Where there is no compiler, the build fails, the tensors are
 not contiguous CPU fp32, or SAE_NATIVE=0, `available()` is False and callers use their torch path (the
 reference the tests compare against): the results are the same, only slower.
+
+These are internal kernels for sae.kernels and the trainer: the wrappers check dtypes, devices, layouts
+and shapes, not index ranges (the callers pass top-k selections, which are in range by construction).
 """
 from __future__ import annotations
 

@@ -59,14 +59,15 @@ class Adam:
             rest = []
             renormalised = 0
             for group in zip(live, grads, exp_avg, exp_avg_sq, originals):
-                unit = id(group[4]) in self.unit_rows
+                # rows of the parameter itself: one updated through its transpose is left to the caller
+                unit = id(group[4]) in self.unit_rows and group[0] is group[4]
                 if native.adam_step_(*group[:4], lr=self.lr, beta1=beta1, beta2=beta2, eps=self.eps,
                                      step=self.steps, unit_rows=unit):
                     self.state[group[4]].pop("step", None)    # the fused path's counter, rebuilt from self.steps
                     renormalised += unit
                 else:
                     rest.append(group)
-            self.renormalised = renormalised == len(self.unit_rows) and not rest
+            self.renormalised = bool(self.unit_rows) and renormalised == len(self.unit_rows) and not rest
             if not rest:
                 return
             live, grads, exp_avg, exp_avg_sq, originals = (list(group) for group in zip(*rest))

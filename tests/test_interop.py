@@ -356,6 +356,10 @@ def test_saelens_cache_reads_as_a_store(tmp_path):
     assert torch.equal(torch.cat(list(store.activations(4, batch_size=100))), flat[4])
     picks = torch.tensor([0, 17, 333, 334, 700, 959])
     assert torch.equal(store.rows(2, picks), flat[2][picks])
+    shuffled = torch.tensor([959, 3, 700, 17, 334, 0])                  # training batches: any order, only those rows
+    store.read = lambda *a, **k: pytest.fail("gather must not read whole chunks")
+    assert torch.equal(store.gather(2, shuffled), flat[2][shuffled])
+    del store.read
     # every row traces back to its context: window_tokens[window_index, position] is the row's token
     tokens = columns["token_ids"].reshape(-1)
     for shard_index, shard in enumerate(store.shards):

@@ -307,6 +307,17 @@ def test_adam_matches_torch_adam(path, monkeypatch):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_adam_says_renormalised_only_for_rows_it_renormalised():
+    from sae.optim import Adam
+    plain = torch.nn.Parameter(torch.randn(4, 5))
+    transposed = torch.nn.Parameter(torch.randn(5, 4).t())            # rows of the transpose are columns here
+    for params, unit in (([plain], []), ([transposed], [transposed])):
+        opt = Adam(params, lr=1e-2, unit_rows=unit)
+        params[0].grad = torch.ones_like(params[0])
+        opt.step()
+        assert not opt.renormalised                                     # the caller must renormalise
+
+
 def test_prepare_run_dir_rules(tmp_path):
     assert checkpoint.prepare_run_dir(tmp_path / "new", resume=False, force=False) is None
     junk = tmp_path / "junk"

@@ -80,7 +80,7 @@ class _FlatColumn:
         return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Given sorted global token indices, their rows (only those rows are read from disk)."""
+        """Given global token indices (any order), their rows (only those rows are read from disk)."""
         out = np.empty((len(rows), self.width), dtype=self.views[0].dtype)
         chunk_of = np.searchsorted(self.row_starts, rows, side="right") - 1
         for c in np.unique(chunk_of):
@@ -189,8 +189,12 @@ class SAELensCacheStore(ActivationStore):
     def read_shard(self, shard_index: int, name: str) -> torch.Tensor:
         return self.read(shard_index, name)
 
+    def gather(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
+        """Activations of global row indices in any order (the training batches): only those rows are read."""
+        return self.rows(layer, global_indices)
+
     def rows(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
-        """Activations of sorted global row indices as float32 [len(idx), d_model]; reads only those rows."""
+        """Activations of global row indices (sorted or not) as float32 [len(idx), d_model]; reads only those rows."""
         hook = self._hook_of[self.resolve_layer(layer)]
         indices = torch.as_tensor(global_indices, dtype=torch.int64).numpy()
         if len(indices) == 0:
