@@ -202,3 +202,18 @@ def test_reconstruct_equals_decode_of_encode_and_counts_firings(name):
         x_hat, counts = model.reconstruct(x)
         torch.testing.assert_close(x_hat, model.decode(codes), rtol=1e-5, atol=1e-5)
     assert torch.equal(counts, (codes > model.fire_threshold).sum(dim=0))
+
+
+def test_matryoshka_prefix_residuals_match_autograd_of_the_plain_loop():
+    from sae.variants.matryoshka import _PrefixResiduals
+    gen = torch.Generator().manual_seed(0)
+    parts = torch.randn(6, 4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    target = torch.randn(6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, t: _PrefixResiduals.apply(p, t)[0], (parts, target))
+    residual, plain = target, []
+    for g in range(4):
+        residual = residual - parts[:, g]
+        plain.append(residual.pow(2).sum())
+    squared, last = _PrefixResiduals.apply(parts, target)
+    torch.testing.assert_close(squared, torch.stack(plain))
+    torch.testing.assert_close(last, residual)

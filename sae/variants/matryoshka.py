@@ -70,12 +70,41 @@ class MatryoshkaSAE(BatchTopKSAE):
         bag_offsets[1:] = torch.bincount(bags, minlength=batch * n_groups).cumsum(0)
         parts = sparse_decode(values, indices, self.W_dec, order, unit_rows=self.unit_norm_decoder,
                               offsets=bag_offsets)
-        residual = x_target - self.b_dec                         # [batch, d_in] what the groups have left
-        per_group = []
-        for part in parts.view(batch, n_groups, -1).unbind(dim=1):   # [batch, d_in] each (a cumsum over the
-            residual = residual - part                                # middle axis costs more than the loop)
-            per_group.append(residual.pow(2).sum() / total_variance)
-        terms = {f"fvu_group{i}": fvu.detach() for i, fvu in enumerate(per_group)}
+        squared, residual = _PrefixResiduals.apply(parts.view(batch, n_groups, -1), x_target - self.b_dec)
+        per_group = squared / total_variance                      # [groups] each prefix's batch FVU
+        terms = {f"fvu_group{i}": fvu.detach() for i, fvu in enumerate(per_group.unbind())}
         terms["fvu"] = per_group[-1].detach()                                         # the whole dictionary's
-        terms["squared_error"] = (per_group[-1] * total_variance).detach()            # Σ‖x − x̂‖²
-        return torch.stack(per_group).mean(), x_target - residual, terms
+        terms["squared_error"] = squared[-1].detach()                                 # Σ‖x − x̂‖²
+        return per_group.mean(), x_target - residual, terms
+
+
+class _PrefixResiduals(torch.autograd.Function):
+    """squared [groups] with squared[g] = ‖target − Σ_{h ≤ g} parts[:, h]‖², and the last residual [batch, d]
+    (no gradient), from parts [batch, groups, d] and target [batch, d]: one running residual, two passes a
+    group forward and three backward, instead of autograd's graph of a subtraction, a square and a sum per
+    group. Backward: ∂/∂parts[:, h] = −Σ_{g ≥ h} 2 w_g r_g and ∂/∂target = Σ_g 2 w_g r_g (w = the grad of
+    squared), with the r_g rebuilt from the last residual going back (r_{g−1} = r_g + parts[:, g])."""
+
+    @staticmethod
+    def forward(ctx, parts, target):
+        residual = target.clone()                                                     # [batch, d]
+        squared = []
+        for g in range(parts.shape[1]):
+            residual.sub_(parts[:, g])
+            squared.append(torch.dot(residual.reshape(-1), residual.reshape(-1)))
+        ctx.save_for_backward(parts, residual)
+        ctx.mark_non_differentiable(residual)
+        return torch.stack(squared), residual
+
+    @staticmethod
+    def backward(ctx, grad_squared, _grad_residual):
+        parts, last = ctx.saved_tensors
+        residual = last.clone()                                                       # r_{G-1}
+        running = torch.zeros_like(last)                                              # Σ_{g ≥ h} 2 w_g r_g
+        grad_parts = torch.empty_like(parts)
+        for g in range(parts.shape[1] - 1, -1, -1):
+            running.addcmul_(residual, 2 * grad_squared[g])                             # (no host sync)
+            torch.neg(running, out=grad_parts[:, g])
+            if g:
+                residual.add_(parts[:, g])                                            # r_{g-1}
+        return grad_parts, running
