@@ -59,29 +59,20 @@ def latent_order(indices: torch.Tensor) -> torch.Tensor:
 
 
 def latent_major_product(weights: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor, d_sae: int,
-                         order: torch.Tensor | None = None, bags: torch.Tensor | None = None,
-                         minus: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         order: torch.Tensor | None = None, bags: torch.Tensor | None = None) -> torch.Tensor:
     """Sᵀ · dense -> [d_sae, n_cols], where S [batch, d_sae] is sparse with weights[b, j] at (b, indices[b, j]).
 
     Row l sums weights[b, j] · dense[b] over the selections of latent l: one `embedding_bag` over the
     latent-sorted selections, a bag per latent (an empty bag is a zero row), reading only the k selected
     rows of dense per token (in compiled code where sae.native is here, else torch's embedding_bag).
     order: latent_order(indices), when the caller already has it. Flat selections (weights/indices [n])
-    pass bags [n]: the row of dense each entry belongs to. minus (c [d_sae], rows [d_sae, n_cols]):
-    subtract c[l] · rows[l] from row l as well."""
+    pass bags [n]: the row of dense each entry belongs to."""
     order = latent_order(indices) if order is None else order
-    flat_ids, flat_weights = indices.reshape(-1), weights.reshape(-1).to(dense.dtype)
-    found = native.latent_major(dense, flat_ids, order.long(), flat_weights, d_sae, bags,
-                                per_row=1 if bags is not None else indices.shape[1],
-                                parallel=None if minus is None else minus[0],
-                                along=None if minus is None else minus[1]) if flat_ids.numel() else None
+    flat_ids = indices.reshape(-1)
+    found = native.latent_major(dense, flat_ids, order.long(), weights.reshape(-1).to(dense.dtype), d_sae, bags,
+                                per_row=1 if bags is not None else indices.shape[1]) if flat_ids.numel() else None
     if found is not None:
         return found
-    product = _embedding_bag_product(weights, indices, dense, d_sae, order, bags)
-    return product if minus is None else product.addcmul_(minus[0][:, None], minus[1], value=-1.0)
-
-
-def _embedding_bag_product(weights, indices, dense, d_sae, order, bags) -> torch.Tensor:
     if bags is None:
         tokens = torch.div(order, indices.shape[1], rounding_mode="floor")   # [batch*k] token of each sorted entry
     else:
@@ -156,14 +147,8 @@ def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def selected_dots(dense: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor,
                   offsets: torch.Tensor | None = None) -> torch.Tensor:
     """dense[b] · rows[indices[b, j]] for every selection -> shaped like indices: dense [batch, d],
-    rows [d_sae, d], indices [batch, k] (or flat [n] with offsets [batch + 1]). A row-parallel dot loop in
-    compiled code (sae.native) where it is here, else a sampled sparse-dense product (the same sums)."""
-    flat_ids = indices.reshape(-1)
-    bags = bag_ids(offsets) if offsets is not None else None
-    found = native.row_dots(dense.contiguous(), rows.contiguous(), flat_ids.contiguous(), bags,
-                            per_row=indices.shape[1] if offsets is None else 1) if flat_ids.numel() else None
-    if found is not None:
-        return found.view_as(indices)
+    rows [d_sae, d], indices [batch, k] (or flat [n] with offsets [batch + 1]), as a sampled sparse-dense
+    product (the sparse decode's torch backward; the compiled one computes these in sae_decoder_backward)."""
     pattern = token_major(torch.ones(indices.shape, device=dense.device), indices, rows.shape[0], offsets)
     return torch.sparse.sampled_addmm(pattern, dense, rows.t(), beta=0.0).values().view_as(indices)
 
@@ -357,13 +342,12 @@ class _SparseDecode(torch.autograd.Function):
             grad_values = sampled.to(values.dtype)
         if ctx.needs_input_grad[2]:
             bags = bag_ids(offsets) if flat else None
-            minus = None
+            grad_W = latent_major_product(values, indices, grad_out.float(), d_sae, order, bags)  # [d_sae, d_in]
             if ctx.unit_rows:
                 # grad_W[l] · W_dec[l] = Σ over l's selections of values · sampled: the parallel part for free
-                parallel = torch.zeros(d_sae, device=grad_out.device).index_add_(
+                parallel = torch.zeros(d_sae, device=grad_W.device).index_add_(
                     0, indices.reshape(-1), (values.float() * sampled).reshape(-1))   # [d_sae]
-                minus = (parallel, W_dec.float())
-            grad_W = latent_major_product(values, indices, grad_out.float(), d_sae, order, bags, minus)  # [d_sae, d_in]
+                grad_W.addcmul_(parallel[:, None], W_dec.float(), value=-1.0)
             grad_W = grad_W.to(W_dec.dtype)
         return grad_values, None, grad_W, None, None, None
 

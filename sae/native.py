@@ -1,9 +1,8 @@
 """The compiled half of the TopK fast path: sae/csrc/sparse_kernels.c, built on first use, called with ctypes.
 
-Two loops of a TopK step have no fast torch op on the CPU: the per-token top-k of the [batch, d_sae]
-pre-activations (torch.topk sorts candidates it does not need: 4 ms of a 25 ms step at 1,024 × 4,608 on 2
-cores, where this takes under 1 ms) and the sampled dot products of the sparse decoder's backward. The C
-file holds both, exact and row-parallel.
+Several loops of a TopK step have no fast torch op on the CPU, the per-token top-k of the [batch, d_sae]
+pre-activations first (torch.topk sorts candidates it does not need: 4 ms of a 25 ms step at 1,024 × 4,608
+on 2 cores, where this takes about 1 ms); the C file holds them (see its comments), exact and row-parallel.
 
 It is compiled once per machine with the C compiler (`$CC`, else `cc`) into the cache
 (`$SAE_CACHE/native/`, default ~/.cache/sae/native/), with -O3 -march=native -fopenmp, into a temporary file
@@ -97,13 +96,11 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sae_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
     lib.sae_topk_rows.restype = i64
-    lib.sae_row_dots.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, ptr]
-    lib.sae_row_dots.restype = None
     lib.sae_normalize_rows.argtypes = [ptr, i64, i64, ctypes.c_float]
     lib.sae_normalize_rows.restype = None
     lib.sae_weighted_row_sum.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
     lib.sae_weighted_row_sum.restype = None
-    lib.sae_latent_major.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.sae_latent_major.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
     lib.sae_latent_major.restype = None
     lib.sae_bag_sum.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ptr]
     lib.sae_bag_sum.restype = None
@@ -146,21 +143,6 @@ def topk_rows(pre: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, tor
     return values, indices
 
 
-def row_dots(a: torch.Tensor, b: torch.Tensor, b_rows: torch.Tensor, a_rows: torch.Tensor | None = None,
-             per_row: int = 1) -> torch.Tensor | None:
-    """[n] with entry e = a[a_row(e)] · b[b_rows[e]], a [*, d], b [*, d], b_rows [n] int64; a_row(e) is
-    a_rows[e], or e // per_row without a_rows. None when the kernels are not here or the inputs are not
-    contiguous CPU fp32 / int64."""
-    lib = library()
-    if lib is None or not (_plain(a, torch.float32) and _plain(b, torch.float32) and _plain(b_rows, torch.int64)
-                           and a.shape[1] == b.shape[1] and (a_rows is None or _plain(a_rows, torch.int64))):
-        return None
-    out = torch.empty(b_rows.numel())                     # [n]
-    lib.sae_row_dots(a.data_ptr(), b.data_ptr(), a.shape[1], 0 if a_rows is None else a_rows.data_ptr(),
-                     max(1, int(per_row)), b_rows.data_ptr(), b_rows.numel(), out.data_ptr())
-    return out
-
-
 def normalize_rows_(rows: torch.Tensor, eps: float) -> bool:
     """rows [n, d] /= max(‖row‖, eps) in place, one pass; False (nothing done) when the kernels are not
     here or rows is not a contiguous CPU fp32 matrix."""
@@ -185,23 +167,19 @@ def weighted_row_sum(rows: torch.Tensor, weights: torch.Tensor, scale: float = 1
 
 
 def latent_major(dense: torch.Tensor, ids: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
-                 n_latents: int, rows: torch.Tensor | None = None, per_row: int = 1,
-                 parallel: torch.Tensor | None = None, along: torch.Tensor | None = None) -> torch.Tensor | None:
+                 n_latents: int, rows: torch.Tensor | None = None, per_row: int = 1) -> torch.Tensor | None:
     """[n_latents, d]: row l = Σ weights[e] · dense[row(e)] over the entries e of latent l (ids [n]), taken
-    in `order` (entries sorted by latent); row(e) = rows[e], or e // per_row. With parallel [n_latents] and
-    along [n_latents, d]: minus parallel[l] · along[l], in the same pass. None when the kernels are not
+    in `order` (entries sorted by latent); row(e) = rows[e], or e // per_row. None when the kernels are not
     here or an input is not contiguous CPU fp32 / int64."""
     lib = library()
-    floats = [dense, weights] + ([parallel, along] if parallel is not None else [])
     longs = [ids, order] + ([rows] if rows is not None else [])
-    if lib is None or dense.dim() != 2 or not all(_plain(t, torch.float32) for t in floats) \
+    if lib is None or dense.dim() != 2 or not (_plain(dense, torch.float32) and _plain(weights, torch.float32)) \
             or not all(_plain(t, torch.int64) for t in longs) or not ids.numel() == order.numel() == weights.numel():
         return None
     out = torch.empty(n_latents, dense.shape[1])          # [n_latents, d]
     lib.sae_latent_major(dense.data_ptr(), dense.shape[1], ids.data_ptr(), order.data_ptr(), weights.data_ptr(),
                          None if rows is None else rows.data_ptr(), max(1, int(per_row)), ids.numel(), n_latents,
-                         None if parallel is None else parallel.data_ptr(),
-                         None if parallel is None else along.data_ptr(), out.data_ptr())
+                         out.data_ptr())
     return out
 
 

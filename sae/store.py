@@ -221,24 +221,18 @@ class ActivationStore:
             yield batch
 
     def iter_rows(self, layer=None, batch_size: int = 8192, split: str | None = None, dtype=torch.float32):
-        """Like activations(), but yields (batch, global_row_indices)."""
+        """Like activations(), but yields (batch, global_row_indices). With a split, the batches hold
+        batch_size of the split's rows each (the last fewer), gathered across shards."""
         layer = self.resolve_layer(layer)
+        if split is not None:
+            for indices in self.split_indices(split).split(batch_size):   # sorted: one run per shard
+                yield self.rows(layer, indices).to(dtype), indices
+            return
         name = f"activations.{layer}"
         for shard_index, shard in enumerate(self.shards):
-            keep = None
-            if split is not None:
-                held = is_held_out(self.read_shard(shard_index, "doc_id"))
-                keep = held if split == "held_out" else ~held
             for lo in range(0, shard.n_rows, batch_size):
                 hi = min(lo + batch_size, shard.n_rows)
-                batch = self.read(shard_index, name, lo, hi).to(dtype)
-                indices = torch.arange(shard.start + lo, shard.start + hi)
-                if keep is not None:
-                    mask = keep[lo:hi]
-                    if not bool(mask.any()):
-                        continue
-                    batch, indices = batch[mask], indices[mask]
-                yield batch, indices
+                yield self.read(shard_index, name, lo, hi).to(dtype), torch.arange(shard.start + lo, shard.start + hi)
 
     def split_indices(self, split: str) -> torch.Tensor:
         held = self.held_out_mask()

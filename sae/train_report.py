@@ -16,7 +16,7 @@ def held_out_scores(model: SAE, store, layer, rows: int = 16384, device="cpu") -
     fired = torch.zeros(model.d_sae, dtype=torch.bool, device=device)
     l0_sum = 0.0
     tau = model.fire_threshold
-    for x in _batches_of(store.activations(layer, batch_size=4096, split="held_out"), 4096):
+    for x in store.activations(layer, batch_size=4096, split="held_out"):
         x = x[: rows - n].to(device)  # [b, d_in]
         x_hat, fire_counts = model.reconstruct(x)  # [b, d_in], [d_sae] (None for signed codes)
         err += float((x - x_hat).double().pow(2).sum())
@@ -34,20 +34,6 @@ def held_out_scores(model: SAE, store, layer, rows: int = 16384, device="cpu") -
     return {"rows": n, "fvu": err / max(variance, 1e-12), "mse": err / (n * model.d_in),
             "l0": l0_sum / n if tau is not None else None,
             "dead_fraction": float((~fired).float().mean()) if tau is not None else None}
-
-
-def _batches_of(chunks, size: int):
-    """Regroup a stream of [n_i, d] chunks (the held-out rows come a few hundred per store chunk) into
-    batches of at least `size` rows (the last may be smaller): fewer, larger encoder products."""
-    pending, count = [], 0
-    for chunk in chunks:
-        pending.append(chunk)
-        count += chunk.shape[0]
-        if count >= size:
-            yield torch.cat(pending)
-            pending, count = [], 0
-    if pending:
-        yield torch.cat(pending)
 
 
 def _fmt(value, spec=".4g") -> str:

@@ -53,25 +53,10 @@ def test_kernels_topk_rows_takes_the_compiled_path_and_agrees():
     assert native.topk_rows(pre.double(), 32, 64) is None
 
 
-@needs_native
-def test_row_dots_equal_brute_force_both_forms():
-    dense, rows = torch.randn(50, 96, dtype=torch.float64), torch.randn(300, 96, dtype=torch.float64)
-    indices = torch.randint(0, 300, (50, 6))
-    expected = (dense[:, None, :] * rows[indices]).sum(-1)                     # [50, 6] in float64
-    got = native.row_dots(dense.float(), rows.float(), indices.reshape(-1), per_row=6).view(50, 6)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    tokens = torch.randint(0, 50, (200,))                                       # flat form: an explicit row each
-    columns = torch.randint(0, 300, (200,))
-    got = native.row_dots(dense.float(), rows.float(), columns, a_rows=tokens)
-    torch.testing.assert_close(got.double(), (dense[tokens] * rows[columns]).sum(-1), rtol=1e-5, atol=1e-5)
-
-
-def test_selected_dots_fallback_matches_compiled_or_brute_force(monkeypatch):
+def test_selected_dots_match_brute_force_both_forms():
     dense, rows = torch.randn(40, 64), torch.randn(200, 64)
     indices = torch.randint(0, 200, (40, 5))
     expected = (dense[:, None, :] * rows[indices]).sum(-1)
-    torch.testing.assert_close(kernels.selected_dots(dense, rows, indices), expected, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(native, "row_dots", lambda *a, **k: None)              # the sampled sparse product
     torch.testing.assert_close(kernels.selected_dots(dense, rows, indices), expected, rtol=1e-5, atol=1e-5)
     offsets = torch.tensor([0, 3, 3, 8])                                        # flat, a token with none
     flat = torch.randint(0, 200, (8,))

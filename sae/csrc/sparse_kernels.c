@@ -148,21 +148,6 @@ int64_t sae_topk_rows(const float *pre, int64_t n, int64_t width, int64_t k, int
     return n_failed;
 }
 
-/* out[e] = a[a_row(e)] . b[b_rows[e]] for e in [0, n), rows of length d (row-major a, b).
- * a_row(e) = a_rows[e], or e / per_row when a_rows is NULL (per_row selections a token). fp32 sums. */
-void sae_row_dots(const float *a, const float *b, int64_t d, const int64_t *a_rows, int64_t per_row,
-                  const int64_t *b_rows, int64_t n, float *out) {
-#pragma omp parallel for schedule(static) if (n * d >= 65536)
-    for (int64_t e = 0; e < n; e++) {
-        const float *u = a + (a_rows ? a_rows[e] : e / per_row) * d;
-        const float *v = b + b_rows[e] * d;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < d; i++) acc += u[i] * v[i];
-        out[e] = acc;
-    }
-}
-
 /* rows [n, d] (row-major): each row divided by max(its L2 norm, eps), in place. */
 void sae_normalize_rows(float *rows, int64_t n, int64_t d, float eps) {
 #pragma omp parallel for schedule(static) if (n * d >= 65536)
@@ -274,19 +259,17 @@ static void weighted_sum(const float *const *sources, const float *scales, int64
 /* out [n_latents, d] = S^T dense, S [batch, n_latents] sparse with weights[e] at (row(e), ids[e]) for
  * e in [0, n): row l of out sums weights[e] * dense[row(e)] over the entries of latent l, in the order
  * `order` lists them (entries sorted by latent, as latent_order makes it). row(e) = rows[e], or e / per_row
- * when rows is NULL. With `along` [n_latents, d] and `parallel` [n_latents], out[l] -= parallel[l] *
- * along[l] as well. Parallel over latents: each output row is written once, by one thread. */
+ * when rows is NULL. Parallel over latents: each output row is written once, by one thread. */
 void sae_latent_major(const float *dense, int64_t d, const int64_t *ids, const int64_t *order,
                       const float *weights, const int64_t *rows, int64_t per_row, int64_t n, int64_t n_latents,
-                      const float *parallel, const float *along, float *out) {
+                      float *out) {
     struct bags bags = latent_bags(dense, d, ids, order, weights, rows, per_row, n, n_latents);
     const int64_t *starts = bags.starts;
     const float *const *sources = bags.sources;
     const float *scales = bags.scales;
 #pragma omp parallel for schedule(static) if (n * d >= 65536)
     for (int64_t l = 0; l < n_latents; l++)
-        weighted_sum(sources, scales, starts[l], starts[l + 1], d, parallel ? parallel[l] : 0.0f,
-                     parallel ? along + l * d : NULL, out + l * d);
+        weighted_sum(sources, scales, starts[l], starts[l + 1], d, 0.0f, NULL, out + l * d);
     free_bags(bags);
 }
 
@@ -325,33 +308,24 @@ void sae_decoder_backward(const float *grad_out, const float *W, int64_t d, cons
 
 /* out [n_bags, d]: out[b] = sum of weights[e] * table[ids[e]] over the entries e of bag b, which are
  * offsets[b] .. offsets[b + 1] - 1 (CSR), or b * per_bag .. (b + 1) * per_bag - 1 when offsets is NULL.
- * A sparse decode: gather-and-sum of the selected decoder rows, 64 columns at a time in registers. */
+ * A sparse decode: gather-and-sum of the selected decoder rows (weighted_sum). */
 void sae_bag_sum(const float *table, int64_t d, const int64_t *ids, const float *weights, const int64_t *offsets,
                  int64_t per_bag, int64_t n_bags, float *out) {
-#pragma omp parallel for schedule(static) if (n_bags * d >= 65536)
-    for (int64_t b = 0; b < n_bags; b++) {
-        const int64_t first = offsets ? offsets[b] : b * per_bag;
-        const int64_t end = offsets ? offsets[b + 1] : first + per_bag;
-        float *target = out + b * d;
-        int64_t c0 = 0;
-        for (; c0 + 64 <= d; c0 += 64) {
-            vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int64_t e = first; e < end; e++) {
-                const vec16u *src = (const vec16u *)(table + ids[e] * d + c0);
-                const float w = weights[e];
-                a0 += w * src[0]; a1 += w * src[1]; a2 += w * src[2]; a3 += w * src[3];
-            }
-            vec16u *dst = (vec16u *)(target + c0);
-            dst[0] = a0; dst[1] = a1; dst[2] = a2; dst[3] = a3;
-        }
-        for (int64_t i = c0; i < d; i++) {
-            float sum = 0.0f;
-            for (int64_t e = first; e < end; e++) sum += weights[e] * table[ids[e] * d + i];
-            target[i] = sum;
+    const int64_t n = offsets ? offsets[n_bags] : n_bags * per_bag;
+    const float **sources = malloc(sizeof(float *) * (n > 0 ? n : 1));   /* the table row of each entry */
+#pragma omp parallel if (n_bags * d >= 65536)
+    {
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < n; e++) sources[e] = table + ids[e] * d;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n_bags; b++) {
+            const int64_t first = offsets ? offsets[b] : b * per_bag;
+            weighted_sum(sources, weights, first, offsets ? offsets[b + 1] : first + per_bag, d, 0.0f, NULL,
+                         out + b * d);
         }
     }
+    free(sources);
 }
-
 
 /* How many entries of each row of pre [n, width] exceed bound: counts [n]. Returns their total. */
 int64_t sae_count_above(const float *pre, int64_t n, int64_t width, float bound, int64_t *counts) {
