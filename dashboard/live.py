@@ -40,7 +40,7 @@ def encode_text(loaded, text: str, max_tokens: int = 512) -> list[int]:
 def site_activations(loaded, site: str, layer, token_ids) -> "torch.Tensor":
     """[len(token_ids), d_model] activation at the hooked site, the forward cut after that layer."""
     import torch
-    from sae.models import capture, run_until_captured
+    from sae.lm import capture, run_until_captured
     input_ids = torch.tensor([token_ids], device=_device(loaded))
     with torch.no_grad(), capture(loaded, site, [layer]) as captured:
         run_until_captured(loaded, input_ids=input_ids)
@@ -150,7 +150,7 @@ def loss_effect(loaded, sae_model, site: str, layer, feature: int, contexts: lis
     activation. Contexts run one at a time (they differ in length).
     """
     import torch
-    from sae.splice import replace
+    from sae.evaluate.splice import replace
     effects = []
     for context in contexts:
         input_ids = torch.tensor([context], device=_device(loaded))            # [1, seq]
@@ -170,7 +170,7 @@ def generate(loaded, prompt: str, seed: int = 0, max_new_tokens: int = 30, tempe
     """
     import contextlib
     import torch
-    from sae.splice import replace
+    from sae.evaluate.splice import replace
     input_ids = torch.tensor([encode_text(loaded, prompt)], device=_device(loaded))   # [1, prompt]
     hook = replace(loaded.model, site, layer, steer) if steer is not None else contextlib.nullcontext()
     torch.manual_seed(seed)
@@ -206,7 +206,7 @@ def _lazy_cache():
 def _load_model(name: str):
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sae.models import load_model
+    from sae.lm import load_model
     return load_model(name, device="cpu")
 
 

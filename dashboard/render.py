@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from sae import render as shared
-from sae.render import escape  # noqa: F401 - the one escaping function, shared with the HTML export
+from sae.analyze import render as shared
+from sae.analyze.render import escape  # noqa: F401 - the one escaping function, shared with the HTML export
 
 STYLE = "<style>" + shared.TOKEN_CSS + """
 .sae-ex {font-size: 0.85rem; margin: 0 0 0.3rem 0; padding: 0.1rem 0.4rem; border-left: 3px solid #ddd;}

@@ -13,18 +13,21 @@ __all__ = ["load", "from_pretrained", "ActivationStore", "splice", "UserError", 
 def __getattr__(name):
     # lazy, so that `sae --help` does not import torch
     if name == "load":
-        from sae.io import load
+        from sae.runs import load
         return load
     if name == "from_pretrained":
-        from sae.io import from_pretrained
+        from sae.runs import from_pretrained
         return from_pretrained
     if name == "ActivationStore":
         from sae.store import ActivationStore
         return ActivationStore
     if name == "splice":
-        from sae.splice import splice
+        from sae.evaluate.splice import splice
         return splice
     if name == "UserError":
         from sae.errors import UserError
         return UserError
+    if name in ("io", "runs"):   # `import sae; sae.io.from_pretrained(...)`
+        import importlib
+        return importlib.import_module(f"sae.{name}")
     raise AttributeError(name)

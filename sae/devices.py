@@ -23,7 +23,7 @@ def square_matmul_gflops(n: int = 2048, repeats: int = 5, device: str | torch.de
     (fp32 on the CPU, the faster of torch.mm and oneDNN, as sae.matmul picks; bf16 on CUDA), measured now."""
     device = torch.device(device)
     if device.type != "cuda":
-        from sae.matmul import best_cpu_gflops
+        from sae.kernels.matmul import best_cpu_gflops
         return max(best_cpu_gflops(n, n, n, repeats).values())
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     a @ b

@@ -111,6 +111,19 @@ def setup(device_type: str, requested_backend: str = "auto") -> DistInfo:
     return info()
 
 
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank uses its own GPU (LOCAL_RANK) when no index was given."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def barrier() -> None:
+    """Wait for every rank of the group (no-op in one process)."""
+    if group_active():
+        torch.distributed.barrier()
+
+
 def teardown(clean: bool = True) -> None:
     """Leave the process group. On a clean exit, after a barrier: gloo aborts a process whose peer closes
     its connections while it still has work in flight, so no rank leaves before every rank is done. After
@@ -182,14 +195,6 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     pieces = [torch.zeros_like(padded) for _ in all_sizes]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[:n] for piece, n in zip(pieces, all_sizes)]).to(device)
-
-
-def reduce_sum_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks with autograd (each rank's gradient flows back to its own input)."""
-    if not is_active():
-        return tensor
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(tensor)
 
 
 def broadcast_bytes(payload: bytes | None) -> bytes:

@@ -48,7 +48,7 @@ def export(run_dir, out_dir, fmt: str, force: bool = False) -> Path:
 
 
 def _load_run(run_dir: Path):
-    from sae.io import load
+    from sae.runs import load
     return load(run_dir, device="cpu")
 
 
@@ -95,7 +95,7 @@ def write_saelens(run_dir: Path, out: Path) -> None:
         _write_one_saelens(run_dir, out)
         return
     from sae.interop.naming import hook_name
-    from sae.io import read_config
+    from sae.runs import read_config
     for run in runs:
         config = read_config(run)
         folder = out / (hook_name(config.get("site"), config.get("layer")) or run.name)
@@ -129,7 +129,7 @@ def write_html(run_dir: Path, out: Path) -> None:
     if not (run_dir / "analysis").is_dir():
         raise UserError(f"{run_dir} has no analysis/ folder: run `sae analyze --run {run_dir} --activations STORE` first")
     try:
-        from sae.html_export import write_html as write_pages
+        from sae.analyze.html_export import write_html as write_pages
     except ImportError:
         raise UserError("HTML export is not available in this installation (sae.html_export is missing)") from None
     write_pages(run_dir, out)

@@ -41,7 +41,8 @@ def parse_args(argv=None):
 
 def synthesise_store(path: Path, args) -> None:
     """Shards like `collect` writes (BOS dropped from each window), float16 activations."""
-    from sae.store import shard_name, write_json, write_shard
+    from sae.store import shard_name, write_shard
+    from sae.files import write_json
     gen = torch.Generator().manual_seed(0)
     per_window = args.context_size - 1
     shards, shard_rows, written, doc = [], [], 0, 0
@@ -72,7 +73,7 @@ def synthesise_store(path: Path, args) -> None:
 def synthesise_run(path: Path, store_path: Path, args) -> None:
     """A ReLU SAE whose per-latent bias makes each latent fire on about l0 / d_sae of the tokens."""
     from sae import variants
-    from sae.io import save_run
+    from sae.runs import save_run
     from sae.store import ActivationStore
     torch.manual_seed(0)
     model = variants.create("relu", d_in=args.d_in, d_sae=args.d_sae)
@@ -86,7 +87,7 @@ def synthesise_run(path: Path, store_path: Path, args) -> None:
 
 def run_analysis(args) -> None:
     """Child process: analyse and print one JSON line."""
-    from sae.analyze import AnalyzeOptions, analyze
+    from sae.analyze.pipeline import AnalyzeOptions, analyze
     from sae.devices import keep_freed_memory
     keep_freed_memory()  # as `sae analyze` does (sae.cli)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -102,13 +103,13 @@ def time_encoder_matmul(args) -> tuple[float, float]:
     """x @ W_enc alone over the same tokens, same batch size (float32, data already in memory), through the
     faster of torch.matmul (MKL) and sae.matmul's oneDNN path (which the analysis itself uses)."""
     from sae.devices import keep_freed_memory
-    from sae.matmul import raw_addmm
+    from sae.kernels.matmul import raw_addmm
     keep_freed_memory()  # as the analysis child does: each oneDNN call allocates its [batch, d_sae] result
     x = torch.randn(args.batch_size, args.d_in)
     W_enc = torch.randn(args.d_in, args.d_sae)
     out = torch.empty(args.batch_size, args.d_sae)
     paths = {"torch.matmul": lambda rows: torch.matmul(x[:rows], W_enc, out=out[:rows]),
-             "sae.matmul": lambda rows: raw_addmm(None, x[:rows], W_enc)}
+             "sae.kernels.matmul": lambda rows: raw_addmm(None, x[:rows], W_enc)}
     best = None
     for product in paths.values():
         product(args.batch_size)

@@ -26,7 +26,7 @@ from torch import nn
 def matmul_roofline(repeats: int = 30) -> float:
     """Best fp32 matmul GFLOP/s on this machine (shapes like one MLP projection), through the faster of
     torch.mm and oneDNN: the model's linears run on the faster one (sae.matmul.accelerate_linears)."""
-    from sae.matmul import best_cpu_gflops
+    from sae.kernels.matmul import best_cpu_gflops
     return max(best_cpu_gflops(1024, 576, 1536, repeats).values())
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
 
     from sae.collect import CollectOptions, collect
     from sae.data import PAD_DOC, load_documents, pack_windows
-    from sae.models import block_list, load_model
+    from sae.lm import block_list, load_model
 
     loaded = load_model(args.model)
     documents, _ = load_documents(args.dataset)

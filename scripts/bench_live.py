@@ -55,7 +55,7 @@ def documents(args):
 def model_alone(loaded, args, layers, device) -> tuple[float, dict]:
     """Forward passes over packed training windows, stopped after the deepest layer. Returns (tokens/s, a
     sample of activations per layer for the SAE-alone measurement)."""
-    from sae.live import LiveSpec, Producer
+    from sae.train.live import LiveSpec, Producer
     spec = LiveSpec(site=args.site, layers=layers, batch_size=args.batch_size, generation_rows=args.batch_size,
                     context_size=args.context_size, model_batch=args.model_batch)
     producer = Producer(loaded, lambda: documents(args), spec, device)
@@ -80,7 +80,7 @@ def model_alone(loaded, args, layers, device) -> tuple[float, dict]:
 def sae_alone(sample: dict, args, device) -> float:
     """One Trainer per layer stepping on in-memory activations: the consumer's work."""
     from sae import variants
-    from sae.train import TrainOptions, Trainer
+    from sae.train.trainer import TrainOptions, Trainer
     options = TrainOptions(tokens=args.sae_steps * args.batch_size, batch_size=args.batch_size,
                            device=str(device), checkpoint_every=0, eval_rows=0, cpu_bf16=args.bf16)
     trainers = {}
@@ -102,8 +102,8 @@ def sae_alone(sample: dict, args, device) -> float:
 
 
 def live_run(loaded, args, layers, device) -> float:
-    from sae.live import train_live
-    from sae.train import TrainOptions
+    from sae.train.live import train_live
+    from sae.train.trainer import TrainOptions
     options = TrainOptions(tokens=args.tokens, batch_size=args.batch_size, device=str(device),
                            checkpoint_every=0, eval_rows=0, log_every=50, cpu_bf16=args.bf16)
     with tempfile.TemporaryDirectory() as out:
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from sae.devices import keep_freed_memory, resolve, square_matmul_gflops
     keep_freed_memory()  # as `sae train` does (sae.cli)
-    from sae.models import load_model
+    from sae.lm import load_model
     device = resolve(args.device)
     loaded = load_model(args.model, device=device)
     roofline = square_matmul_gflops(device=device)

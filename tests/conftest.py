@@ -15,13 +15,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded SmolLM2-135M (dequantised, cached) as a sae.models.LoadedModel."""
-    from sae.models import load_model
+    from sae.lm import load_model
     return load_model("smollm2")
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from sae.models import load_tokenizer
+    from sae.lm import load_tokenizer
     return load_tokenizer("smollm2")
 
 
@@ -47,7 +47,7 @@ def build_tiny_lm(family: str, n_layers: int = 4, hidden: int = 32, seed: int = 
     """A random-weight transformers model of one family (vocab 96, hidden 32) as a sae.models.LoadedModel."""
     import transformers as tf
 
-    from sae.models import wrap
+    from sae.lm import wrap
     torch.manual_seed(seed)
     common = dict(vocab_size=96)
     if family == "llama":

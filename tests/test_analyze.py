@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sae.analyze import AnalyzeOptions, analyze
+from sae.analyze.pipeline import AnalyzeOptions, analyze
 from sae.errors import UserError
-from sae.io import save_run
-from sae.store import ActivationStore, from_tensors, shard_name, write_json, write_shard
-from sae.topk_stream import BatchContext, TopKeeper, capture_contexts
+from sae.runs import save_run
+from sae.store import ActivationStore, from_tensors, shard_name, write_shard
+from sae.files import write_json
+from sae.analyze.topk_stream import BatchContext, TopKeeper, capture_contexts
 from sae import variants
 
 D_IN, D_SAE, CONTEXT, RADIUS = 12, 40, 16, 3

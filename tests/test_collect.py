@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import sae.collect as collect_lib
+import sae.collect.loop as collect_lib
 from sae.collect import CollectOptions, collect
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
-from sae.models import SITES
+from sae.lm import SITES
 from sae.store import ActivationStore, is_held_out
 
 FAMILIES = ("llama", "gpt2", "gpt_neox", "bert")

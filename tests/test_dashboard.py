@@ -25,13 +25,13 @@ LAYER, SITE, D_IN, D_SAE = 1, "resid_post", 32, 64
 
 
 def make_run(run_dir: Path, model_dir: Path, seed: int, analysed: bool = True) -> Path:
-    import sae.io
+    import sae.runs
     from sae import variants
     torch.manual_seed(seed)
     sae_model = variants.create("relu", d_in=D_IN, d_sae=D_SAE)
     with torch.no_grad():
         sae_model.b_enc.fill_(0.05)  # some latents fire on most tokens of the random model
-    sae.io.save_run(sae_model, run_dir, {"model": str(model_dir), "layer": LAYER, "site": SITE, "store": "none"})
+    sae.runs.save_run(sae_model, run_dir, {"model": str(model_dir), "layer": LAYER, "site": SITE, "store": "none"})
     (run_dir / "eval.json").write_text(json.dumps({"fvu": 0.25, "explained_variance": 0.75, "mse": 0.1, "l0": 12.5,
                                                    "dead_fraction": 0.02, "ce_loss_recovered": 0.9}))
     lines = [json.dumps({"step": s, "tokens": 1024 * s, "loss": 1 / (s + 1), "l0": 40 - s, "fvu": 0.5 / (s + 1),
@@ -335,9 +335,10 @@ def test_no_run_given(monkeypatch):
 def test_pages_read_what_sae_analyze_writes(monkeypatch, tmp_path):
     """The real producer (sae.analyze) and this consumer agree on RUN/analysis/'s schema."""
     from sae import variants
-    from sae.analyze import AnalyzeOptions, analyze
-    from sae.io import save_run
-    from sae.store import ActivationStore, shard_name, write_json, write_shard
+    from sae.analyze.pipeline import AnalyzeOptions, analyze
+    from sae.runs import save_run
+    from sae.store import ActivationStore, shard_name, write_shard
+    from sae.files import write_json
     gen = torch.Generator().manual_seed(0)
     windows, context = 6, 12
     window_tokens = torch.randint(3, 40, (windows, context), generator=gen, dtype=torch.int32)

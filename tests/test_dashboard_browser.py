@@ -49,7 +49,7 @@ def wait_healthy(port: int, process, log: Path, timeout: float = 120) -> None:
 def server(tmp_path_factory):
     """A run with injection strings in its analysed corpus, served by `sae dashboard` on a free port."""
     import torch
-    import sae.io
+    import sae.runs
     from sae import variants
     from dashboard.sample import tiny_model_dir, write_analysis
 
@@ -60,7 +60,7 @@ def server(tmp_path_factory):
     sae_model = variants.create("relu", d_in=32, d_sae=64)
     with torch.no_grad():
         sae_model.b_enc.fill_(0.05)
-    sae.io.save_run(sae_model, run, {"model": str(model_dir), "layer": 1, "site": "resid_post"})
+    sae.runs.save_run(sae_model, run, {"model": str(model_dir), "layer": 1, "site": "resid_post"})
     (run / "eval.json").write_text(json.dumps({"fvu": 0.3, "explained_variance": 0.7, "mse": 0.1, "l0": 10.0,
                                               "dead_fraction": 0.0}))
     write_analysis(run, 64, n_top=8, radius=5)

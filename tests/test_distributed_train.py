@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae import checkpoint, distributed
+from sae import distributed
+from sae.train import checkpoint
 from sae.store import from_tensors
 from tiny_variants import synthetic
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from sae.evaluate import evaluate, format_table
-from sae.models import LoadedModel, capture
-from sae.store import MANIFEST, ActivationStore, is_held_out, write_json, write_shard
+from sae.evaluate.metrics import evaluate, format_table
+from sae.lm import LoadedModel, capture
+from sae.store import MANIFEST, ActivationStore, is_held_out, write_shard
+from sae.files import write_json
 
 BOS, EOS, VOCAB, CTX = 1, 2, 61, 16
 
@@ -305,7 +306,7 @@ def test_cli_bad_inputs(tmp_path, capsys):
 
 def test_cli_eval_with_model_writes_eval_json_and_table(tmp_path, capsys):
     from sae import variants
-    from sae.io import save_run
+    from sae.runs import save_run
     loaded = tiny_model_dir(tmp_path / "lm")
     store, _, _ = window_store(tmp_path / "s", loaded, model_name=str(tmp_path / "lm"), labels=True)
     torch.manual_seed(0)

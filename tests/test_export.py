@@ -11,7 +11,7 @@ import sae
 from sae import variants
 from sae.cli import main
 from sae.errors import UserError
-from sae.io import save_run
+from sae.runs import save_run
 
 SAELENS_VARIANTS = ["l1", "topk", "gated", "jumprelu", "batchtopk", "matryoshka"]
 EXPECTED_ARCH = {"l1": "standard", "topk": "topk", "gated": "gated", "jumprelu": "jumprelu",
@@ -223,8 +223,7 @@ def test_html_export_needs_analysis(tmp_path):
 
 
 def test_html_export_writes_static_pages(tmp_path):
-    pytest.importorskip("sae.html_export", reason="sae/html_export.py (engineer E) has not landed yet")
-    from sae.analyze import analyze
+    from sae.analyze.pipeline import analyze
     from sae.store import ActivationStore
     _, run = make_run(tmp_path, "topk")
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-import sae.analysis_tables as tables
-from sae.analyze import AnalyzeOptions, analyze
+import sae.analyze.tables as tables
+from sae.analyze.pipeline import AnalyzeOptions, analyze
 from sae.errors import UserError
-from sae.html_export import write_html
+from sae.analyze.html_export import write_html
 from test_analyze import make_run, make_window_store
 from test_render import parse
 

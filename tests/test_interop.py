@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import sae
 from sae import interop, variants
 from sae.errors import UserError
-from sae.io import from_pretrained, push_to_hub, read_config, save_pretrained
+from sae.runs import from_pretrained, push_to_hub, read_config, save_pretrained
 
 D_IN, D_SAE = 12, 48
 
@@ -392,7 +392,7 @@ def test_old_sharded_cache_layout_and_lazy_reading(tmp_path):
 
 
 def test_training_on_a_saelens_cache(tmp_path):
-    from sae.train import TrainOptions, train_on_store
+    from sae.train.trainer import TrainOptions, train_on_store
     if "topk" not in variants.load_all():
         pytest.skip("variant topk is not in the registry yet")
     # low-rank data, so that a small SAE can reconstruct it well

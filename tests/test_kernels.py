@@ -3,7 +3,7 @@ import torch
 
 import pytest
 
-from sae.kernels import _block_count, dense_codes, sparse_decode, topk_rows, topk_select
+from sae.kernels.autograd import _block_count, dense_codes, sparse_decode, topk_rows, topk_select
 
 
 def _relative(a, b):

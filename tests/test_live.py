@@ -18,7 +18,7 @@ N_LAYERS = 4
 def tiny(smollm2_tokenizer):
     """A random-weight 4-layer Llama (hidden 32) with the real SmolLM2 tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from sae.models import wrap
+    from sae.lm import wrap
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=len(smollm2_tokenizer), max_position_embeddings=128)
@@ -32,13 +32,13 @@ def documents():
 
 
 def options(steps, batch=128, **kw):
-    from sae.train import TrainOptions
+    from sae.train.trainer import TrainOptions
     return TrainOptions(tokens=steps * batch, batch_size=batch, device="cpu", seed=3, log_every=10,
                         checkpoint_every=kw.pop("checkpoint_every", 0), eval_rows=0, **kw)
 
 
 def live(tiny, out, steps, layers="1,2", buffer=2 * 2 * 32 * 4 * 600, **kw):
-    from sae.live import train_live
+    from sae.train.live import train_live
     opts = options(steps, checkpoint_every=kw.pop("checkpoint_every", 0))
     return train_live(tiny, documents, layers=layers, site="resid_post", variant=kw.pop("variant", "relu"),
                       out=out, options=opts, d_sae=64, context_size=64, model_batch=kw.pop("model_batch", 4), buffer_size=buffer,
@@ -61,7 +61,7 @@ def fvu(model, x):
 def test_two_layers_match_training_on_a_store(tiny, tmp_path):
     import sae
     from sae.store import ActivationStore
-    from sae.train import Trainer
+    from sae.train.trainer import Trainer
     live(tiny, tmp_path / "run", steps=150, save_activations=tmp_path / "store")
     store = ActivationStore(tmp_path / "store")
     assert store.layers == [1, 2] and store.manifest["complete"]
@@ -108,7 +108,7 @@ def test_deepest_layer_bounds_the_forward(tiny, tmp_path):
 
 def test_no_held_out_document_reaches_training(tiny, tmp_path, monkeypatch):
     from sae.data import pack_windows
-    from sae.train import Trainer
+    from sae.train.trainer import Trainer
     seen = []
     original = Trainer.step
 
@@ -144,9 +144,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, threaded, monkeypatch):
     """On the CPU the model and the SAEs take turns in one thread; the producer thread (what a GPU uses)
     is run here on the CPU too, through the same resume and --save-activations paths."""
     from safetensors.torch import load_file
-    from sae.live_producer import Producer
+    from sae.train.producer import Producer
     monkeypatch.setattr(Producer, "THREADED", threaded)
-    from sae import checkpoint
+    from sae.train import checkpoint
     whole = tmp_path / "whole"
     live(tiny, whole, steps=30, checkpoint_every=10)
     broken = tmp_path / "broken"
@@ -214,7 +214,7 @@ def test_command_line(tiny, tmp_path, capsys):
 
 def test_a_dataset_of_held_out_documents_only_is_refused(tiny, tmp_path):
     from sae.data import Document
-    from sae.live import train_live
+    from sae.train.live import train_live
     from sae.store import is_held_out
     held_ids = [i for i in range(200) if bool(is_held_out(torch.tensor([i]))[0])][:3]
     docs = lambda: iter([Document(i, "A held-out document about markets and rates. " * 5, None) for i in held_ids])
@@ -225,8 +225,8 @@ def test_a_dataset_of_held_out_documents_only_is_refused(tiny, tmp_path):
 
 def test_the_producer_stops_after_the_last_generation_used(tiny, tmp_path, monkeypatch):
     """No model time on generations the SAEs never see (on a CPU it would come out of the SAEs' time)."""
-    from sae.live import LiveState
-    from sae.live_producer import Producer
+    from sae.train.live import LiveState
+    from sae.train.producer import Producer
     built, sizes = [], []
     original = Producer.build
 
@@ -247,7 +247,7 @@ def test_the_producer_stops_after_the_last_generation_used(tiny, tmp_path, monke
 def test_the_model_runs_only_on_windows_whose_rows_are_trained(tiny, tmp_path, monkeypatch):
     """Each generation forwards just enough windows for its whole SAE batches: the rows left over at a
     generation's end are less than one window's, never most of a model batch."""
-    from sae.live_producer import Producer
+    from sae.train.producer import Producer
     kept, trained = [], []
     original_forward, original_build = Producer.forward, Producer.build
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sae import matmul
+from sae.kernels import matmul
 
 
 def _reference(bias, a, b):
@@ -121,7 +121,7 @@ def test_trainer_bf16_products_train_as_well_as_fp32():
     if not matmul.onednn_available():
         pytest.skip("this torch build has no oneDNN linear")
     from sae import variants
-    from sae.train import Trainer, TrainOptions
+    from sae.train.trainer import Trainer, TrainOptions
     from variant_fitting import sparse_data
     x = sparse_data(n=6144, d_in=64, n_atoms=256, active=6)
     train, held = x[:5120], x[5120:]

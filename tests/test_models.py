@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sae.errors import UserError
-from sae.models import (SITES, capture, load_model, replace_site, run_until_captured, site_point, unembedding,
+from sae.lm import (SITES, capture, load_model, replace_site, run_until_captured, site_point, unembedding,
                         wrap)
 
 FAMILIES = ("llama", "gpt2", "gpt_neox", "bert")

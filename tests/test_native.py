@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from sae import kernels, native
+from sae.kernels import autograd as kernels
+from sae.kernels import native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler here: the torch path is used")
 
@@ -66,7 +67,7 @@ def test_selected_dots_match_brute_force_both_forms():
 
 
 def test_switched_off_by_environment():
-    code = "import sae.native as n, sae.kernels as k, torch; p = torch.randn(64, 4608); " \
+    code = "import sae.kernels.native as n, sae.kernels.autograd as k, torch; p = torch.randn(64, 4608); " \
            "v, i = k.topk_rows(p, 32); assert n.library() is None; " \
            "assert torch.equal(v.sort(1, descending=True).values, p.topk(32, 1).values); print('ok')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

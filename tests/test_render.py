@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from sae.render import escape, histogram_svg, shade_colour, shade_tokens, value_table
+from sae.analyze.render import escape, histogram_svg, shade_colour, shade_tokens, value_table
 
 EVIL = ["<script>alert(1)</script>", '<img src=x onerror="alert(2)">', "\" onmouseover=\"x", "a&b", " plain\n"]
 

@@ -20,7 +20,7 @@ def batches():
 
 
 def options():
-    from sae.train import TrainOptions
+    from sae.train.trainer import TrainOptions
     # dead after one batch: AuxK is active from the second step on
     return TrainOptions(tokens=STEPS * BATCH, batch_size=BATCH, device="cpu", lr=3e-3, lr_warmup=0.0,
                         dead_after_tokens=BATCH, grad_clip=1.0, autocast=False)
@@ -34,7 +34,7 @@ def full_model():
 
 def reference():
     """The unsharded model through the ordinary Trainer (no process group yet): what the shards must match."""
-    from sae.train import Trainer
+    from sae.train.trainer import Trainer
     data = batches()
     model = full_model()
     trainer = Trainer(model, options(), None)
@@ -56,7 +56,7 @@ def worker(rank, world, port, results_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from sae.sharded import ShardedTopK, ShardedTrainer, shard_bounds
+        from sae.train.sharded import ShardedTopK, ShardedTrainer, shard_bounds
         data = batches()
         full = full_model()
         sharded = ShardedTopK.from_full(full)
@@ -107,7 +107,7 @@ def test_two_process_gloo_matches_unsharded(tmp_path, world):
 
 def test_select_needs_a_process_group():
     from sae.errors import UserError
-    from sae.sharded import ShardedTopK, shard_bounds
+    from sae.train.sharded import ShardedTopK, shard_bounds
     with pytest.raises(UserError, match="torch.distributed"):
         ShardedTopK(D_IN, D_SAE, K)
     bounds = [shard_bounds(10, r, 3) for r in range(3)]
@@ -122,7 +122,7 @@ def test_torchrun_shard_latents_matches_single_process(tmp_path):
 
     import sae
     from sae.store import ActivationStore, from_tensors
-    from sae.train import TrainOptions, train_on_store
+    from sae.train.trainer import TrainOptions, train_on_store
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3000, D_IN, generator=generator) @ torch.randn(D_IN, D_IN, generator=generator)
     from_tensors(tmp_path / "store", x)

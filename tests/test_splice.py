@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sae
-from sae.splice import replace, splice, zero_ablate
+from sae.evaluate.splice import replace, splice, zero_ablate
 
 
 class IdentitySAE(nn.Module):
@@ -98,7 +98,7 @@ def test_splice_matches_hand_written_hook():
 def test_keep_mask_keeps_original_activation_in_every_run():
     """Spliced, zero-ablated and arbitrary replacements keep the original at masked positions,
     read independently from the next block's input (resid_pre of layer 1 = resid_post of layer 0)."""
-    from sae.models import capture
+    from sae.lm import capture
 
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (2, 10))
@@ -136,7 +136,7 @@ def test_error_term_keeps_forward_and_passes_gradient_to_codes():
 
 
 def test_splice_accepts_loaded_model():
-    from sae.models import LoadedModel
+    from sae.lm import LoadedModel
 
     model = tiny_model("llama")
     loaded = LoadedModel(model=model, tokenizer=None, name="tiny", family="llama", n_layers=2, d_model=32,

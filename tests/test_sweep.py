@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import sae
 from sae.errors import UserError
-from sae.evaluate import evaluate
-from sae.sweep import assign_ranks, build_models, parse_grid, run_sweep
+from sae.evaluate.metrics import evaluate
+from sae.evaluate.sweep import assign_ranks, build_models, parse_grid, run_sweep
 
 GRID = "l1:l1_coefficient=1/5,relu,linear"
 NAMES = ["l1_l1c1", "l1_l1c5", "relu", "linear"]

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import sae
-from sae import checkpoint, variants
+from sae import variants
+from sae.train import checkpoint
 from sae.errors import UserError
 from sae.store import from_tensors
-from sae.train import Trainer, TrainOptions, TrainingDiverged, held_out_scores, lr_at, train_on_store
+from sae.train.trainer import Trainer, TrainOptions, TrainingDiverged, held_out_scores, lr_at, train_on_store
 from sae.variants.base import REGISTRY, StepContext
 from tiny_variants import TinyNaN, TinyNoisy, TinyReLU, synthetic
 
@@ -280,8 +281,8 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
 def test_adam_matches_torch_adam(path, monkeypatch):
     """Ours (the compiled update where sae.native is here, else torch's fused one) against torch.optim.Adam,
     with a parameter stored transposed and one whose rows are renormalised after each update."""
-    from sae import native
-    from sae.optim import Adam
+    from sae.kernels import native
+    from sae.train.optim import Adam
     if path == "torch":
         monkeypatch.setattr(native, "adam_step_", lambda *a, **k: False)
     torch.manual_seed(0)
@@ -308,7 +309,7 @@ def test_adam_matches_torch_adam(path, monkeypatch):
 
 
 def test_adam_says_renormalised_only_for_rows_it_renormalised():
-    from sae.optim import Adam
+    from sae.train.optim import Adam
     plain = torch.nn.Parameter(torch.randn(4, 5))
     transposed = torch.nn.Parameter(torch.randn(5, 4).t())            # rows of the transpose are columns here
     for params, unit in (([plain], []), ([transposed], [transposed])):

@@ -175,7 +175,7 @@ def test_linear_exposes_its_tied_encoder():
 
 def test_linear_matches_pca_on_real_activations(smollm2_store, tmp_path):
     """Baldi & Hornik on real data: gradient-trained `linear` reaches PCA's held-out FVU at the same width."""
-    from sae.train import TrainOptions, train_on_store
+    from sae.train.trainer import TrainOptions, train_on_store
 
     store = smollm2_store
     train_x = torch.cat(list(store.activations(split="train")))        # [n_train, 576]

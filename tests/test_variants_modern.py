@@ -6,7 +6,7 @@ import torch
 
 import sae
 from sae.errors import UserError
-from sae.kernels import sparse_decode
+from sae.kernels.autograd import sparse_decode
 from sae.variants import create
 from sae.variants.base import StepContext
 from variant_fitting import assert_save_load_identical, fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse)

@@ -70,7 +70,7 @@ def one_thread():
 def assert_save_load_identical(model, x, run_dir):
     """save_run -> sae.load gives the same codes and reconstructions, bit for bit."""
     import sae
-    from sae.io import save_run
+    from sae.runs import save_run
     save_run(model, run_dir)
     loaded = sae.load(run_dir)
     with torch.no_grad():

@@ -22,7 +22,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from sae.analyze import AnalyzeOptions, analyze
+    from sae.analyze.pipeline import AnalyzeOptions, analyze
 
     options = AnalyzeOptions(n_top=args.top_k, context_radius=args.context, n_bands=args.bands,
                              per_band=args.per_band, reservoir=max(args.reservoir, args.per_band),

@@ -24,7 +24,7 @@ def run(args):
 
     from sae.devices import resolve
     from sae.errors import UserError
-    from sae.evaluate import EVAL_FILE, evaluate, format_table
+    from sae.evaluate.metrics import EVAL_FILE, evaluate, format_table
 
     if args.windows < 1 or args.lm_batch_size < 1:
         raise UserError("--windows and --lm-batch-size must be at least 1")

@@ -28,7 +28,7 @@ def add_arguments(parser):
 
 def run(args):
     from sae.errors import UserError
-    from sae.sweep import DEFAULT_TOKENS, format_table, run_sweep
+    from sae.evaluate.sweep import DEFAULT_TOKENS, format_table, run_sweep
 
     if args.tokens is None:
         args.tokens = DEFAULT_TOKENS

@@ -130,7 +130,7 @@ def given_knobs(args, variant: str) -> dict:
 
 def options_from_args(args):
     """TrainOptions from the parsed command line (unset options keep the defaults)."""
-    from sae.train import TrainOptions
+    from sae.train.trainer import TrainOptions
     values = {"seed": args.seed, "device": args.device}
     if args.batch_size is not None:
         values["batch_size"] = args.batch_size
@@ -192,14 +192,14 @@ def run(args) -> int:
     device = resolve(args.device)
     dist = distributed.setup(device.type, args.dist_backend)
     try:
-        from sae.train import train_on_store
+        from sae.train.trainer import train_on_store
         from sae.interop import open_store
         store = open_store(args.activations)  # this project's store or a SAELens activation cache
         if args.shard_latents:
             if options.cpu_bf16:
                 raise UserError("--bf16 does not apply to --shard-latents (sharded training runs on GPUs, "
                                 "under bf16 autocast)")
-            from sae.sharded import train_sharded_on_store
+            from sae.train.sharded import train_sharded_on_store
             train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
                                    d_sae=args.d_sae, expansion=args.expansion, force=args.force)
             return 0
@@ -217,7 +217,7 @@ def run(args) -> int:
 
 def _run_live(args, options, knobs) -> int:
     """`sae train --model M --dataset D --layers L --site S`: one SAE per layer from one forward pass."""
-    from sae import live
+    from sae.train import live
     if hasattr(live, "run_from_args"):
         return live.run_from_args(args, options, knobs)
     missing = [name for name in ("dataset", "layers", "site") if getattr(args, name) is None]
@@ -225,7 +225,7 @@ def _run_live(args, options, knobs) -> int:
         raise UserError(f"live training (--model) also needs {', '.join('--' + m for m in missing)}")
     from sae.data import load_documents
     from sae.devices import resolve
-    from sae.models import load_model
+    from sae.lm import load_model
     loaded = load_model(args.model, device=resolve(args.device))
     _, label_names = load_documents(args.dataset, args.text_column)
     live.train_live(loaded, lambda: load_documents(args.dataset, args.text_column)[0], layers=args.layers,

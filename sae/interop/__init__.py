@@ -13,7 +13,6 @@ Nothing here reads a pickle.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -92,10 +91,9 @@ def _subfolders_with_sae(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in found)[:8]
 
 
-def load_foreign(path, device="cpu", subfolder: str | None = None, revision: str | None = None, **kwargs):
-    """Open an SAE saved by another tool (or fetched from the Hub) as this project's module."""
-    if kwargs:
-        raise UserError(f"sae.load does not take {', '.join(sorted(kwargs))}")
+def locate(path, subfolder: str | None = None, revision: str | None = None) -> tuple[Path, str | None]:
+    """(local folder, its format) for what sae.load was given: a folder, a folder's subfolder, or a Hub id
+    (fetched). The format is one of detect_format's; None only for a folder that holds no SAE we know."""
     path_str = str(path)
     local = Path(path_str).expanduser()
     if not local.exists():
@@ -110,10 +108,11 @@ def load_foreign(path, device="cpu", subfolder: str | None = None, revision: str
             raise UserError(f"{path_str} has no subfolder {subfolder!r}")
     if local.is_file():
         _refuse_file(local)
-    kind = detect_format(local)
-    if kind == "run":
-        from sae.io import load
-        return load(local, device=device)
+    return local, detect_format(local)
+
+
+def load_foreign(local: Path, kind: str | None, device="cpu"):
+    """Open an SAE folder saved by another tool (kind from `locate`) as this project's module."""
     if kind == "saelens":
         from sae.interop.saelens import load_saelens
         return load_saelens(local, device=device)
@@ -153,13 +152,6 @@ def describe(path) -> dict | None:
     return None
 
 
-def weights_file(path) -> Path | None:
-    """The safetensors file holding W_dec [d_sae, d_in] (raw units for foreign layouts) of any SAE folder."""
-    names = {"run": "sae.safetensors", "saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
-    kind = detect_format(path)
-    return Path(path) / names[kind] if kind in names else None
-
-
 def open_store(path):
     """An activation store for `sae train --activations`: this project's store, or a SAELens
     activation cache (a `datasets` folder saved with save_to_disk) read lazily through Arrow."""
@@ -172,9 +164,3 @@ def open_store(path):
         return SAELensCacheStore(path)
     raise UserError(f"{path} is not an activation store (no {MANIFEST}) nor a SAELens activation cache")
 
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None

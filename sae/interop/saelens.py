@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae.errors import UserError
-from sae.interop import read_json
+from sae.files import read_json
 from sae.interop.naming import MODEL_IDS, hook_name, parse_hook
 from sae.interop.variant_params import (assign_params, centres_input, encoder_values, gated_values,
                                         read_encoder, read_gated, threshold_of)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae.errors import UserError
-from sae.interop import read_json
+from sae.files import read_json
 from sae.interop.naming import parse_module_path
 from sae.interop.variant_params import assign_params, centres_input, encoder_values
 

@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from sae import distributed, native
+from sae import distributed
+from sae.kernels import native
 from sae.errors import UserError
 
 REGISTRY: dict[str, type["SAE"]] = {}

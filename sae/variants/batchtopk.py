@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from sae import distributed
-from sae.kernels import Selection, topk_select
+from sae.kernels.autograd import Selection, topk_select
 from sae.variants.base import register
-from sae.matmul import addmm
+from sae.kernels.matmul import addmm
 from sae.variants.topk import TopKSAE
 
 THRESHOLD_MOMENTUM = 0.9

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sae.matmul import addmm, mm
+from sae.kernels.matmul import addmm, mm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
                                squared_error)
 

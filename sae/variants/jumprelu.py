@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sae.matmul import addmm
+from sae.kernels.matmul import addmm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
                                squared_error)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.matmul import addmm, mm
+from sae.kernels.matmul import addmm, mm
 from sae.variants.base import SAE, LossOutput, StepContext, batch_fvu, register, squared_error
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sae.errors import UserError
-from sae.kernels import Selection, bag_ids, sparse_decode
+from sae.kernels.autograd import Selection, bag_ids, sparse_decode
 from sae.variants.base import Knob, register
 from sae.variants.batchtopk import BatchTopKSAE
 from sae.variants.topk import TopKSAE

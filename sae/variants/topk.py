@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.kernels import Selection, dense_codes, sparse_decode, topk_select
+from sae.kernels.autograd import Selection, dense_codes, sparse_decode, topk_select
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register, squared_distance
-from sae.matmul import addmm
+from sae.kernels.matmul import addmm
 from sae.variants.base import total_variance as global_total_variance
 
 

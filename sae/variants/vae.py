@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sae.matmul import addmm
+from sae.kernels.matmul import addmm
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, kaiming_pair, register, squared_error
 
 ACTIVE_KL = 0.01   # nats: a latent dimension with a batch-mean KL above this is "active"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.matmul import addmm, mm
+from sae.kernels.matmul import addmm, mm
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, register, squared_error
 
 

@@ -1,0 +1,171 @@
+"""`sae analyze`: everything the dashboard shows about each feature, from one streaming pass.
+
+    from sae.analyze.pipeline import analyze, AnalyzeOptions
+    meta = analyze(RUN, STORE)          # writes RUN/analysis/ (file contract in docs/DESIGN.md)
+
+The pass (sae.feature_pass) keeps per-latent statistics, the exact top-N examples with the latent's
+codes on ±radius context tokens, and a bounded reservoir sample that is binned at the end into
+equal-width activation bands ("interval examples"). Tables are assembled here (sae.analysis_tables).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sae.errors import UserError
+
+
+@dataclass
+class AnalyzeOptions:
+    n_top: int = 20               # top examples per feature
+    context_radius: int = 10      # tokens either side of an example
+    n_bands: int = 5              # equal-width activation bands of [0, max] for interval examples
+    per_band: int = 5             # interval examples per band
+    reservoir: int = 64           # per-feature reservoir sample size (interval examples come from it)
+    n_nearest: int = 10
+    n_logits: int = 10
+    batch_size: int = 4096
+    device: str = "cpu"
+    with_model: bool = True       # load the store's model for logit effects
+    seed: int = 0
+    max_entries: int = 4_000_000  # firing entries processed at once (bounds memory on dense codes)
+
+
+def _say(log, message: str) -> None:
+    if log is not None:
+        log(message)
+
+
+def _resolve_layer(store, config: dict, layer):
+    if layer is not None:
+        return store.resolve_layer(layer)
+    if len(store.layers) == 1:
+        return store.layers[0]
+    if config.get("layer") is not None and any(str(k) == str(config["layer"]) for k in store.layers):
+        return store.resolve_layer(config["layer"])
+    return store.resolve_layer(None)  # raises: pass --layer
+
+
+def _layer_folder(run_dir: Path, layer) -> Path:
+    """RUN itself, or RUN/layer_L when RUN holds one SAE per layer (trained straight from a model)."""
+    if (run_dir / "config.json").is_file() or not run_dir.is_dir():
+        return run_dir
+    layers = sorted(p.name for p in run_dir.glob("layer_*") if p.is_dir())
+    if not layers:
+        return run_dir
+    if layer is None:
+        raise UserError(f"{run_dir} holds one SAE per layer ({', '.join(layers)}): pass --layer")
+    if not (run_dir / f"layer_{layer}").is_dir():
+        raise UserError(f"{run_dir} has no layer_{layer} (it holds {', '.join(layers)})")
+    return run_dir / f"layer_{layer}"
+
+
+def _prepare_output(run_dir: Path, out_dir: Path | None, force: bool) -> Path:
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} already holds an analysis: pass --force to replace it")
+    return out_dir
+
+
+def _publish(tmp_dir: Path, out_dir: Path) -> None:
+    """Swap the finished temporary folder into place; the old analysis is removed only afterwards."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp_dir, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, out_dir=None,
+            force: bool = False, model=None, log=print) -> dict:
+    """Analyse every feature of the SAE in run_dir over `store` (a path or ActivationStore).
+
+    Writes RUN/analysis/ (or out_dir) and returns its meta.json contents (with a "notes" list of
+    what was skipped and why)."""
+    from sae.analyze.tables import write_tables
+    from sae.analyze.feature_pass import FeatureStats, iter_window_batches, log_bin_edges
+    from sae.runs import load, read_config
+    from sae.store import ActivationStore
+    from sae.devices import resolve
+
+    options = options or AnalyzeOptions()
+    run_dir = _layer_folder(Path(run_dir), layer)
+    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    device = resolve(options.device)
+    model = (model if model is not None else load(run_dir)).to(device).eval()
+    # a foreign folder (SAELens, sparsify) opened by sae.load has no config.json of ours
+    config = read_config(run_dir) if (run_dir / "config.json").is_file() \
+        else dict(getattr(model, "run_config", {}) or {})
+    if int(model.d_in) != store.d_model:
+        raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
+    layer = _resolve_layer(store, config, layer)
+    out_dir = _prepare_output(run_dir, out_dir, force)
+    for name, value in (("--top-k", options.n_top), ("--batch-size", options.batch_size),
+                        ("--bands", options.n_bands), ("--reservoir", options.reservoir)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if options.context_radius < 0:
+        raise UserError(f"--context must be >= 0, got {options.context_radius}")
+
+    notes: list[str] = []
+    has_contexts = store.has_windows
+    if not has_contexts:
+        notes.append("the store has no window_tokens (made by from_tensors?): everything but contexts was analysed")
+    signed = bool(getattr(model, "signed_codes", False))
+    threshold = config.get("fire_threshold", getattr(model, "fire_threshold", 0.0))
+    threshold = 0.0 if threshold is None else float(threshold)
+    label_names = list(store.manifest.get("label_names") or []) if store.has_labels else []
+    if store.has_labels and not label_names:
+        labels = store.column("label")
+        label_names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
+    edges = log_bin_edges()
+    stats = FeatureStats(model.d_sae, n_top=options.n_top, reservoir=options.reservoir,
+                         radius=options.context_radius if has_contexts else None, signed=signed,
+                         threshold=threshold, n_labels=len(label_names), edges=edges, device=device,
+                         seed=options.seed, max_entries=options.max_entries)
+    started = time.perf_counter()
+    with tqdm(total=len(store), desc="analyze", unit="tok", unit_scale=True, disable=None) as bar:
+        for batch in iter_window_batches(store, layer, options.batch_size):
+            codes = model.encode(batch.x.to(device))                                       # [B, d_sae]
+            stats.update(codes, batch)
+            del codes
+            bar.update(len(batch.global_rows))
+    pass_seconds = time.perf_counter() - started
+
+    meta = {
+        "n_tokens": stats.n_tokens, "n_features": int(model.d_sae),
+        "model": store.manifest.get("model") or config.get("model"), "layer": layer,
+        "site": store.manifest.get("site") or config.get("site"), "variant": config.get("variant"),
+        "has_contexts": has_contexts, "label_names": label_names or None,
+        "hist_bin_edges": edges.tolist(), "histogram_of": "|code|" if signed else "code (firing tokens)",
+        "fire_threshold": None if signed else threshold,
+        "context_radius": options.context_radius if has_contexts else 0,
+        "signed_codes": signed, "n_top": options.n_top, "n_bands": options.n_bands,
+        "mean_activation_over": "all tokens" if signed else "firing tokens",
+        "ranked_by": "|code|" if signed else "code", "run": str(run_dir), "store": str(store.path),
+        "options": asdict(options), "pass_seconds": round(pass_seconds, 3),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        write_tables(tmp_dir, stats, model, store, meta, options, notes)
+        meta["notes"] = notes
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _publish(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    for note in notes:
+        _say(log, f"note: {note}")
+    return meta

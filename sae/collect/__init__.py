@@ -1,0 +1,9 @@
+"""Collection (`sae collect`): run a language model over a dataset's packed windows and write one site's
+activations at several layers to an activation store.
+
+    loop.py   the collection loop: options, resume bookkeeping, shards, the manifest, norm statistics
+    rows.py   the rows one batch contributes, and a shard's tensors
+
+May import: sae.errors, sae.files, sae.distributed, sae.devices, sae.data, sae.lm, sae.store.
+"""
+from sae.collect.loop import CollectOptions, CollectResult, collect  # noqa: F401

@@ -1,0 +1,392 @@
+"""Collection: run a language model over packed windows and write a site's activations to a store.
+
+One forward pass per batch of windows captures every requested layer and stops right after the
+deepest one. Rows are the kept token positions (BOS/EOS/padding dropped unless asked), optionally
+minus tokens whose norm exceeds `max_norm_ratio` × the layer's median (median over the first
+8,192 kept tokens, stored in the manifest so that a resumed run drops the same rows).
+
+Bookkeeping: batches are fixed groups of this rank's windows; shards are flushed between batches
+(no window spans two shards), each written under a temporary name and renamed; after each shard
+the manifest (under torchrun: the rank's progress file) records how far the run got, so `resume`
+continues with the next batch and ends with exactly the rows of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sae import distributed
+from sae import store as store_lib
+from sae.collect.rows import BatchRows, batch_rows, shard_tensors
+from sae.data import PAD_DOC, load_documents, pack_windows
+from sae.errors import UserError
+from sae.files import read_json, write_json
+from sae.lm import LoadedModel, capture, layer_index, load_model, run_until_captured, site_point
+
+MEDIAN_TOKENS = 8192
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMAT = "sae-activation-store/1"
+# options that must match when a collection is resumed
+RECIPE_KEYS = ("model", "layers", "site", "dataset", "text_column", "split", "context_size", "dtype",
+               "special_tokens_kept", "max_norm_ratio", "world_size")
+
+
+@dataclass
+class CollectOptions:
+    model: str
+    layers: list
+    site: str
+    dataset: str
+    out: Path
+    tokens: int | None = None          # rows to write (all ranks together); None: the whole dataset
+    context_size: int = 128
+    batch_size: int | None = None      # windows per forward pass
+    dtype: str = "float32"
+    device: str = "cpu"
+    text_column: str | None = None
+    split: str | None = None
+    keep_special_tokens: bool = False
+    max_norm_ratio: float | None = None
+    shard_tokens: int | None = None    # rows per shard (default: about 256 MB of activations)
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CollectResult:
+    path: Path
+    n_tokens: int
+    n_shards: int
+    size_bytes: int
+    exhausted: bool                    # the dataset ran out before --tokens rows
+    manifest: dict = field(default_factory=dict)
+
+
+# ---- the output folder --------------------------------------------------------------------------
+
+def _store_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name == store_lib.MANIFEST or p.name.startswith(("shard_", ".shard_", "progress_", ".manifest", ".progress_"))]
+
+
+def prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
+    """Check --out; returns the existing manifest when resuming, else None (folder ready and empty of store files)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and resume:
+        manifest_path = out / store_lib.MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"--resume: {out} holds no manifest.json, so there is nothing to resume")
+        return read_json(manifest_path, "--resume: the store's manifest")
+    if existing and not force:
+        raise UserError(f"--out {out} is not empty: pass --resume to continue it or --force to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    if existing and force:
+        for path in _store_files(out):
+            path.unlink()
+    return None
+
+
+def _remove_temporaries(out: Path) -> None:
+    for path in out.glob(".*.tmp*"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def _batches(window_iter, d: distributed.DistInfo, batch_size: int, start_window: int, seen: list):
+    """This rank's windows (number % world == rank, number >= start_window) in fixed groups."""
+    group = []
+    for window in window_iter:
+        seen[0] += 1
+        if window.index % d.world_size != d.rank or window.index < start_window:
+            continue
+        group.append(window)
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _rank_budget(tokens: int | None, d: distributed.DistInfo) -> int | None:
+    if tokens is None:
+        return None
+    return tokens // d.world_size + (1 if d.rank < tokens % d.world_size else 0)
+
+
+def _norm_stats(out: Path, manifest: dict, first: int) -> tuple[dict, dict]:
+    """({layer: {median, p99, p999, max}} of the stored rows' norms, read back from the shards;
+    {layer: median norm of the first `first` rows})."""
+    import numpy as np
+    from safetensors import safe_open
+    stats, first_median = {}, {}
+    for layer in manifest["layers"]:
+        norms = []
+        for name in manifest["shards"]:
+            with safe_open(str(out / name), framework="pt") as handle:
+                block = handle.get_slice(f"activations.{layer}")
+                n = block.get_shape()[0]
+                for lo in range(0, n, 65536):
+                    norms.append(block[lo:min(n, lo + 65536)].float().norm(dim=-1).numpy())
+        values = np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32)
+        if len(values):
+            first_median[str(layer)] = float(torch.from_numpy(values[:first]).median())
+            median, p99, p999 = np.percentile(values, [50, 99, 99.9]).tolist()
+            stats[str(layer)] = {"median": median, "p99": p99, "p999": p999,
+                                 "max": float(values.max()), "p999_over_median": p999 / median if median else None}
+    return stats, first_median
+
+
+def _recipe(options: CollectOptions, d: distributed.DistInfo) -> dict:
+    return {"model": options.model, "layers": list(options.layers), "site": options.site, "dataset": options.dataset,
+            "text_column": options.text_column, "split": options.split, "context_size": options.context_size,
+            "dtype": options.dtype, "special_tokens_kept": options.keep_special_tokens,
+            "max_norm_ratio": options.max_norm_ratio, "world_size": d.world_size}
+
+
+def _check_recipe(old: dict, new: dict) -> None:
+    for key in RECIPE_KEYS:
+        if old.get(key) != new.get(key):
+            raise UserError(f"--resume: the store was collected with {key}={old.get(key)!r}, "
+                            f"not {new.get(key)!r}: use the same options (or --force to start over)")
+
+
+def _progress_path(out: Path, rank: int) -> Path:
+    return out / f"progress_r{rank:03d}.json"
+
+
+
+
+def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> CollectResult:
+    """Run a collection (see the module docstring). Returns where the store is and what it holds."""
+    from sae.devices import resolve
+    out = Path(options.out)
+    device = distributed.local_device(resolve(options.device))
+    if options.dtype not in DTYPES:
+        raise UserError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    if options.tokens is not None and options.tokens <= 0:
+        raise UserError(f"--tokens must be positive, got {options.tokens}")
+    if options.max_norm_ratio is not None and options.max_norm_ratio <= 0:
+        raise UserError(f"--max-norm-ratio must be positive, got {options.max_norm_ratio}")
+    if options.batch_size is not None and options.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {options.batch_size}")
+    if not options.layers:
+        raise UserError("--layers names no layer")
+    d = distributed.setup(device.type)
+    old_manifest = prepare_out(out, options.resume, options.force) if d.rank == 0 or not d.enabled else None
+    distributed.barrier()
+    if d.enabled and d.rank != 0:
+        old_manifest = prepare_out(out, options.resume, True) if options.resume else None
+    if loaded is None:
+        loaded = load_model(options.model, device=device)
+    layers = [int(layer) if str(layer).lstrip("-").isdigit() else layer for layer in options.layers]
+    for layer in layers:
+        site_point(loaded.model, options.site, layer)  # validates site and layer range
+    layers = sorted(set(layers), key=lambda layer: (layer_index(loaded.model, options.site, layer), str(layer)))
+    options.layers = layers
+    recipe = _recipe(options, d)
+
+    # resume state
+    state = {"shards": [], "shard_rows": [], "next_window": 0, "rows": 0, "norm_median": None,
+             "batch_size": options.batch_size or 8, "exhausted": False}
+    if old_manifest is not None:
+        _check_recipe(old_manifest, recipe)
+        saved = old_manifest.get("progress", {}).get(str(d.rank)) if not d.enabled else read_json(_progress_path(out, d.rank), missing_ok=True)
+        if saved:
+            state.update(saved)
+        if options.batch_size is None:
+            state["batch_size"] = old_manifest.get("batch_size", state["batch_size"])
+        if d.enabled and state["norm_median"] is None:
+            for rank in range(d.world_size):
+                other = read_json(_progress_path(out, rank), missing_ok=True)
+                if other and other.get("norm_median") is not None:
+                    state["norm_median"] = other["norm_median"]
+                    break
+        _remove_temporaries(out)
+    batch_size = state["batch_size"]
+
+    documents, label_names = load_documents(options.dataset, options.text_column, options.split)
+    windows = pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id, loaded.eos_id, loaded.pad_id)
+    stored_dtype = DTYPES[options.dtype]
+    element = torch.tensor([], dtype=stored_dtype).element_size()
+    shard_tokens = options.shard_tokens or max(1024, (256 << 20) // (loaded.d_model * element * len(layers)))
+    budget = _rank_budget(options.tokens, d)
+    special = torch.tensor(sorted(loaded.special_ids), dtype=torch.int64)
+    labelled = label_names is not None
+
+    def manifest(complete: bool, shards, shard_rows, n_tokens, extra=None) -> dict:
+        body = {"format": FORMAT, **recipe, "model_note": loaded.note, "family": loaded.family,
+                "d_model": loaded.d_model, "n_tokens": n_tokens, "shards": shards, "shard_rows": shard_rows,
+                "held_out": {"rule": store_lib.HELD_OUT_RULE, "modulus": store_lib.HELD_OUT_MODULUS},
+                "label_names": label_names, "bos_fed": loaded.bos_id is not None, "batch_size": batch_size,
+                "tokens_requested": options.tokens, "norm_median": state["norm_median"], "complete": complete}
+        body.update(extra or {})
+        return body
+
+    def save_state():
+        if d.enabled:
+            write_json(_progress_path(out, d.rank), state)
+        else:
+            write_json(out / store_lib.MANIFEST, manifest(
+                False, state["shards"], state["shard_rows"], state["rows"], {"progress": {"0": state}}))
+
+    if d.enabled and d.rank == 0 and old_manifest is None:
+        write_json(out / store_lib.MANIFEST, manifest(False, [], [], 0))
+    distributed.barrier()
+
+    pending: list[BatchRows] = []    # rows waiting for the next shard
+    prelude: list[BatchRows] = []    # rows held until the norm median is known
+
+    def flush():
+        if not pending:
+            return
+        index = len(state["shards"])
+        name = store_lib.shard_name(index, d.rank if d.enabled else None)
+        next_window = pending[-1].next_window
+        if sum(len(p) for p in pending) == 0:  # nothing kept: no empty shard
+            state["next_window"] = next_window
+            pending.clear()
+            return
+        tensors = shard_tensors(pending, layers, labelled)
+        n_rows = len(tensors["doc_id"])
+        store_lib.write_shard(out / name, tensors, {"rank": d.rank, "index": index})
+        state["shards"].append(name)
+        state["shard_rows"].append(n_rows)
+        state["rows"] += n_rows
+        state["next_window"] = next_window
+        pending.clear()
+        save_state()
+
+    def accept(rows: BatchRows) -> bool:
+        """Filter by norm, cut to the budget, queue for a shard. False once the budget is met."""
+        if options.max_norm_ratio is not None and len(rows):
+            limit = torch.tensor([state["norm_median"][str(layer)] for layer in layers]) * options.max_norm_ratio
+            rows = rows.select((rows.norms <= limit).all(dim=1))
+        queued = sum(len(p) for p in pending)
+        more = budget is None or state["rows"] + queued + len(rows) < budget
+        if not more:
+            rows = rows.head(budget - state["rows"] - queued)
+        pending.append(rows)
+        if progress_bar is not None:
+            progress_bar.update(len(rows))
+        if not more:
+            return False
+        if queued + len(rows) >= shard_tokens:
+            flush()
+        return True
+
+    def settle_median():
+        norms = torch.cat([p.norms for p in prelude])[:median_tokens] if prelude else torch.empty(0, len(layers))
+        norms = distributed.all_gather_cat(norms)  # [n over ranks, L]
+        medians = torch.nanmedian(norms, dim=0).values if len(norms) else torch.full((len(layers),), float("nan"))
+        state["norm_median"] = {str(layer): float(m) for layer, m in zip(layers, medians.tolist())}
+
+    done = budget is not None and state["rows"] >= budget
+    # the norm median is taken over the first min(8,192, this rank's --tokens) kept tokens
+    median_tokens = min(MEDIAN_TOKENS, budget) if budget is not None else MEDIAN_TOKENS
+    progress_bar = _progress(options, budget, state["rows"], d)
+    start_time = time.perf_counter()
+    finished_data = False
+    seen = [0]  # windows packed, all ranks
+    hf = loaded.model
+    forward_kwargs = {"use_cache": False} if getattr(hf.config, "use_cache", None) is not None else {}
+    try:
+        with torch.inference_mode(), capture(hf, options.site, layers, stop=True) as captured:
+            for group in ([] if done else _batches(windows, d, batch_size, state["next_window"], seen)):
+                input_ids = torch.stack([w.input_ids for w in group]).to(device)   # [B, T]
+                inputs = {"input_ids": input_ids, **forward_kwargs}
+                padding = torch.stack([w.doc_ids for w in group]) == PAD_DOC
+                if bool(padding.any()) and not loaded.is_causal:
+                    inputs["attention_mask"] = (~padding).long().to(device)
+                captured.clear()
+                run_until_captured(hf, **inputs)
+                rows = batch_rows(group, captured, layers, special, options.keep_special_tokens, stored_dtype,
+                                  next_window=group[-1].index + 1)
+                if state["norm_median"] is None and options.max_norm_ratio is not None:
+                    prelude.append(rows)
+                    if sum(len(p) for p in prelude) < median_tokens:
+                        continue
+                    settle_median()
+                    held, prelude[:] = list(prelude), []
+                    if not all(accept(p) for p in held):
+                        break
+                    continue
+                if not accept(rows):
+                    break
+            else:
+                finished_data = True
+                if seen[0] == 0 and not done:
+                    raise UserError(f"dataset {options.dataset!r} holds no text to collect from")
+            if state["norm_median"] is None and options.max_norm_ratio is not None:
+                settle_median()
+            held, prelude[:] = list(prelude), []
+            for p in held:
+                if not accept(p):
+                    finished_data = False
+                    break
+            flush()
+    except KeyboardInterrupt:
+        # the shard in flight is discarded; the manifest still describes every shard on disk
+        _remove_temporaries(out)
+        print(f"\ninterrupted: {out} keeps {state['rows']:,} rows in {len(state['shards'])} shards; "
+              f"continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+    elapsed = time.perf_counter() - start_time
+    exhausted = finished_data and (budget is None or state["rows"] < budget)
+    state["exhausted"] = bool(exhausted)
+    save_state()
+    return _finish(out, d, state, manifest, options, exhausted, elapsed)
+
+
+def _finish(out: Path, d: distributed.DistInfo, state: dict, manifest, options: CollectOptions, exhausted: bool,
+            elapsed: float) -> CollectResult:
+    distributed.barrier()
+    body = None
+    if d.rank == 0:
+        if d.enabled:
+            ranks = [read_json(_progress_path(out, rank), missing_ok=True) for rank in range(d.world_size)]
+            shards = [name for r in ranks for name in r["shards"]]
+            shard_rows = [n for r in ranks for n in r["shard_rows"]]
+            exhausted = any(r.get("exhausted") for r in ranks)
+            extra = {"progress": {str(rank): r for rank, r in enumerate(ranks)}}
+        else:
+            shards, shard_rows, extra = state["shards"], state["shard_rows"], {"progress": {"0": state}}
+        body = manifest(True, shards, shard_rows, sum(shard_rows), extra)
+        body["norm_stats"], first_median = _norm_stats(out, body, MEDIAN_TOKENS)
+        if body.get("norm_median") is None:  # no --max-norm-ratio: recorded from the store's first rows
+            body["norm_median"] = first_median
+        body["collect_seconds"] = round(elapsed, 3)
+        write_json(out / store_lib.MANIFEST, body)
+    distributed.barrier()
+    if body is None:
+        body = read_json(out / store_lib.MANIFEST, missing_ok=True)
+    size = sum((out / name).stat().st_size for name in body["shards"])
+    return CollectResult(out, int(body["n_tokens"]), len(body["shards"]), size, bool(exhausted), body)
+
+
+def _progress(options: CollectOptions, budget: int | None, initial: int, d: distributed.DistInfo):
+    if not options.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=budget, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True,
+                desc=f"collect{f' rank {d.rank}' if d.enabled else ''}", disable=None if d.rank == 0 else True,
+                file=sys.stderr)

@@ -1,0 +1,399 @@
+"""Scoring a trained SAE on a store's held-out documents (metric definitions in INTERFACE.md).
+
+evaluate() returns the eval.json dict: reconstruction (mse, fvu, explained_variance, cosine_similarity,
+l2_ratio), sparsity (l0, dead_fraction, the log10-density histogram), the variant's extra metrics (vq
+perplexity, ...), downstream next-token figures on held-out windows (clean / spliced / zero-ablated CE
+in one tokenisation and batch, KL divergences), and sparse probing on labelled stores.
+Special-token rows (BOS, EOS, padding) are left out of every figure; in the downstream runs those
+positions keep their original activation.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae.errors import UserError
+from sae.evaluate.probing import DocumentPool, sparse_probing
+from sae.store import ActivationStore, is_held_out
+from sae.files import write_json
+
+EVAL_FILE = "eval.json"
+DENSITY_EDGES = [float(e) for e in np.linspace(-7.0, 0.0, 29)]  # log10 density bins, 0.25 wide
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+def open_run(run, device="cpu"):
+    """(sae module, run config, run_dir | None) from a run folder or an SAE module."""
+    if isinstance(run, torch.nn.Module):
+        return run, dict(getattr(run, "run_config", {}) or {}), None
+    from sae.runs import CONFIG, WEIGHTS, load, read_config
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder (no such directory)")
+    config = read_config(run_dir) if (run_dir / CONFIG).is_file() else {}
+    if "variant" in config and not (run_dir / WEIGHTS).is_file():
+        raise UserError(f"{run_dir} has no weights ({WEIGHTS} is missing): was its training finished?")
+    model = load(run_dir, device=device)  # other tools' layouts (SAELens, sparsify) go through sae.interop
+    return model, config or dict(getattr(model, "run_config", {}) or {}), run_dir
+
+
+def check_compatible(config: dict, store: ActivationStore, layer=None):
+    """The store's layer key to evaluate on; UserError naming what differs between run and store."""
+    manifest = store.manifest
+    differences = []
+    for key in ("model", "site"):
+        if config.get(key) is not None and manifest.get(key) is not None and str(config[key]) != str(manifest[key]):
+            differences.append(f"{key}: run {config[key]!r}, store {manifest[key]!r}")
+    if config.get("d_in") is not None and int(config["d_in"]) != store.d_model:
+        differences.append(f"d_model: run {config['d_in']}, store {store.d_model}")
+    if differences:
+        raise UserError("the run and the store do not match (" + "; ".join(differences) + ")")
+    if layer is None and config.get("layer") is not None:
+        if not any(str(config["layer"]) == str(known) for known in store.layers):
+            raise UserError(f"the run was trained on layer {config['layer']}, the store holds layers {store.layers}")
+        layer = config["layer"]
+    return store.resolve_layer(layer)
+
+
+def special_token_ids(store: ActivationStore, loaded=None) -> set[int]:
+    """BOS/EOS/pad ids: from the loaded model, the manifest, or the store's model's tokenizer."""
+    if loaded is not None and getattr(loaded, "special_ids", None) is not None:
+        return {int(i) for i in loaded.special_ids}
+    for key in ("special_ids", "special_token_ids"):
+        if store.manifest.get(key) is not None:
+            return {int(i) for i in store.manifest[key]}
+    if store.manifest.get("special_tokens_kept") is False:
+        return set()  # `sae collect` left them out of the store: no row to exclude
+    name = store.manifest.get("model")
+    if name and store.shards and "token_ids" in store.tensor_names(0):
+        try:
+            from sae.lm import load_tokenizer
+            tokenizer = load_tokenizer(name)
+            ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+            ids |= set(getattr(tokenizer, "all_special_ids", []) or [])
+            return {int(i) for i in ids if i is not None}
+        except Exception:  # no tokenizer offline: nothing to exclude by id
+            return set()
+    return set()
+
+
+def _is_special(token_ids: torch.Tensor, special_ids: set[int]) -> torch.Tensor:
+    if not special_ids:
+        return torch.zeros(token_ids.shape, dtype=torch.bool)
+    return torch.isin(token_ids.long(), torch.tensor(sorted(special_ids), dtype=torch.long))
+
+
+# ---- reconstruction and sparsity ----------------------------------------------------------------
+@torch.no_grad()
+def reconstruction_metrics(sae, store: ActivationStore, layer, special_ids: set[int], threshold: float | None,
+                           batch_size: int = 4096, device="cpu", progress: bool = True) -> dict:
+    """MSE, FVU, explained variance, cosine similarity, L2 ratio, L0, dead fraction, density histogram
+    over the held-out rows that are not special tokens."""
+    has_tokens = "token_ids" in store.tensor_names(0)
+    token_ids = store.column("token_ids") if has_tokens else None
+    n = 0
+    sq_err = x_sq = cos_sum = ratio_sum = l0_sum = 0.0
+    x_sum = torch.zeros(store.d_model, dtype=torch.float64)
+    fire_counts = torch.zeros(sae.d_sae, dtype=torch.float64)
+    extra_sample = []
+    total = int(store.held_out_mask().sum())
+    bar = tqdm(total=total, desc="eval", unit="tok", disable=None if progress else True, leave=False)
+    for x, indices in store.iter_rows(layer, batch_size, split="held_out"):
+        bar.update(len(indices))
+        if token_ids is not None:
+            keep = ~_is_special(token_ids[indices], special_ids)
+            x = x[keep]
+        if len(x) == 0:
+            continue
+        x = x.to(device)  # [batch, d_in]
+        codes = sae.encode(x)  # [batch, d_sae]
+        x_hat = sae.decode(codes)  # [batch, d_in]
+        x64, err64 = x.double(), (x - x_hat).double()
+        n += len(x)
+        sq_err += float(err64.pow(2).sum())
+        x_sum += x64.sum(dim=0).cpu()
+        x_sq += float(x64.pow(2).sum())
+        cos_sum += float(torch.nn.functional.cosine_similarity(x_hat.double(), x64, dim=1, eps=1e-12).sum())
+        ratio_sum += float((x_hat.double().norm(dim=1) / x64.norm(dim=1).clamp_min(1e-12)).sum())
+        if threshold is not None:
+            fires = codes > threshold  # [batch, d_sae]
+            l0_sum += float(fires.sum())
+            fire_counts += fires.sum(dim=0).double().cpu()
+        if hasattr(sae, "extra_metrics") and sum(len(s) for s in extra_sample) < 16384:
+            extra_sample.append(x)
+    bar.close()
+    if n == 0:
+        raise UserError("the store has no held-out tokens to evaluate on (all rows are special tokens)")
+    total_var = x_sq - float(x_sum.pow(2).sum()) / n  # Σ‖x − mean(x)‖²
+    fvu = sq_err / total_var if total_var > 0 else float("nan")
+    result = {
+        "n_tokens": n,
+        "mse": sq_err / (n * store.d_model),  # per element: mean over tokens and dimensions
+        "fvu": fvu,
+        "explained_variance": 1.0 - fvu,
+        "cosine_similarity": cos_sum / n,
+        "l2_ratio": ratio_sum / n,
+        "l0": None, "dead_fraction": None, "density_histogram": None,
+    }
+    if threshold is not None:
+        density = fire_counts / n  # [d_sae]
+        result["l0"] = l0_sum / n
+        result["dead_fraction"] = float((fire_counts == 0).double().mean())
+        log_density = torch.log10(density[density > 0]).clamp(min=DENSITY_EDGES[0]).numpy()
+        counts, _ = np.histogram(log_density, bins=DENSITY_EDGES)
+        result["density_histogram"] = {"log10_density_edges": DENSITY_EDGES, "counts": counts.tolist(),
+                                       "n_dead": int((fire_counts == 0).sum())}
+    if extra_sample:
+        sample = torch.cat(extra_sample)
+        extra = sae.extra_metrics(sample.to(sae.input_scale.dtype) * sae.input_scale)
+        result.update({key: float(value) for key, value in (extra or {}).items()})
+    return result
+
+
+# ---- sparse probing ------------------------------------------------------------------------------
+@torch.no_grad()
+def probing_metrics(sae, store: ActivationStore, layer, special_ids: set[int], batch_size: int = 4096,
+                    device="cpu", max_rows: int = 200_000, seed: int = 0, progress: bool = True) -> dict | None:
+    """Mean-pool codes and raw activations per labelled document, then sae.probing.sparse_probing.
+    Whole documents are drawn (fixed order) until max_rows rows."""
+    doc_ids, labels = store.column("doc_id"), store.column("label")
+    usable = labels >= 0
+    if "token_ids" in store.tensor_names(0):
+        usable &= ~_is_special(store.column("token_ids"), special_ids)
+    if len(torch.unique(labels[usable])) < 2:
+        return None  # one label: there is no one-vs-rest task to probe
+    docs, rows_per_doc = torch.unique(doc_ids[usable], return_counts=True)
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(1234))
+    chosen = docs[order][rows_per_doc[order].cumsum(0) <= max_rows]
+    rows = (usable & torch.isin(doc_ids, chosen)).nonzero().squeeze(1)  # sorted global indices
+    if len(rows) == 0:
+        return None
+    code_pool, raw_pool = DocumentPool(), DocumentPool()
+    for lo in tqdm(range(0, len(rows), batch_size), desc="probe", disable=None if progress else True, leave=False):
+        index = rows[lo:lo + batch_size]
+        x = store.rows(layer, index).to(device)  # [batch, d_in]
+        code_pool.add(doc_ids[index], sae.encode(x).float())
+        raw_pool.add(doc_ids[index], x)
+    pooled_docs, codes = code_pool.means()
+    _, raw = raw_pool.means()
+    first_row = {}
+    for doc, label in zip(doc_ids[rows].tolist(), labels[rows].tolist()):
+        first_row.setdefault(doc, label)
+    doc_labels = np.array([first_row[int(d)] for d in pooled_docs], dtype=np.int64)
+    return sparse_probing(pooled_docs, doc_labels, codes, raw, seed=seed)
+
+
+# ---- downstream --------------------------------------------------------------------------------
+def held_out_windows(store: ActivationStore, special_ids: set[int], max_windows: int):
+    """Windows holding held-out rows: (input_ids [w, ctx], loss_mask [w, ctx], keep_mask [w, ctx]).
+
+    loss_mask marks positions whose row belongs to a held-out document, is not a special token and has a
+    next token; keep_mask marks special-token positions (they keep the original activation)."""
+    inputs, losses = [], []
+    for shard_index in range(len(store.shards)):
+        window_tokens = store.read_shard(shard_index, "window_tokens").long()  # [w, ctx]
+        window_index = store.read_shard(shard_index, "window_index").long()  # [n]
+        position = store.read_shard(shard_index, "position").long()  # [n]
+        held = is_held_out(store.read_shard(shard_index, "doc_id"))
+        valid = torch.zeros(window_tokens.shape, dtype=torch.bool)
+        valid[window_index[held], position[held]] = True
+        for w in valid.any(dim=1).nonzero().squeeze(1).tolist():
+            inputs.append(window_tokens[w])
+            losses.append(valid[w])
+            if len(inputs) >= max_windows:
+                break
+        if len(inputs) >= max_windows:
+            break
+    if not inputs:
+        return None
+    input_ids, loss_mask = torch.stack(inputs), torch.stack(losses)
+    keep_mask = _is_special(input_ids, special_ids)
+    loss_mask &= ~keep_mask
+    loss_mask[:, -1] = False  # no next token
+    return input_ids, loss_mask, keep_mask
+
+
+def _next_token_stats(logits: torch.Tensor, clean_logp: torch.Tensor | None, input_ids, mask):
+    """(CE sum, KL-from-clean sum, log-probs) over masked positions. logits [b, ctx, vocab]."""
+    logp = logits.float().log_softmax(dim=-1)  # [b, ctx, vocab]
+    targets = input_ids[:, 1:].unsqueeze(-1)  # [b, ctx-1, 1]
+    token_logp = logp[:, :-1].gather(-1, targets).squeeze(-1)  # [b, ctx-1]
+    positions = mask[:, :-1]
+    ce = float(-token_logp[positions].sum())
+    kl = 0.0
+    if clean_logp is not None:
+        kl_per = (clean_logp.exp() * (clean_logp - logp)).sum(dim=-1)  # [b, ctx]
+        kl = float(kl_per[mask].sum())
+    return ce, kl, logp
+
+
+@torch.no_grad()
+def downstream_many(saes: dict, loaded, site: str, layer, windows, batch_size: int = 4, device="cpu",
+                    progress: bool = True) -> dict[str, dict]:
+    """Clean, spliced and zero-ablated next-token CE (and KL from clean) on the same windows and batches,
+    for several SAEs at once: each batch's clean and zero-ablated runs are shared by all of them."""
+    from sae.evaluate.splice import splice, zero_ablate
+
+    lm = loaded.model
+    input_ids, loss_mask, keep_mask = windows
+    n_positions = int(loss_mask.sum())
+    if n_positions == 0:
+        raise UserError("the held-out windows have no positions to score (all are special tokens)")
+    shared = {"clean": 0.0, "zero": 0.0, "kl_zero": 0.0}
+    spliced = {name: {"ce": 0.0, "kl": 0.0} for name in saes}
+    for lo in tqdm(range(0, len(input_ids), batch_size), desc="downstream", disable=None if progress else True,
+                   leave=False):
+        ids = input_ids[lo:lo + batch_size].to(device)  # [b, ctx]
+        mask = loss_mask[lo:lo + batch_size].to(device)
+        keep = keep_mask[lo:lo + batch_size].to(device)
+        ce, _, clean_logp = _next_token_stats(lm(input_ids=ids, use_cache=False).logits, None, ids, mask)
+        shared["clean"] += ce
+        with zero_ablate(lm, site, layer, keep_mask=keep):
+            ce, kl, _ = _next_token_stats(lm(input_ids=ids, use_cache=False).logits, clean_logp, ids, mask)
+        shared["zero"] += ce
+        shared["kl_zero"] += kl
+        for name, sae in saes.items():
+            with splice(lm, sae, site, layer, keep_mask=keep):
+                ce, kl, _ = _next_token_stats(lm(input_ids=ids, use_cache=False).logits, clean_logp, ids, mask)
+            spliced[name]["ce"] += ce
+            spliced[name]["kl"] += kl
+    clean, zero, kl_zero = (shared[key] / n_positions for key in ("clean", "zero", "kl_zero"))
+    results = {}
+    for name, totals in spliced.items():
+        ce, kl = totals["ce"] / n_positions, totals["kl"] / n_positions
+        results[name] = {
+            "ce_loss_clean": clean,
+            "ce_loss_spliced": ce,
+            "ce_loss_zero_ablated": zero,
+            "ce_loss_recovered": (zero - ce) / (zero - clean) if abs(zero - clean) > 1e-12 else None,
+            "kl_div_spliced": kl,
+            "kl_div_zero_ablated": kl_zero,
+            "kl_div_score": (kl_zero - kl) / kl_zero if kl_zero > 1e-12 else None,
+            "downstream_windows": len(input_ids),
+            "downstream_tokens": n_positions,
+        }
+    return results
+
+
+def downstream_metrics(sae, loaded, site: str, layer, windows, batch_size: int = 4, device="cpu",
+                       progress: bool = True) -> dict:
+    """downstream_many for one SAE."""
+    return downstream_many({"sae": sae}, loaded, site, layer, windows, batch_size, device, progress)["sae"]
+
+
+def load_store_model(store: ActivationStore, device="cpu"):
+    """(LoadedModel, None) or (None, reason it cannot be used for next-token figures)."""
+    name = store.manifest.get("model")
+    if not name:
+        return None, "the store does not name the model it came from"
+    from sae.lm import load_model
+    try:
+        loaded = load_model(name, device=device)
+    except UserError as error:
+        return None, f"the store's model {name!r} could not be loaded ({error})"
+    return loaded, None
+
+
+# ---- the whole evaluation -------------------------------------------------------------------------
+def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batch_size: int = 4096,
+             loaded_model=None, max_windows: int = 64, lm_batch_size: int = 4, probe: bool = True,
+             probe_max_rows: int = 200_000, seed: int = 0, write: bool = True, progress: bool = True) -> dict:
+    """Score a run (folder or SAE module) on a store's held-out documents; write RUN/eval.json.
+
+    loaded_model: a sae.models.LoadedModel to use instead of loading the store's model.
+    """
+    device = torch.device(device)
+    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    sae, config, run_dir = open_run(run, device)
+    sae = sae.to(device).eval()
+    layer = check_compatible(config, store, layer)
+    if not bool(store.held_out_mask().any()):
+        raise UserError(f"the store {store.path} has no held-out documents (rule: "
+                        f"{store.manifest.get('held_out', {}).get('rule', 'doc_id based')}); collect more documents")
+    site = config.get("site") or store.manifest.get("site")
+    loaded, reason = (loaded_model if with_model else None), None
+    if with_model and loaded is None:
+        if not store.has_windows:
+            reason = "the store has no window_tokens, so there is no model input to replay"
+        else:
+            loaded, reason = load_store_model(store, device)
+    elif not with_model:
+        reason = "skipped (--no-model)"
+    special_ids = special_token_ids(store, loaded)
+    threshold = config.get("fire_threshold", getattr(sae, "fire_threshold", 0.0)) \
+        if not getattr(sae, "signed_codes", False) else None
+    result = {"variant": config.get("variant", getattr(sae, "name", None)), "layer": layer, "site": site,
+              "store": str(store.path), "store_digest": store.digest, "d_sae": sae.d_sae,
+              "fire_threshold": threshold}
+    result.update(reconstruction_metrics(sae, store, layer, special_ids, threshold, batch_size, device, progress))
+    if probe and store.has_labels:
+        probing = probing_metrics(sae, store, layer, special_ids, batch_size, device, probe_max_rows, seed, progress)
+        if probing is not None:
+            result["sparse_probing"] = probing
+        else:
+            result["sparse_probing_skipped"] = ("too few labelled documents: each label needs positive and "
+                                                "negative documents on both sides of the fixed 4/5–1/5 split")
+    if loaded is not None:
+        if not getattr(loaded, "is_causal", True):
+            reason = f"{getattr(loaded, 'family', 'this')} is an encoder-only model: it has no next-token loss"
+        elif not store.has_windows:
+            reason = "the store has no window_tokens, so there is no model input to replay"
+        elif site is None:
+            reason = "neither the run nor the store names the site to splice"
+        else:
+            windows = held_out_windows(store, special_ids, max_windows)
+            if windows is None:
+                reason = "no held-out windows in the store"
+            else:
+                loaded.model.to(device)
+                result.update(downstream_metrics(sae, loaded, site, layer, windows, lm_batch_size, device, progress))
+                reason = None
+    if reason:
+        result["downstream_skipped"] = reason
+    if write and run_dir is not None:
+        write_json(run_dir / EVAL_FILE, _json_safe(result))
+    return _json_safe(result)
+
+
+def _json_safe(obj):
+    """NaN/inf -> None so eval.json stays strict JSON."""
+    if isinstance(obj, dict):
+        return {key: _json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(value) for value in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---- printing ---------------------------------------------------------------------------------------
+def format_table(result: dict) -> str:
+    """A readable two-column table of the headline figures."""
+    rows = [("variant", result.get("variant")), ("layer", result.get("layer")), ("site", result.get("site")),
+            ("held-out tokens", result.get("n_tokens"))]
+    for key in ("mse", "fvu", "explained_variance", "cosine_similarity", "l2_ratio", "l0", "dead_fraction",
+                "perplexity", "usage", "active_dims", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated",
+                "ce_loss_recovered", "kl_div_spliced", "kl_div_zero_ablated", "kl_div_score"):
+        if key in result:
+            rows.append((key, result[key]))
+    probing = result.get("sparse_probing")
+    if probing:
+        for key in ("1", "2", "5", "full"):
+            rows.append((f"sparse probing k={key}" if key != "full" else "sparse probing (raw, full)", probing[key]))
+    if result.get("sparse_probing_skipped"):
+        rows.append(("sparse probing", f"absent: {result['sparse_probing_skipped']}"))
+    if result.get("downstream_skipped"):
+        rows.append(("downstream", f"absent: {result['downstream_skipped']}"))
+    width = max(len(name) for name, _ in rows)
+
+    def show(value):
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+    return "\n".join(f"{name:<{width}}  {show(value)}" for name, value in rows)

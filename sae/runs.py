@@ -1,0 +1,138 @@
+"""Run folders: RUN/config.json + RUN/sae.safetensors. `sae.load` opens them (and, through
+sae.interop, SAELens and sparsify folders and Hub repos), `save_pretrained` / `push_to_hub` write and
+share them. Nothing here reads a pickle. sae.interop never imports this module back."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.errors import UserError
+from sae.files import read_json, write_atomic_bytes, write_json
+
+CONFIG = "config.json"
+WEIGHTS = "sae.safetensors"
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("sae")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_weights(model, path: Path) -> None:
+    """Write the state dict as safetensors under a temporary name, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_run(model, run_dir, extra: dict | None = None) -> None:
+    """Write config.json (the module's config plus run context) and sae.safetensors."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**(extra or {}), **model.config(),
+              "version": package_version(), "git_commit": git_commit()}
+    save_weights(model, run_dir / WEIGHTS)
+    write_json(run_dir / CONFIG, config)
+
+
+def read_config(run_dir) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        from sae import interop
+        foreign = interop.describe(run_dir)  # a SAELens / sparsify folder: its config in our terms
+        if foreign is not None:
+            return foreign
+        raise UserError(f"{run_dir} is not a run folder (no {CONFIG})")
+    return read_json(path, "the run's config")
+
+
+def build_from_config(config: dict):
+    from sae import variants
+    cls = variants.get(config["variant"])
+    return cls(config["d_in"], config["d_sae"], **config.get("knobs", {}))
+
+
+def load(path, device: str | torch.device = "cpu", weights: str | None = None, subfolder: str | None = None,
+         revision: str | None = None):
+    """Open a trained SAE: a run folder of this project, or (via sae.interop) another tool's layout, local
+    or a Hub id (`subfolder` picks one SAE of a release; RUN/layer_L of a live-training run)."""
+    from sae import interop
+    local, kind = interop.locate(path, subfolder, revision)
+    config = read_config(local) if kind in ("run", None) and (local / CONFIG).is_file() else {}
+    if "variant" not in config:            # another tool's layout (or nothing we know: it says why)
+        return interop.load_foreign(local, kind, device=device)
+    model = build_from_config(config)
+    weight_path = Path(weights) if weights else local / WEIGHTS
+    if not weight_path.is_file():
+        raise UserError(f"{local} has no weights ({weight_path.name} is missing)")
+    model.load_state_dict(load_file(str(weight_path)))
+    model.run_config = config
+    return model.to(device).eval()
+
+
+# ---- Hugging Face Hub: a run folder is a Hub repo as it is ----------------------------------
+MODEL_CARD = "README.md"
+
+
+def save_pretrained(model, save_directory, extra: dict | None = None, model_card: bool = True) -> Path:
+    """Write a module as a run folder (config.json + sae.safetensors, and a README.md model card unless
+    one exists) that `from_pretrained` reads back and `push_to_hub` uploads as it is."""
+    save_directory = Path(save_directory)
+    context = {k: v for k, v in (getattr(model, "run_config", None) or {}).items()
+               if k not in ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes",
+                            "version", "git_commit")}
+    save_run(model, save_directory, {**context, **(extra or {})})
+    if model_card and not (save_directory / MODEL_CARD).exists():
+        write_atomic_bytes(save_directory / MODEL_CARD, model_card_text(read_config(save_directory)).encode())
+    return save_directory
+
+
+def model_card_text(config: dict) -> str:
+    where = ", ".join(f"{k} {config[k]}" for k in ("model", "layer", "site") if config.get(k) is not None)
+    return (f"---\nlibrary_name: sae\ntags:\n- sparse-autoencoder\n- interpretability\n"
+            f"- sae-{config.get('variant')}\n---\n\n"
+            f"# {config.get('variant')} sparse autoencoder{' (' + where + ')' if where else ''}\n\n"
+            f"d_in = {config.get('d_in')}, d_sae = {config.get('d_sae')}, knobs: {config.get('knobs', {})}.\n\n"
+            f"```python\nimport sae\nmodel = sae.io.from_pretrained(\"<this repo id>\")   # or sae.load(\"<repo id>\")\n"
+            f"codes = model.encode(x)      # x: [n, {config.get('d_in')}] raw activations\n"
+            f"x_hat = model.decode(codes)\n```\n\n"
+            f"Files: config.json (variant, knobs, training context), sae.safetensors (weights; the input scale is "
+            f"the `input_scale` buffer); analysis/ and eval.json when present.\n")
+
+
+def from_pretrained(name_or_path, subfolder: str | None = None, revision: str | None = None,
+                    device: str | torch.device = "cpu"):
+    """`sae.load` for a local folder or a Hub repo id (fetched with huggingface_hub; only `subfolder/*`
+    when a subfolder is named). Opens this project's runs and SAELens / sparsify layouts alike."""
+    return load(name_or_path, device=device, subfolder=subfolder, revision=revision)
+
+
+def push_to_hub(run_dir, repo_id: str, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload sparse autoencoder") -> str:
+    """Upload a run folder to the Hub as it is (config.json, sae.safetensors, analysis/ ...)."""
+    from huggingface_hub import HfApi
+    run_dir = Path(run_dir)
+    read_config(run_dir)  # refuse what is not a run folder before touching the network
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(run_dir), repo_id=repo_id, commit_message=commit_message,
+                      ignore_patterns=[".*", "**/.*", "*.tmp*", "checkpoint*/**"])
+    return f"https://huggingface.co/{repo_id}"

@@ -1,0 +1,360 @@
+"""Live training: SAEs trained straight from the model's activations, no store on disk.
+
+    sae train --model smollm2 --dataset bbc --layers 3,6,9 --site resid_post --variant topk --out RUN
+
+One forward pass (stopped after the deepest listed layer) feeds one Trainer per layer; each writes
+an ordinary run folder RUN/layer_L/. A producer thread runs the model and fills *generations*: a
+generation is whole model batches of windows until it holds at least `generation_rows` training
+rows, shuffled with a generator seeded by (seed, generation index). At most two generations exist
+at once (one being trained on, one being filled), so memory is bounded by --buffer-size and the
+model and the SAEs overlap. The batch stream is therefore a pure function of (seed, dataset
+position): RUN/live_state.json records where each generation started (window number, step), and a
+resumed run restarts the producer at the generation that holds its checkpoint's step and skips
+the batches already trained on — the result equals an uninterrupted run (on the CPU).
+
+Rows are excluded as in collection: special tokens (BOS, EOS, padding) unless kept, rows whose norm
+exceeds --max-norm-ratio × the median norm (over the first 8,192 kept training tokens, recorded), and
+every held-out document (sae.store.is_held_out): held-out windows are never fed to training. At the end
+each SAE is scored on held-out tokens (RUN/layer_L/train_summary.json). The producer and the
+--save-activations writer live in sae/live_producer.py.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sae.errors import UserError
+from sae.train.producer import Generation, LiveSpec, Producer, StoreWriter, keep_rows, window_stream  # noqa: F401
+
+STATE = "live_state.json"
+DEFAULT_BUFFER = "256MB"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+def parse_layers(text) -> list[int]:
+    """'3,6,9' -> [3, 6, 9]; a layer listed twice is refused."""
+    if isinstance(text, (list, tuple)):
+        items = [str(x) for x in text]
+    else:
+        items = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not items:
+        raise UserError("--layers needs at least one layer, e.g. --layers 6 or --layers 3,6,9")
+    try:
+        layers = [int(item) for item in items]
+    except ValueError:
+        raise UserError(f"--layers takes integers separated by commas, got {text!r}") from None
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise UserError(f"--layers lists layer {repeated[0]} more than once")
+    return layers
+
+
+def parse_buffer_bytes(text: str) -> int:
+    """'256MB', '1.5GB', '65536' (bytes) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?)i?B?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise UserError(f"--buffer-size takes a size such as 256MB or 2GB, got {text!r}")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise UserError(f"--buffer-size must be positive, got {text!r}")
+    return size
+
+
+def generation_rows_for(buffer_bytes: int, n_layers: int, d_model: int, batch_size: int) -> int:
+    """Rows per generation: two generations of every layer's float32 rows fit in the buffer."""
+    rows = buffer_bytes // (2 * n_layers * d_model * 4)
+    if rows < batch_size:
+        need = 2 * n_layers * d_model * 4 * batch_size
+        raise UserError(f"--buffer-size {_human(buffer_bytes)} holds {rows} rows per half, fewer than one "
+                        f"batch of {batch_size}: give at least {_human(need)} or a smaller --batch-size")
+    return int(rows)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GB"
+
+
+# ---- resume bookkeeping ----------------------------------------------------------------------
+@dataclass
+class LiveState:
+    """RUN/live_state.json: where every generation began, and what the producer measured."""
+    generations: list = field(default_factory=list)   # [{index, start_window, start_step}]
+    norm_median: dict | None = None
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run_dir) -> "LiveState | None":
+        import json
+        path = Path(run_dir) / STATE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(data.get("generations", []), data.get("norm_median"), data.get("settings", {}))
+
+    def write(self, run_dir) -> None:
+        from sae.files import write_json
+        write_json(Path(run_dir) / STATE, {"generations": self.generations, "norm_median": self.norm_median,
+                                           "settings": self.settings})
+
+    def resume_point(self, step: int) -> tuple[int, int, int]:
+        """(generation index, its start window, its start step) of the generation holding `step`."""
+        best = (0, 0, 0)
+        for entry in self.generations:
+            if entry["start_step"] <= step:
+                best = (entry["index"], entry["start_window"], entry["start_step"])
+        return best
+
+    def truncate(self, index: int) -> None:
+        self.generations = [g for g in self.generations if g["index"] < index]
+
+
+# ---- the consumer: one Trainer per layer -----------------------------------------------------
+def train_live(loaded, documents_factory, *, layers, site: str, variant: str, out, options,
+               knobs: dict | None = None, d_sae: int | None = None, expansion: float = 8.0,
+               context_size: int = 128, model_batch: int = 8, buffer_size: str | int = DEFAULT_BUFFER,
+               max_norm_ratio: float | None = None, keep_special: bool = False, dataset: str = "",
+               label_names=None, save_activations=None, resume: bool = False, force: bool = False,
+               max_steps: int | None = None, progress: bool | None = None) -> dict:
+    """Train one SAE per layer on `loaded`'s activations; returns {layer: last metrics}.
+
+    options: a sae.train.TrainOptions (tokens, batch_size, seed, device, ...). max_steps stops early as
+    an interruption would (checkpoints saved; a later resume continues)."""
+    import shutil
+    from tqdm import tqdm
+    from sae import distributed, variants
+    from sae.train import checkpoint
+    from sae.devices import resolve
+    from sae.train.trainer import StopFlag, Trainer
+    if distributed.launched_by_torchrun():
+        raise UserError("live training runs in one process: use `sae collect` under torchrun, then train on the store")
+    layers = parse_layers(layers)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise UserError(f"{out} is not empty: pass --resume to continue it or --force to overwrite it")
+    if force and not resume and out.exists():
+        shutil.rmtree(out)
+    device = resolve(options.device)
+    loaded.model.to(device)
+    from sae.lm import site_point
+    for layer in layers:
+        site_point(loaded, site, layer)  # unknown site or layer out of range: a UserError here
+    buffer_bytes = buffer_size if isinstance(buffer_size, int) else parse_buffer_bytes(buffer_size)
+    spec = LiveSpec(site=site, layers=layers, batch_size=options.batch_size, seed=options.seed,
+                    generation_rows=generation_rows_for(buffer_bytes, len(layers), loaded.d_model, options.batch_size),
+                    context_size=context_size, model_batch=model_batch, max_norm_ratio=max_norm_ratio,
+                    keep_special=keep_special)
+    settings = {"model": loaded.name, "dataset": dataset, "layers": layers, "site": site, "variant": variant,
+                "context_size": context_size, "model_batch": model_batch, "generation_rows": spec.generation_rows,
+                "batch_size": options.batch_size, "seed": options.seed, "max_norm_ratio": max_norm_ratio,
+                "keep_special": keep_special}
+    state = LiveState.read(out) if resume else None
+    if state is not None:
+        differing = [k for k in settings if state.settings.get(k) != settings[k]]
+        if differing:
+            k = differing[0]
+            raise UserError(f"--resume: {out} was started with {k}={state.settings.get(k)!r}, not {settings[k]!r}")
+        spec.norm_median = state.norm_median
+    state = state or LiveState(settings=settings)
+    out.mkdir(parents=True, exist_ok=True)
+
+    trainers = {}
+    torch.manual_seed(options.seed)  # the initial weights are a function of the seed
+    for layer in layers:
+        model = variants.create(variant, loaded.d_model, d_sae, expansion=expansion, **(knobs or {}))
+        run_dir = out / f"layer_{layer}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        extra = {"layer": layer, "site": site, "model": loaded.name, "dataset": dataset, "store": None,
+                 "store_digest": None, "context_size": context_size, "live": True}
+        trainer = Trainer(model, options, run_dir, config_extra=extra, device=device)
+        latest = checkpoint.latest(run_dir) if resume else None
+        if latest is not None:
+            trainer.resume_from(latest)
+        trainers[layer] = trainer
+    total = trainers[layers[0]].total_steps
+    step = min(t.step_count for t in trainers.values())
+    if step >= total:
+        return {layer: t.finish() for layer, t in trainers.items()}
+    gen_index, start_window, gen_step = state.resume_point(step)
+    state.truncate(gen_index)
+    writer = StoreWriter(save_activations, loaded, spec, dataset, label_names, resume) if save_activations else None
+    stop_at = total if max_steps is None else min(total, max_steps)
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"live {variant} layers {','.join(map(str, layers))}",
+               disable=None if progress is None else not progress, dynamic_ncols=True)
+    sae_seconds, consumer_wait, last_postfix, first_step = 0.0, 0.0, 0.0, step
+    with StopFlag() as stop_flag, Producer(loaded, documents_factory, spec, device, gen_index, start_window,
+                                           writer, steps_needed=stop_at - gen_step) as producer:
+        generations = producer.generations()
+        while step < stop_at and not stop_flag.requested:
+            begin = time.perf_counter()
+            generation = next(generations)
+            consumer_wait += time.perf_counter() - begin
+            if device.type == "cuda":  # made on the producer's stream, used (and freed) on this one
+                for tensor in generation.acts.values():
+                    tensor.record_stream(torch.cuda.current_stream(device))
+            state.generations.append({"index": generation.index, "start_window": generation.start_window,
+                                      "start_step": gen_step})
+            state.norm_median = spec.norm_median
+            state.write(out)
+            if generation.index == 0:
+                for layer, trainer in trainers.items():
+                    if trainer.step_count == 0:
+                        trainer.init_from_sample(generation.acts[layer][:options.init_rows])
+            for j in range(max(0, step - gen_step), generation.n_batches):
+                if step >= stop_at or stop_flag.requested:
+                    break
+                begin = time.perf_counter()
+                for layer, trainer in trainers.items():
+                    if trainer.step_count == step:
+                        trainer.step(generation.acts[layer][j * spec.batch_size:(j + 1) * spec.batch_size])
+                        if options.checkpoint_every and trainer.step_count % options.checkpoint_every == 0 \
+                                and trainer.step_count < total:
+                            trainer.save_checkpoint()
+                sae_seconds += time.perf_counter() - begin
+                step += 1
+                bar.update(1)
+                if time.perf_counter() - last_postfix > 0.5 or step == stop_at:
+                    last_postfix = time.perf_counter()
+                    waiting = "model" if consumer_wait > producer.waiting_seconds else "SAEs"
+                    bar.set_postfix_str(f"model {producer.model_tokens / max(producer.model_seconds, 1e-9):,.0f} tok/s, "
+                                        f"SAE {(step - first_step) / max(sae_seconds, 1e-9):.1f} step/s, "
+                                        f"waiting on {waiting}", refresh=False)
+            gen_step += generation.n_batches
+            del generation
+            producer.done()
+    bar.close()
+    if writer is not None:
+        (writer.finish if step >= total else writer.flush)()
+    if step >= total:
+        results = {layer: dict(trainer.finish()) for layer, trainer in trainers.items()}
+        if options.eval_rows:
+            score_held_out(loaded, documents_factory, spec, device, trainers, options.eval_rows, results)
+        return results
+    for trainer in trainers.values():  # interrupted (Ctrl-C or max_steps): a checkpoint to resume from
+        trainer.save_checkpoint()
+    if stop_flag.requested:
+        print(f"interrupted at step {step}/{total}: checkpoints saved under {out}/layer_*/checkpoints\n"
+              f"continue with the same command and --resume", file=sys.stderr)
+    return {layer: {**trainer.last_metrics, "interrupted": True} for layer, trainer in trainers.items()}
+
+
+class _HeldOutRows:
+    """Just enough of an ActivationStore for sae.train.held_out_scores: rows already in memory."""
+
+    def __init__(self, rows: dict):
+        self.rows = rows
+
+    def activations(self, layer, batch_size=4096, split=None):
+        yield from self.rows[layer].split(batch_size)
+
+
+@torch.no_grad()
+def score_held_out(loaded, documents_factory, spec: LiveSpec, device, trainers: dict, n_rows: int,
+                   results: dict) -> None:
+    """FVU, L0, dead fraction of each SAE on up to n_rows held-out tokens (the model run on held-out
+    windows only now, after training); written to RUN/layer_L/train_summary.json."""
+    from sae.files import write_json
+    from sae.train.trainer import SUMMARY, held_out_scores
+    producer = Producer(loaded, documents_factory, spec, device)
+    rows, count = {layer: [] for layer in spec.layers}, 0
+    for _, numbered in producer._batches(0, held_out=True):
+        if any(window.index != number for number, window in numbered):
+            break                                   # the dataset's first pass is over
+        windows = [w for _, w in numbered]
+        if not windows[0].held_out:
+            continue
+        acts = producer.forward(windows)
+        ids, docs = torch.stack([w.input_ids for w in windows]), torch.stack([w.doc_ids for w in windows])
+        flat = {layer: acts[layer].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
+        keep = keep_rows(ids, docs, flat, loaded.special_ids, spec.keep_special, spec.max_norm_ratio, spec.norm_median)
+        for layer in spec.layers:
+            rows[layer].append(flat[layer][keep.to(flat[layer].device)])
+        count += int(keep.sum())
+        if count >= n_rows:
+            break
+    held = _HeldOutRows({layer: torch.cat(parts)[:n_rows] for layer, parts in rows.items()})
+    for layer, trainer in trainers.items():
+        scores = held_out_scores(trainer.model, held, layer, n_rows, trainer.device) if count else None
+        results[layer]["held_out"] = scores
+        write_json(trainer.run_dir / SUMMARY, {"variant": trainer.model.name, "layer": layer, "live": True,
+                                               "steps": trainer.step_count, "tokens": trainer.tokens_seen,
+                                               "train": trainer.last_metrics, "held_out": scores})
+
+
+# ---- the command line (`sae train --model ...`; sae/commands/train.py dispatches here) ----------
+def add_live_arguments(parser) -> None:
+    """Options of live training that `sae train` does not already define (parser may be a group)."""
+    known = set(getattr(parser, "_option_string_actions", {}))
+    options = [
+        ("--model", dict(default=None, help="model to run (HF id, folder, or smollm2)")),
+        ("--dataset", dict(default=None, help="dataset (HF id, file, folder, or bbc; default bbc)")),
+        ("--layers", dict(default=None, help="comma-separated layers, one SAE each, e.g. 3,6,9")),
+        ("--site", dict(default=None, help="site (resid_post, attn_out, mlp_out, ...; default resid_post)")),
+        ("--context-size", dict(type=int, default=None, help="tokens per context window (default 128)")),
+        ("--buffer-size", dict(default=DEFAULT_BUFFER, help=f"shuffle buffer in memory (default {DEFAULT_BUFFER})")),
+        ("--model-batch", dict(type=int, default=8, help="context windows per forward pass (default 8)")),
+        ("--save-activations", dict(default=None, metavar="STORE", help="also write the activations as a store")),
+        ("--max-norm-ratio", dict(type=float, default=None, help="drop tokens whose norm exceeds R x the median")),
+        ("--keep-special", dict(action="store_true", help="also train on BOS/EOS positions")),
+        ("--text-column", dict(default=None, help="the dataset's text column (default: text)")),
+        ("--split", dict(default=None, help="dataset split for hub datasets (default: train)")),
+    ]
+    for flag, kwargs in options:  # an argument group shares its parser's table of options
+        if flag not in known:
+            parser.add_argument(flag, **kwargs)
+
+
+def run_from_args(args, options, knobs: dict) -> int:
+    """`sae train --model M --dataset D --layers L[,L2] --site S --variant V --out RUN`."""
+    from sae.data import load_documents
+    from sae.devices import resolve
+    from sae.lm import load_model
+    if not getattr(args, "layers", None):
+        raise UserError("live training needs --layers (e.g. --layers 6 or --layers 3,6,9)")
+    layers = parse_layers(args.layers)
+    if getattr(args, "layer", None) is not None:
+        raise UserError("live training takes --layers, not --layer")
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: pick one")
+    context_size = args.context_size or 128
+    if context_size < 2:
+        raise UserError(f"--context-size must be at least 2, got {context_size}")
+    max_norm_ratio = getattr(args, "max_norm_ratio", None)
+    if max_norm_ratio is not None and max_norm_ratio <= 0:
+        raise UserError(f"--max-norm-ratio must be positive, got {max_norm_ratio}")
+    model_batch = getattr(args, "model_batch", None) or 8
+    if model_batch <= 0:
+        raise UserError(f"--model-batch-size must be positive, got {model_batch}")
+    dataset = args.dataset or "bbc"
+    text_column, split = getattr(args, "text_column", None), getattr(args, "split", None)
+    _, label_names = load_documents(dataset, text_column, split)  # bad dataset: refused before the model loads
+    loaded = load_model(args.model, device=resolve(options.device))
+    metrics = train_live(
+        loaded, lambda: load_documents(dataset, text_column, split)[0], layers=layers,
+        site=args.site or "resid_post", variant=args.variant, out=args.out, options=options, knobs=knobs,
+        d_sae=args.d_sae, expansion=args.expansion or 8.0, context_size=context_size, model_batch=model_batch,
+        buffer_size=getattr(args, "buffer_size", None) or DEFAULT_BUFFER, max_norm_ratio=max_norm_ratio,
+        keep_special=bool(getattr(args, "keep_special", False)), dataset=dataset, label_names=label_names,
+        save_activations=getattr(args, "save_activations", None), resume=args.resume, force=args.force)
+    for layer, last in metrics.items():
+        held = last.get("held_out") or {}
+        figures = ", ".join(f"{name} {value:.4g}" for name, value in
+                            (("train FVU", last.get("fvu")), ("held-out FVU", held.get("fvu")),
+                             ("L0", held.get("l0", last.get("l0")))) if value is not None)
+        print(f"{Path(args.out) / f'layer_{layer}'}: step {last.get('step')}" + (f", {figures}" if figures else ""))
+    return 130 if any(last.get("interrupted") for last in metrics.values()) else 0
+
+
+def run_live(args) -> int:
+    """Entry point with only the parsed arguments (options and knobs built as `sae train` builds them)."""
+    from sae.commands.train import given_knobs, options_from_args
+    return run_from_args(args, options_from_args(args), given_knobs(args, args.variant))
