@@ -23,14 +23,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: CUDA when present (default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (default: CUDA when present), cpu, cuda, or any torch device such as cuda:1")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: initialisation, batch order and sampling follow from it (default 0)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows (tokens) per step, or windows per forward pass for commands that run the model "
+                             "(each command's default suits a CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sae import __version__
     parser = _Parser(prog="sae", description="Sparse autoencoders for language-model activations.")
+    parser.add_argument("--version", action="version", version=f"sae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         module = importlib.import_module(f"sae.commands.{name}")

@@ -1,8 +1,6 @@
 """Device choice shared by every command."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from sae.errors import UserError
@@ -13,26 +11,16 @@ def resolve(name: str | None = "auto") -> torch.device:
     name = name or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def square_matmul_gflops(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> float:
-    """This machine's roofline as the benchmarks print it: the throughput of an n×n by n×n matmul
-    (fp32 on the CPU, the faster of torch.mm and oneDNN, as sae.matmul picks; bf16 on CUDA), measured now."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        from sae.kernels.matmul import best_cpu_gflops
-        return max(best_cpu_gflops(n, n, n, repeats).values())
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    a @ b
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or e.g. cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def keep_freed_memory() -> bool:

@@ -148,7 +148,7 @@ def main(argv=None) -> None:
             sys.exit(f"analysis failed:\n{child.stderr}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
         matmul_s, matmul_cpu = time_encoder_matmul(args)
-        from sae.devices import square_matmul_gflops
+        from roofline import square_matmul_gflops
         roofline = square_matmul_gflops()
     finally:
         if temporary:

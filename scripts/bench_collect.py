@@ -26,7 +26,7 @@ from torch import nn
 def matmul_roofline(repeats: int = 30) -> float:
     """Best fp32 matmul GFLOP/s on this machine (shapes like one MLP projection), through the faster of
     torch.mm and oneDNN: the model's linears run on the faster one (sae.matmul.accelerate_linears)."""
-    from sae.kernels.matmul import best_cpu_gflops
+    from roofline import best_cpu_gflops
     return max(best_cpu_gflops(1024, 576, 1536, repeats).values())
 
 

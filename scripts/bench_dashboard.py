@@ -73,7 +73,7 @@ def main() -> None:
     views = [session.view((i + 1) * step % args.features) for i in range(args.repeats)]
     warm, warm_total = [v[0] for v in views], [v[1] for v in views]
     list_view = session.view(0, page="features")[0]
-    from sae.devices import square_matmul_gflops
+    from roofline import square_matmul_gflops
     gflops = square_matmul_gflops(1024)
 
     print(f"\nsae dashboard: feature page render time ({args.features:,} latents, {args.top} top examples "

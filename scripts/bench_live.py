@@ -118,7 +118,8 @@ def live_run(loaded, args, layers, device) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from sae.devices import keep_freed_memory, resolve, square_matmul_gflops
+    from roofline import square_matmul_gflops
+    from sae.devices import keep_freed_memory, resolve
     keep_freed_memory()  # as `sae train` does (sae.cli)
     from sae.lm import load_model
     device = resolve(args.device)

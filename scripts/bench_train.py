@@ -58,7 +58,7 @@ def matmul_gflops(batch: int, d_in: int, d_sae: int, device: str, repeats: int =
     faster of torch.mm (MKL) and oneDNN, in fp32 (sae.matmul: training uses the faster one, so the limit
     must too) or, for runs with --bf16, in bf16; bf16 torch.mm on CUDA."""
     if device != "cuda":
-        from sae.kernels.matmul import best_cpu_gflops
+        from roofline import best_cpu_gflops
         rates = best_cpu_gflops(batch, d_in, d_sae, repeats, bf16=bf16)
         best = max(rates, key=rates.get)
         detail = ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items())

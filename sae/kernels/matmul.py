@@ -137,28 +137,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _differentiable_onednn_addmm(bias, flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def best_cpu_gflops(n: int, k: int, m: int, repeats: int = 20, bf16: bool = False) -> dict[str, float]:
-    """GFLOP/s of an [n, k] × [k, m] product on the CPU, best of `repeats`, through each path this machine
-    has: {"torch.mm": …, "onednn": …} (onednn only where available); fp32, or bf16 inputs with bf16=True.
-    A benchmark's roofline is the best of them: the physical limit, not the slower library's."""
-    import time
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
-    paths = {"torch.mm": lambda: torch.mm(a, b)}
-    if onednn_available():
-        w = b.t().contiguous()
-        paths["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-    rates = {}
-    for name, product in paths.items():
-        best = float("inf")
-        for _ in range(repeats + 3):
-            start = time.perf_counter()
-            product()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * n * k * m / best / 1e9
-    return rates
-
-
 def _linear_forward(module, x):
     return linear(x, module.weight, module.bias)
 

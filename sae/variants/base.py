@@ -237,11 +237,6 @@ def kaiming_pair(d_in: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
     return W_dec.T.clone().contiguous(), W_dec
 
 
-def xavier(d_out: int, d_in: int) -> torch.Tensor:
-    bound = math.sqrt(6 / (d_in + d_out))
-    return torch.empty(d_out, d_in).uniform_(-bound, bound)
-
-
 def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_d (x̂ − x)² per token, averaged over the batch (the reconstruction term of every penalty)."""
     return (x_hat - x).pow(2).sum(dim=-1).mean()
