@@ -40,7 +40,7 @@ demo: install
 	$(BIN)/sae train --activations $(DEMO)/store --variant topk --k 32 --out $(DEMO)/topk --resume
 	$(BIN)/sae eval --run $(DEMO)/topk --activations $(DEMO)/store
 	$(BIN)/sae analyze --run $(DEMO)/topk --activations $(DEMO)/store
-	$(BIN)/sae dashboard $(DEMO)/topk --port $(PORT) --screenshot $(DEMO)/dashboard_feature.png
+	$(BIN)/python scripts/dashboard_snapshot.py $(DEMO)/topk --port $(PORT) --out $(DEMO)/dashboard_feature.png
 
 bench: install
 	$(BIN)/python scripts/bench_collect.py

@@ -8,29 +8,23 @@ Runs, Feature list, Feature (?feature=N), Live probe, Steer, Compare. It reads w
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by streamlit: make `dashboard` and `sae` importable
+if __package__ in (None, ""):  # run as a script by streamlit: make `dashboard` and `sae` importable from the
+    # folder above (the checkout, or site-packages when installed), ahead of any `dashboard/` in the working directory
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st
 
 from dashboard import nav
 from dashboard.runs import DataProblem, runs_from
-from dashboard.views import compare, feature, feature_list, probe, runs_page, steer
 from sae.errors import UserError
 
-VIEWS = {
-    "runs": runs_page.show,
-    "features": feature_list.show,
-    "feature": feature.show,
-    "probe": probe.show,
-    "steer": steer.show,
-    "compare": compare.show,
-}
+VIEWS = {key: importlib.import_module(f"dashboard.views.{module}").show for key, _, module in nav.PAGE_TABLE}
 
 
 def run_paths() -> list[str]:

@@ -24,11 +24,6 @@ class Probe:
     codes_of: dict                  # feature -> [seq] codes, for the features in the ranking
 
 
-def token_strings(tokenizer, token_ids) -> list[str]:
-    """Each id decoded on its own (what the token reads as), e.g. ' the' rather than 'Ġthe'."""
-    return [tokenizer.decode([int(i)]) for i in token_ids]
-
-
 def encode_text(loaded, text: str, max_tokens: int = 512) -> list[int]:
     """Token ids as the collector fed them: BOS first (when the model has one), then the text."""
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
@@ -66,6 +61,7 @@ def codes_for(sae_model, activations) -> "torch.Tensor":
 def probe(loaded, sae_model, site: str, layer, text: str, k: int = 5, n_features: int = 30) -> Probe:
     """Run the model and SAE on text: the strongest features per token and over the whole text."""
     import torch
+    from sae.analyze.extras import token_strings   # each id decoded on its own: ' the' rather than 'Ġthe'
     token_ids = encode_text(loaded, text)
     codes = codes_for(sae_model, site_activations(loaded, site, layer, token_ids))  # [seq, d_sae]
     special = [i in loaded.special_ids for i in token_ids]
@@ -80,8 +76,9 @@ def probe(loaded, sae_model, site: str, layer, text: str, k: int = 5, n_features
     per_feature = (kept.abs() if bool((kept < 0).any()) else kept).max(dim=0).values  # [d_sae]
     best = per_feature.topk(min(n_features, codes.shape[1])).indices.tolist()
     best = [f for f in best if float(per_feature[f]) > 0]
+    strings = token_strings(loaded.tokenizer, token_ids)          # {id: text}
     return Probe(
-        token_ids=token_ids, tokens=token_strings(loaded.tokenizer, token_ids), special=special,
+        token_ids=token_ids, tokens=[strings[i] for i in token_ids], special=special,
         top_features=top_features.numpy(), top_values=top_values.numpy(),
         feature_max={f: float(kept[:, f].max()) for f in best},
         feature_mean={f: float(kept[:, f].mean()) for f in best},

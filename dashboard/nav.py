@@ -6,14 +6,17 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-PAGES = {
-    "runs": "Runs",
-    "features": "Feature list",
-    "feature": "Feature",
-    "probe": "Live probe",
-    "steer": "Steer",
-    "compare": "Compare",
-}
+# The one list of pages, in sidebar order: (key in ?page=, title, module of dashboard/views/ whose
+# show(runs, place) draws it). Named, not imported: the views import this module (app.py imports them).
+PAGE_TABLE = (
+    ("runs", "Runs", "runs_page"),
+    ("features", "Feature list", "feature_list"),
+    ("feature", "Feature", "feature"),
+    ("probe", "Live probe", "probe"),
+    ("steer", "Steer", "steer"),
+    ("compare", "Compare", "compare"),
+)
+PAGES = {key: title for key, title, _ in PAGE_TABLE}          # key -> title
 
 
 @dataclass

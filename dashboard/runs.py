@@ -3,7 +3,8 @@
 The dashboard reads files only; it never recomputes what `sae eval` / `sae analyze` wrote. Tables are
 loaded once per file version (path + mtime + size) and cached across sessions with st.cache_resource
 (no copy per rerun, so treat them as read-only). Anything missing or half-written raises DataProblem
-with one line that says what is wrong and how to fix it; the pages show it as a message.
+(sae.errors.UserError for the JSON files, read by sae.files.read_json) with one line that says what is
+wrong and how to fix it; the pages show it as a message.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import streamlit as st
+
+from sae.errors import UserError
+from sae.files import read_json
 
 
 class DataProblem(Exception):
@@ -50,18 +54,6 @@ class Run:
 
 
 # ---- finding runs ---------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataProblem(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataProblem(f"{path} is not valid JSON (half-written? {error})") from None
-    if not isinstance(value, dict):
-        raise DataProblem(f"{path} does not hold a JSON object")
-    return value
-
-
 def _open_run(path: Path, name: str) -> Run:
     run = Run(path=path, name=name)
     for candidate in (path / "sweep.parquet", path.parent / "sweep.parquet"):
@@ -72,8 +64,8 @@ def _open_run(path: Path, name: str) -> Run:
         run.problem = f"{path} does not exist"
         return run
     try:
-        run.config = _read_json(path / "config.json")
-    except DataProblem as problem:
+        run.config = read_json(path / "config.json")
+    except UserError as problem:
         run.problem = f"{path} is not a finished run folder: {problem}"
     return run
 
@@ -115,7 +107,7 @@ def _stamp(path: Path) -> tuple:
 # ---- small files (read each time: cheap) -----------------------------------------------------
 def read_eval(run: Run) -> dict | None:
     path = run.path / "eval.json"
-    return _read_json(path) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def read_metrics(run: Run) -> pd.DataFrame:
@@ -144,7 +136,7 @@ def read_meta(run: Run) -> dict:
     if not (run.analysis / "meta.json").exists():
         raise DataProblem(f"{run.name} has no feature analysis yet ({run.analysis}/meta.json is missing): "
                           f"run `sae analyze --run {run.path} --activations STORE`")
-    return _read_json(run.analysis / "meta.json")
+    return read_json(run.analysis / "meta.json")
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -32,6 +32,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "(each command's default suits a CPU)")
 
 
+SITE_HELP = ("resid_pre, resid_post, attn_out, mlp_out, mlp_hidden, or a module path "
+             "(e.g. model.layers.6.mlp; '{layer}' is replaced by each layer; ':input' reads the module's input)")
+
+
+def add_source_arguments(parser, model_default: str | None, model_help: str, layers_required: bool) -> None:
+    """Where activations come from, as `sae collect` and live `sae train --model` both take them."""
+    parser.add_argument("--model", default=model_default, help=model_help)
+    parser.add_argument("--dataset", default="bbc",
+                        help="Hugging Face dataset id (owner/name[:config]), local .txt/.jsonl/.parquet file or "
+                             "folder, or bbc (embedded default)")
+    parser.add_argument("--layers", default=None, required=layers_required,
+                        help="layer index or comma-separated indices, e.g. 6 or 3,6,9 (one SAE each when training)")
+    parser.add_argument("--site", default="resid_post", help=SITE_HELP + " (default resid_post)")
+    parser.add_argument("--text-column", default=None, help="the dataset's text column (default: text)")
+    parser.add_argument("--split", default=None, help="dataset split for hub datasets (default: train)")
+    parser.add_argument("--context-size", type=int, default=128, help="tokens per window, BOS included (default 128)")
+    parser.add_argument("--keep-special-tokens", "--keep-special", dest="keep_special_tokens", action="store_true",
+                        help="also keep BOS/EOS/padding positions (dropped by default: their norms dwarf the rest)")
+    parser.add_argument("--max-norm-ratio", type=float, default=None,
+                        help="drop tokens whose norm exceeds R x the layer's median norm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sae import __version__
     parser = _Parser(prog="sae", description="Sparse autoencoders for language-model activations.")

@@ -30,16 +30,23 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path, what: str | None = None, missing_ok: bool = False) -> dict | None:
-    """A JSON file's object; a missing (None with missing_ok), unreadable or damaged file is one UserError line."""
+    """A JSON file's object; a missing (None with missing_ok), unreadable or damaged file, or one that holds
+    no JSON object, is one UserError line (the dashboard shows it as the page's message)."""
     path = Path(path)
     if missing_ok and not path.exists():
         return None
+    named = f"{what} ({path})" if what else str(path)
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{what or path} is missing ({path})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{what} is missing ({path})" if what else f"{path} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{named} is not valid JSON (half-written? {error})") from None
+    except OSError as error:
         raise UserError(f"cannot read {what or path}: {error}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{named} does not hold a JSON object")
+    return value
 
 
 def human_bytes(n: float) -> str:

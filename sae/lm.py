@@ -293,6 +293,23 @@ def _module_path_point(hf: nn.Module, site: str, layer) -> SitePoint:
     return SitePoint(module, kind, path)
 
 
+def parse_layers(text) -> list[int]:
+    """'3,6,9' (or [3, 6, 9]) -> [3, 6, 9]; what --layers takes everywhere. A layer listed twice is refused."""
+    items = [str(x).strip() for x in text] if isinstance(text, (list, tuple)) else \
+        [part.strip() for part in str(text).split(",")]
+    items = [item for item in items if item]
+    if not items:
+        raise UserError("--layers names no layer: give one, e.g. --layers 6 or --layers 3,6,9")
+    bad = [item for item in items if not item.lstrip("-").isdigit()]
+    if bad:
+        raise UserError(f"--layers {text!r}: {bad[0]!r} is not a layer index (give e.g. 6 or 3,6,9)")
+    layers = [int(item) for item in items]
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise UserError(f"--layers lists layer {repeated[0]} more than once")
+    return layers
+
+
 def layer_index(model, site: str, layer) -> int:
     """The block index a site point lives in (for early stopping order); module paths outside blocks: -1."""
     point = site_point(model, site, layer)

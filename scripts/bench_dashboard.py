@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))    # dashboard_sample: the tests' synthetic run folders
 
 
 class Session:
@@ -54,7 +55,7 @@ def main() -> None:
 
     import torch
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    from dashboard.sample import write_analysis
+    from dashboard_sample import write_analysis
 
     workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_dashboard_"))
     run = workdir / "run"

@@ -102,16 +102,17 @@ def sae_alone(sample: dict, args, device) -> float:
 
 
 def live_run(loaded, args, layers, device) -> float:
-    from sae.train.live import train_live
+    from sae.train.live import LiveOptions, train_live
     from sae.train.trainer import TrainOptions
     options = TrainOptions(tokens=args.tokens, batch_size=args.batch_size, device=str(device),
                            checkpoint_every=0, eval_rows=0, log_every=50, cpu_bf16=args.bf16)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        train_live(loaded, lambda: documents(args), layers=layers, site=args.site, variant="topk",
-                   out=f"{out}/run", options=options, knobs={"k": args.k}, expansion=args.expansion,
-                   context_size=args.context_size, model_batch=args.model_batch, buffer_size=args.buffer_size,
-                   dataset=args.dataset)
+        source = LiveOptions(model=loaded.name, layers=layers, site=args.site, dataset=args.dataset,
+                             context_size=args.context_size, model_batch=args.model_batch,
+                             buffer_size=args.buffer_size)
+        train_live(loaded, lambda: documents(args), source, variant="topk", out=f"{out}/run", options=options,
+                   knobs={"k": args.k}, expansion=args.expansion)
         sync(device)
         return args.tokens / (time.perf_counter() - start)
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dashboard.sample import INJECTIONS, tiny_model_dir, write_analysis
+from dashboard_sample import INJECTIONS, tiny_model_dir, write_analysis
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 LAYER, SITE, D_IN, D_SAE = 1, "resid_post", 32, 64

@@ -22,6 +22,7 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"       # dashboard_snapshot.py: the screenshot helper
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,8 +37,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def snapshot_helper():
+    """scripts/dashboard_snapshot.py (`make demo`'s screenshot), imported from the scripts folder."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import dashboard_snapshot
+    return dashboard_snapshot
+
+
 def wait_healthy(port: int, process, log: Path, timeout: float = 120) -> None:
-    from dashboard import snapshot
+    snapshot = snapshot_helper()
     try:
         snapshot.wait_healthy(f"http://localhost:{port}", timeout, alive=lambda: process.poll() is None)
     except RuntimeError:
@@ -51,7 +60,7 @@ def server(tmp_path_factory):
     import torch
     import sae.runs
     from sae import variants
-    from dashboard.sample import tiny_model_dir, write_analysis
+    from dashboard_sample import tiny_model_dir, write_analysis
 
     root = tmp_path_factory.mktemp("browser")
     model_dir = tiny_model_dir(root / "model")
@@ -145,7 +154,7 @@ def save(driver, tmp_path: Path, name: str) -> Path:
 
 
 def test_feature_page_in_chromium(server, browser, tmp_path):
-    from dashboard.sample import INJECTIONS
+    from dashboard_sample import INJECTIONS
     browser.get(f"{server['url']}/?feature=0")
     centers = wait_for(browser, visible("span.tok.center"), what="a highlighted top example")
     background = centers[0].value_of_css_property("background-color")
@@ -207,8 +216,8 @@ def test_served_on_localhost_only(server):
 
 
 def test_screenshot_helper_reports_build_time(server, tmp_path):
-    """What `sae dashboard --screenshot PNG` prints at the end of `make demo`: a screenshot and the build time."""
-    from dashboard import snapshot
+    """What scripts/dashboard_snapshot.py prints at the end of `make demo`: a screenshot and the build time."""
+    snapshot = snapshot_helper()
     shot = snapshot.take(server["url"], 3, tmp_path / "shot.png")
     assert shot.path.stat().st_size > 10_000 and shot.url.endswith("?feature=3")
     assert shot.build_ms is not None and 0 < shot.build_ms < 60_000

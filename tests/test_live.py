@@ -38,10 +38,12 @@ def options(steps, batch=128, **kw):
 
 
 def live(tiny, out, steps, layers="1,2", buffer=2 * 2 * 32 * 4 * 600, **kw):
-    from sae.train.live import train_live
+    from sae.train.live import LiveOptions, train_live
     opts = options(steps, checkpoint_every=kw.pop("checkpoint_every", 0))
-    return train_live(tiny, documents, layers=layers, site="resid_post", variant=kw.pop("variant", "relu"),
-                      out=out, options=opts, d_sae=64, context_size=64, model_batch=kw.pop("model_batch", 4), buffer_size=buffer,
+    source = LiveOptions(model="tiny", layers=layers, site="resid_post", context_size=64,
+                         model_batch=kw.pop("model_batch", 4), buffer_size=buffer,
+                         save_activations=kw.pop("save_activations", None))
+    return train_live(tiny, documents, source, variant=kw.pop("variant", "relu"), out=out, options=opts, d_sae=64,
                       progress=False, **kw)
 
 
@@ -214,13 +216,13 @@ def test_command_line(tiny, tmp_path, capsys):
 
 def test_a_dataset_of_held_out_documents_only_is_refused(tiny, tmp_path):
     from sae.data import Document
-    from sae.train.live import train_live
+    from sae.train.live import LiveOptions, train_live
     from sae.store import is_held_out
     held_ids = [i for i in range(200) if bool(is_held_out(torch.tensor([i]))[0])][:3]
     docs = lambda: iter([Document(i, "A held-out document about markets and rates. " * 5, None) for i in held_ids])
     with pytest.raises(UserError, match="no training documents"):
-        train_live(tiny, docs, layers="1", site="resid_post", variant="relu", out=tmp_path / "run",
-                   options=options(4), d_sae=64, context_size=32, model_batch=2, buffer_size="1MB", progress=False)
+        train_live(tiny, docs, LiveOptions(model="tiny", layers="1", context_size=32, model_batch=2, buffer_size="1MB"),
+                   variant="relu", out=tmp_path / "run", options=options(4), d_sae=64, progress=False)
 
 
 def test_the_producer_stops_after_the_last_generation_used(tiny, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from sae import variants
 from sae.train import checkpoint
 from sae.errors import UserError
 from sae.store import from_tensors
-from sae.train.trainer import Trainer, TrainOptions, TrainingDiverged, held_out_scores, lr_at, train_on_store
+from sae.train.trainer import Trainer, TrainOptions, TrainingDiverged, held_out_summary, lr_at, train_on_store
 from sae.variants.base import REGISTRY, StepContext
 from tiny_variants import TinyNaN, TinyNoisy, TinyReLU, synthetic
 
@@ -249,7 +249,7 @@ def trainer_ctx():
 def test_held_out_scores_match_brute_force(store):
     model = TinyReLU(16, 64)
     model.input_scale.fill_(0.3)
-    scores = held_out_scores(model, store, 3, rows=300)
+    scores = held_out_summary(model, store, 3, rows=300, device="cpu")
     held = torch.cat(list(store.activations(3, split="held_out")))[:300]
     codes = model.encode(held)
     x_hat = model.decode(codes)

@@ -134,9 +134,9 @@ def _loss_effects(run, feature: int, rows: list[dict]) -> list | None:
 def _cached_loss_effects(run_path: str, feature: int, contexts: tuple) -> list:
     """Per shown example, the loss change at each context token (cached per run and feature)."""
     from dashboard import live
-    from dashboard.runs import _read_json
     from pathlib import Path
-    config = _read_json(Path(run_path) / "config.json")
+    from sae.files import read_json
+    config = read_json(Path(run_path) / "config.json")
     loaded = live.cached_model(config["model"])
     sae_model = live.cached_sae(run_path)
     bos = loaded.bos_id

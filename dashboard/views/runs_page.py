@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard.render import md
 from dashboard.runs import DataProblem, read_eval, read_metrics, read_sweep
+from sae.errors import UserError
 
 IDENTITY = ("model", "layer", "site", "variant", "d_in", "d_sae", "store")
 FIGURES = ("fvu", "explained_variance", "mse", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_spliced",
@@ -47,7 +48,7 @@ def _identity(run) -> None:
 def _figures(run) -> None:
     try:
         figures = read_eval(run)
-    except DataProblem as problem:
+    except UserError as problem:      # eval.json half-written
         st.warning(str(problem))
         return
     if figures is None:

@@ -62,7 +62,8 @@ def logit_effects(W_dec_raw: torch.Tensor, W_U: torch.Tensor, norm_weight: torch
 
 
 def token_strings(tokenizer, ids) -> dict[int, str]:
-    """Decoded text of each distinct token id ("[id]" when there is no tokenizer)."""
+    """Decoded text of each distinct token id, each decoded on its own (' the' rather than 'Ġthe'; "[id]" when
+    there is no tokenizer or the id is outside it). Used by the analysis tables and the dashboard's probe."""
     unique = sorted({int(i) for i in ids})
     if tokenizer is None:
         return {i: f"[{i}]" for i in unique}

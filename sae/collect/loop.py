@@ -26,7 +26,7 @@ from sae.collect.rows import BatchRows, batch_rows, shard_tensors
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
 from sae.files import read_json, write_json
-from sae.lm import LoadedModel, capture, layer_index, load_model, run_until_captured, site_point
+from sae.lm import LoadedModel, capture, layer_index, load_model, parse_layers, run_until_captured, site_point
 
 MEDIAN_TOKENS = 8192
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +56,21 @@ class CollectOptions:
     resume: bool = False
     force: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        """Refuse bad options in one line, for Python callers as for the command line."""
+        self.layers = parse_layers(self.layers)
+        self.out = Path(self.out)
+        if self.resume and self.force:
+            raise UserError("--resume and --force contradict each other: pick one")
+        if self.context_size < 2:
+            raise UserError(f"--context-size must be at least 2, got {self.context_size}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("tokens", "batch_size", "shard_tokens", "max_norm_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 @dataclass
@@ -178,16 +193,6 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
     from sae.devices import resolve
     out = Path(options.out)
     device = distributed.local_device(resolve(options.device))
-    if options.dtype not in DTYPES:
-        raise UserError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
-    if options.tokens is not None and options.tokens <= 0:
-        raise UserError(f"--tokens must be positive, got {options.tokens}")
-    if options.max_norm_ratio is not None and options.max_norm_ratio <= 0:
-        raise UserError(f"--max-norm-ratio must be positive, got {options.max_norm_ratio}")
-    if options.batch_size is not None and options.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {options.batch_size}")
-    if not options.layers:
-        raise UserError("--layers names no layer")
     d = distributed.setup(device.type)
     old_manifest = prepare_out(out, options.resume, options.force) if d.rank == 0 or not d.enabled else None
     distributed.barrier()
@@ -195,10 +200,11 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
         old_manifest = prepare_out(out, options.resume, True) if options.resume else None
     if loaded is None:
         loaded = load_model(options.model, device=device)
-    layers = [int(layer) if str(layer).lstrip("-").isdigit() else layer for layer in options.layers]
-    for layer in layers:
+    for layer in options.layers:
         site_point(loaded.model, options.site, layer)  # validates site and layer range
-    layers = sorted(set(layers), key=lambda layer: (layer_index(loaded.model, options.site, layer), str(layer)))
+    layers = sorted(options.layers, key=lambda layer: layer_index(loaded.model, options.site, layer))
+    if len({layer_index(loaded.model, options.site, layer) for layer in layers}) < len(layers):
+        raise UserError(f"--layers {','.join(map(str, options.layers))} names one layer twice (e.g. -1 and the last)")
     options.layers = layers
     recipe = _recipe(options, d)
 

@@ -2,6 +2,8 @@
 
 It runs `streamlit run dashboard/app.py -- RUN…` with the project's settings passed as flags
 (localhost, headless, no usage statistics), so the behaviour is the same from any working directory.
+The app is found through the `dashboard` package, which is installed beside `sae` (or, in a checkout,
+sits beside sae/). A screenshot of a served page: scripts/dashboard_snapshot.py (see `make demo`).
 """
 from __future__ import annotations
 
@@ -9,7 +11,23 @@ from pathlib import Path
 
 HELP = "serve the Streamlit dashboard on localhost (http://localhost:P/?feature=N opens feature N of the first run)"
 
-APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+def app_path() -> Path:
+    """dashboard/app.py: from the installed `dashboard` package, else the one beside sae/ in a checkout."""
+    import importlib.util
+    folders = []
+    try:
+        spec = importlib.util.find_spec("dashboard")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        folders.append(Path(spec.origin).resolve().parent)
+    folders.append(Path(__file__).resolve().parents[2] / "dashboard")
+    for folder in folders:  # ours has app.py and nav.py (an unrelated `dashboard` on sys.path is passed over)
+        if (folder / "app.py").is_file() and (folder / "nav.py").is_file():
+            return folder / "app.py"
+    return folders[-1] / "app.py"
+
 
 # The settings of .streamlit/config.toml, as command-line flags.
 STREAMLIT_FLAGS = {
@@ -30,15 +48,12 @@ def add_arguments(parser):
     parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     parser.add_argument("--host", default="localhost",
                         help="address to listen on (default localhost; e.g. 0.0.0.0 serves every interface)")
-    parser.add_argument("--screenshot", metavar="PNG", default=None,
-                        help="once serving, save a headless-Chromium screenshot of a feature page of the first run "
-                             "and print its path and the page's build time (needs chromium, chromedriver, selenium)")
 
 
 def streamlit_command(runs, port: int, host: str, python: str | None = None) -> list[str]:
     """The argv that serves the app (used by the command and by the browser test)."""
     import sys
-    argv = [python or sys.executable, "-m", "streamlit", "run", str(APP),
+    argv = [python or sys.executable, "-m", "streamlit", "run", str(app_path()),
             f"--server.port={port}", f"--server.address={host}", f"--browser.serverAddress={host}"]
     argv += [f"--{key}={value}" for key, value in STREAMLIT_FLAGS.items()]
     return argv + ["--", *[str(Path(run).resolve()) for run in runs]]
@@ -66,16 +81,15 @@ def run(args):
     for run_path in args.runs:
         if not Path(run_path).exists():
             raise UserError(f"{run_path} does not exist")
-    if not APP.is_file():
-        raise UserError(f"the dashboard app is missing ({APP}); reinstall the package from its source tree")
+    app = app_path()
+    if not app.is_file():
+        raise UserError(f"the dashboard app is missing ({app}); reinstall the sae package")
     check_port(args.host, args.port)
     shown = "localhost" if args.host in ("localhost", "127.0.0.1", "::1") else args.host
     print(f"sae dashboard: http://{shown}:{args.port}/   (feature N: http://{shown}:{args.port}/?feature=N; "
           "Ctrl-C stops)", file=sys.stderr, flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the dashboard never downloads
     argv = streamlit_command(args.runs, args.port, args.host)
-    if args.screenshot:
-        return _serve_with_snapshot(argv, args)
     if os.name == "posix":  # become the server, so that signals (Ctrl-C, kill) reach it directly
         sys.stderr.flush()
         os.execv(argv[0], argv)
@@ -84,37 +98,3 @@ def run(args):
     except KeyboardInterrupt:
         return 0
 
-
-def _serve_with_snapshot(argv, args) -> int:
-    """Serve, take the screenshot once the server answers, print the closing note, keep serving."""
-    import subprocess
-    import sys
-    if str(APP.parents[1]) not in sys.path:  # dashboard/ sits beside sae/ in the source tree
-        sys.path.insert(0, str(APP.parents[1]))
-    from dashboard import snapshot
-
-    import signal
-    server = subprocess.Popen(argv)
-
-    def stop(signum, frame):  # a kill of this process also stops the server it started
-        server.terminate()
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-        base = f"http://{host}:{args.port}"
-        try:
-            snapshot.wait_healthy(base, alive=lambda: server.poll() is None)
-            feature = snapshot.example_feature(args.runs[0])
-            shot = snapshot.take(base, feature, args.screenshot)
-            built = f"{shot.build_ms:.0f} ms" if shot.build_ms is not None else "unknown"
-            print(f"\nsae dashboard: serving {base}/  ·  feature page {shot.url} built in {built} "
-                  f"(warm; {shot.load_s:.2f} s until visible in Chromium)  ·  screenshot: {shot.path}\n",
-                  file=sys.stderr, flush=True)
-        except Exception as error:  # noqa: BLE001 - the screenshot is a courtesy: keep serving
-            print(f"sae dashboard: no screenshot ({type(error).__name__}: {error}); still serving",
-                  file=sys.stderr, flush=True)
-        return server.wait()
-    except KeyboardInterrupt:
-        server.terminate()
-        return 0

@@ -77,18 +77,12 @@ def add_arguments(parser) -> None:
                         help="under torchrun: split the latents across ranks (very wide topk SAEs; sae.sharded)")
     parser.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                         help="torch.distributed backend under torchrun")
+    from sae.cli import add_source_arguments
     live = parser.add_argument_group("live training (no store): one SAE per layer from one forward pass")
-    live.add_argument("--model", default=None, help="model to run (HF id, folder, or smollm2)")
-    live.add_argument("--dataset", default=None, help="dataset (HF id, file, folder, or bbc)")
-    live.add_argument("--layers", default=None, help="comma-separated layers")
-    live.add_argument("--site", default=None, help="site (resid_post, attn_out, mlp_out, ...)")
-    live.add_argument("--context-size", type=int, default=128, help="tokens per context window (128)")
-    live.add_argument("--text-column", default=None, help="dataset column holding the text")
-    live.add_argument("--model-batch", type=int, default=8, help="context windows per model forward pass")
-    live.add_argument("--buffer-size", default="256MB", help="memory for shuffled activations (e.g. 256MB)")
-    live.add_argument("--max-norm-ratio", type=float, default=None, help="drop rows above this × the median norm")
-    live.add_argument("--keep-special-tokens", "--keep-special", dest="keep_special", action="store_true",
-                      help="keep BOS/EOS/padding rows (as collect's --keep-special-tokens)")
+    add_source_arguments(live, None, "train live from this model (HF id, folder, or smollm2) instead of a store",
+                         layers_required=False)
+    live.add_argument("--model-batch", type=int, default=8, help="context windows per model forward pass (default 8)")
+    live.add_argument("--buffer-size", default="256MB", help="memory for shuffled activations (default 256MB)")
     live.add_argument("--save-activations", default=None, metavar="STORE",
                       help="also write the activations seen to a store")
     parse = parser.parse_known_args
@@ -137,34 +131,7 @@ def options_from_args(args):
     for option, field in _OPTION_FIELDS.items():
         if getattr(args, option, None) is not None:
             values[field] = getattr(args, option)
-    options = TrainOptions(**values)
-    check_options(options)
-    return options
-
-
-def check_options(o) -> None:
-    if o.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {o.batch_size}")
-    if o.tokens < o.batch_size:
-        raise UserError(f"--tokens {o.tokens} is less than one batch ({o.batch_size})")
-    if o.lr is not None and not (o.lr > 0 and o.lr < 10):
-        raise UserError(f"--lr must be in (0, 10), got {o.lr}")
-    if o.noise_std is not None and not o.noise_std >= 0:
-        raise UserError(f"--noise-std must be ≥ 0, got {o.noise_std}")
-    if not 0 <= o.mask_prob < 1:
-        raise UserError(f"--mask-prob must be in [0, 1), got {o.mask_prob}")
-    for name in ("lr_warmup", "lr_decay", "sparsity_warmup"):
-        if not 0 <= getattr(o, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(o, name)}")
-    for name in ("checkpoint_every", "keep_checkpoints", "eval_rows"):
-        if getattr(o, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(o, name)}")
-    if o.log_every <= 0:
-        raise UserError(f"--log-every must be positive, got {o.log_every}")
-    if o.dead_after_tokens is not None and o.dead_after_tokens <= 0:
-        raise UserError(f"--dead-after-tokens must be positive, got {o.dead_after_tokens}")
-    if o.grad_clip is not None and o.grad_clip <= 0:
-        raise UserError(f"--grad-clip must be positive, got {o.grad_clip}")
+    return TrainOptions(**values)     # refuses bad values itself
 
 
 def run(args) -> int:
@@ -216,27 +183,37 @@ def run(args) -> int:
 
 
 def _run_live(args, options, knobs) -> int:
-    """`sae train --model M --dataset D --layers L --site S`: one SAE per layer from one forward pass."""
-    from sae.train import live
-    if hasattr(live, "run_from_args"):
-        return live.run_from_args(args, options, knobs)
-    missing = [name for name in ("dataset", "layers", "site") if getattr(args, name) is None]
-    if missing:
-        raise UserError(f"live training (--model) also needs {', '.join('--' + m for m in missing)}")
+    """`sae train --model M --dataset D --layers L[,L2] --site S`: one SAE per layer from one forward pass."""
+    from pathlib import Path
+
     from sae.data import load_documents
     from sae.devices import resolve
     from sae.lm import load_model
-    loaded = load_model(args.model, device=resolve(args.device))
-    _, label_names = load_documents(args.dataset, args.text_column)
-    live.train_live(loaded, lambda: load_documents(args.dataset, args.text_column)[0], layers=args.layers,
-                    site=args.site, variant=args.variant, out=args.out, options=options, knobs=knobs,
-                    d_sae=args.d_sae, expansion=8.0 if args.expansion is None else args.expansion,
-                    context_size=args.context_size, model_batch=args.model_batch, buffer_size=args.buffer_size,
-                    max_norm_ratio=args.max_norm_ratio, keep_special=args.keep_special, dataset=args.dataset,
-                    label_names=label_names, save_activations=args.save_activations, resume=args.resume,
-                    force=args.force)
-    print(f"run folder: {args.out}")
-    return 0
+    from sae.train.live import LiveOptions, train_live
+    if args.layers is None:
+        raise UserError("live training (--model) needs --layers (e.g. --layers 6 or --layers 3,6,9)")
+    if args.layer is not None:
+        raise UserError("live training takes --layers, not --layer")
+    source = LiveOptions(model=args.model, layers=args.layers, site=args.site, dataset=args.dataset,
+                         text_column=args.text_column, split=args.split, context_size=args.context_size,
+                         model_batch=args.model_batch, buffer_size=args.buffer_size,
+                         max_norm_ratio=args.max_norm_ratio, keep_special_tokens=args.keep_special_tokens,
+                         save_activations=args.save_activations)
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: pick one")
+    documents = lambda: load_documents(source.dataset, source.text_column, source.split)  # noqa: E731
+    _, label_names = documents()          # a bad dataset is refused before the model loads
+    loaded = load_model(source.model, device=resolve(options.device))
+    metrics = train_live(loaded, lambda: documents()[0], source, variant=args.variant, out=args.out, options=options,
+                         knobs=knobs, d_sae=args.d_sae, expansion=args.expansion, label_names=label_names,
+                         resume=args.resume, force=args.force)
+    for layer, last in metrics.items():
+        held = last.get("held_out") or {}
+        figures = ", ".join(f"{name} {value:.4g}" for name, value in
+                            (("train FVU", last.get("fvu")), ("held-out FVU", held.get("fvu")),
+                             ("L0", held.get("l0", last.get("l0")))) if value is not None)
+        print(f"{Path(args.out) / f'layer_{layer}'}: step {last.get('step')}" + (f", {figures}" if figures else ""))
+    return 130 if any(last.get("interrupted") for last in metrics.values()) else 0
 
 
 def _wandb(args, dist):

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from sae.errors import UserError
 from sae.evaluate.probing import DocumentPool, sparse_probing
+from sae.evaluate.scores import DENSITY_EDGES, held_out_batches, is_special, score, special_token_ids  # noqa: F401
 from sae.store import ActivationStore, is_held_out
 from sae.files import write_json
 
 EVAL_FILE = "eval.json"
-DENSITY_EDGES = [float(e) for e in np.linspace(-7.0, 0.0, 29)]  # log10 density bins, 0.25 wide
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -59,101 +59,6 @@ def check_compatible(config: dict, store: ActivationStore, layer=None):
     return store.resolve_layer(layer)
 
 
-def special_token_ids(store: ActivationStore, loaded=None) -> set[int]:
-    """BOS/EOS/pad ids: from the loaded model, the manifest, or the store's model's tokenizer."""
-    if loaded is not None and getattr(loaded, "special_ids", None) is not None:
-        return {int(i) for i in loaded.special_ids}
-    for key in ("special_ids", "special_token_ids"):
-        if store.manifest.get(key) is not None:
-            return {int(i) for i in store.manifest[key]}
-    if store.manifest.get("special_tokens_kept") is False:
-        return set()  # `sae collect` left them out of the store: no row to exclude
-    name = store.manifest.get("model")
-    if name and store.shards and "token_ids" in store.tensor_names(0):
-        try:
-            from sae.lm import load_tokenizer
-            tokenizer = load_tokenizer(name)
-            ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-            ids |= set(getattr(tokenizer, "all_special_ids", []) or [])
-            return {int(i) for i in ids if i is not None}
-        except Exception:  # no tokenizer offline: nothing to exclude by id
-            return set()
-    return set()
-
-
-def _is_special(token_ids: torch.Tensor, special_ids: set[int]) -> torch.Tensor:
-    if not special_ids:
-        return torch.zeros(token_ids.shape, dtype=torch.bool)
-    return torch.isin(token_ids.long(), torch.tensor(sorted(special_ids), dtype=torch.long))
-
-
-# ---- reconstruction and sparsity ----------------------------------------------------------------
-@torch.no_grad()
-def reconstruction_metrics(sae, store: ActivationStore, layer, special_ids: set[int], threshold: float | None,
-                           batch_size: int = 4096, device="cpu", progress: bool = True) -> dict:
-    """MSE, FVU, explained variance, cosine similarity, L2 ratio, L0, dead fraction, density histogram
-    over the held-out rows that are not special tokens."""
-    has_tokens = "token_ids" in store.tensor_names(0)
-    token_ids = store.column("token_ids") if has_tokens else None
-    n = 0
-    sq_err = x_sq = cos_sum = ratio_sum = l0_sum = 0.0
-    x_sum = torch.zeros(store.d_model, dtype=torch.float64)
-    fire_counts = torch.zeros(sae.d_sae, dtype=torch.float64)
-    extra_sample = []
-    total = int(store.held_out_mask().sum())
-    bar = tqdm(total=total, desc="eval", unit="tok", disable=None if progress else True, leave=False)
-    for x, indices in store.iter_rows(layer, batch_size, split="held_out"):
-        bar.update(len(indices))
-        if token_ids is not None:
-            keep = ~_is_special(token_ids[indices], special_ids)
-            x = x[keep]
-        if len(x) == 0:
-            continue
-        x = x.to(device)  # [batch, d_in]
-        codes = sae.encode(x)  # [batch, d_sae]
-        x_hat = sae.decode(codes)  # [batch, d_in]
-        x64, err64 = x.double(), (x - x_hat).double()
-        n += len(x)
-        sq_err += float(err64.pow(2).sum())
-        x_sum += x64.sum(dim=0).cpu()
-        x_sq += float(x64.pow(2).sum())
-        cos_sum += float(torch.nn.functional.cosine_similarity(x_hat.double(), x64, dim=1, eps=1e-12).sum())
-        ratio_sum += float((x_hat.double().norm(dim=1) / x64.norm(dim=1).clamp_min(1e-12)).sum())
-        if threshold is not None:
-            fires = codes > threshold  # [batch, d_sae]
-            l0_sum += float(fires.sum())
-            fire_counts += fires.sum(dim=0).double().cpu()
-        if hasattr(sae, "extra_metrics") and sum(len(s) for s in extra_sample) < 16384:
-            extra_sample.append(x)
-    bar.close()
-    if n == 0:
-        raise UserError("the store has no held-out tokens to evaluate on (all rows are special tokens)")
-    total_var = x_sq - float(x_sum.pow(2).sum()) / n  # Σ‖x − mean(x)‖²
-    fvu = sq_err / total_var if total_var > 0 else float("nan")
-    result = {
-        "n_tokens": n,
-        "mse": sq_err / (n * store.d_model),  # per element: mean over tokens and dimensions
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "cosine_similarity": cos_sum / n,
-        "l2_ratio": ratio_sum / n,
-        "l0": None, "dead_fraction": None, "density_histogram": None,
-    }
-    if threshold is not None:
-        density = fire_counts / n  # [d_sae]
-        result["l0"] = l0_sum / n
-        result["dead_fraction"] = float((fire_counts == 0).double().mean())
-        log_density = torch.log10(density[density > 0]).clamp(min=DENSITY_EDGES[0]).numpy()
-        counts, _ = np.histogram(log_density, bins=DENSITY_EDGES)
-        result["density_histogram"] = {"log10_density_edges": DENSITY_EDGES, "counts": counts.tolist(),
-                                       "n_dead": int((fire_counts == 0).sum())}
-    if extra_sample:
-        sample = torch.cat(extra_sample)
-        extra = sae.extra_metrics(sample.to(sae.input_scale.dtype) * sae.input_scale)
-        result.update({key: float(value) for key, value in (extra or {}).items()})
-    return result
-
-
 # ---- sparse probing ------------------------------------------------------------------------------
 @torch.no_grad()
 def probing_metrics(sae, store: ActivationStore, layer, special_ids: set[int], batch_size: int = 4096,
@@ -163,7 +68,7 @@ def probing_metrics(sae, store: ActivationStore, layer, special_ids: set[int], b
     doc_ids, labels = store.column("doc_id"), store.column("label")
     usable = labels >= 0
     if "token_ids" in store.tensor_names(0):
-        usable &= ~_is_special(store.column("token_ids"), special_ids)
+        usable &= ~is_special(store.column("token_ids"), special_ids)
     if len(torch.unique(labels[usable])) < 2:
         return None  # one label: there is no one-vs-rest task to probe
     docs, rows_per_doc = torch.unique(doc_ids[usable], return_counts=True)
@@ -211,7 +116,7 @@ def held_out_windows(store: ActivationStore, special_ids: set[int], max_windows:
     if not inputs:
         return None
     input_ids, loss_mask = torch.stack(inputs), torch.stack(losses)
-    keep_mask = _is_special(input_ids, special_ids)
+    keep_mask = is_special(input_ids, special_ids)
     loss_mask &= ~keep_mask
     loss_mask[:, -1] = False  # no next token
     return input_ids, loss_mask, keep_mask
@@ -324,12 +229,15 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
     elif not with_model:
         reason = "skipped (--no-model)"
     special_ids = special_token_ids(store, loaded)
-    threshold = config.get("fire_threshold", getattr(sae, "fire_threshold", 0.0)) \
-        if not getattr(sae, "signed_codes", False) else None
+    threshold = None if getattr(sae, "signed_codes", False) else sae.fire_threshold
     result = {"variant": config.get("variant", getattr(sae, "name", None)), "layer": layer, "site": site,
               "store": str(store.path), "store_digest": store.digest, "d_sae": sae.d_sae,
               "fire_threshold": threshold}
-    result.update(reconstruction_metrics(sae, store, layer, special_ids, threshold, batch_size, device, progress))
+    scores = score(sae, held_out_batches(store, layer, special_ids, batch_size), device,
+                   total=int(store.held_out_mask().sum()), progress=progress)
+    if scores is None:
+        raise UserError("the store has no held-out tokens to evaluate on (all rows are special tokens)")
+    result.update(scores)
     if probe and store.has_labels:
         probing = probing_metrics(sae, store, layer, special_ids, batch_size, device, probe_max_rows, seed, progress)
         if probing is not None:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from sae.errors import UserError
+from sae.files import human_bytes
+from sae.lm import parse_layers
 from sae.train.producer import Generation, LiveSpec, Producer, StoreWriter, keep_rows, window_stream  # noqa: F401
 
 STATE = "live_state.json"
@@ -36,23 +38,36 @@ DEFAULT_BUFFER = "256MB"
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
-# ---- parsing -------------------------------------------------------------------------------------
-def parse_layers(text) -> list[int]:
-    """'3,6,9' -> [3, 6, 9]; a layer listed twice is refused."""
-    if isinstance(text, (list, tuple)):
-        items = [str(x) for x in text]
-    else:
-        items = [part.strip() for part in str(text).split(",") if part.strip()]
-    if not items:
-        raise UserError("--layers needs at least one layer, e.g. --layers 6 or --layers 3,6,9")
-    try:
-        layers = [int(item) for item in items]
-    except ValueError:
-        raise UserError(f"--layers takes integers separated by commas, got {text!r}") from None
-    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
-    if repeated:
-        raise UserError(f"--layers lists layer {repeated[0]} more than once")
-    return layers
+# ---- options ---------------------------------------------------------------------------------
+@dataclass
+class LiveOptions:
+    """Where live training's activations come from: the model, the data and how rows are kept (the same
+    names and defaults as `sae collect`). Bad values are refused in one line when the options are made."""
+    model: str
+    layers: list                          # '3,6,9' or [3, 6, 9]: one SAE each
+    site: str = "resid_post"
+    dataset: str = "bbc"
+    text_column: str | None = None
+    split: str | None = None
+    context_size: int = 128
+    model_batch: int = 8                  # windows per forward pass
+    buffer_size: str | int = DEFAULT_BUFFER   # memory for the shuffled activations ('256MB' or bytes)
+    max_norm_ratio: float | None = None
+    keep_special_tokens: bool = False
+    save_activations: str | None = None   # also write the activations seen to this store
+
+    def __post_init__(self):
+        self.layers = parse_layers(self.layers)
+        if self.context_size < 2:
+            raise UserError(f"--context-size must be at least 2, got {self.context_size}")
+        if self.model_batch <= 0:
+            raise UserError(f"--model-batch must be positive, got {self.model_batch}")
+        if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:
+            raise UserError(f"--max-norm-ratio must be positive, got {self.max_norm_ratio}")
+        self.buffer_bytes = self.buffer_size if isinstance(self.buffer_size, int) else \
+            parse_buffer_bytes(self.buffer_size)
+        if self.buffer_bytes <= 0:
+            raise UserError(f"--buffer-size must be positive, got {self.buffer_size!r}")
 
 
 def parse_buffer_bytes(text: str) -> int:
@@ -71,17 +86,9 @@ def generation_rows_for(buffer_bytes: int, n_layers: int, d_model: int, batch_si
     rows = buffer_bytes // (2 * n_layers * d_model * 4)
     if rows < batch_size:
         need = 2 * n_layers * d_model * 4 * batch_size
-        raise UserError(f"--buffer-size {_human(buffer_bytes)} holds {rows} rows per half, fewer than one "
-                        f"batch of {batch_size}: give at least {_human(need)} or a smaller --batch-size")
+        raise UserError(f"--buffer-size {human_bytes(buffer_bytes)} holds {rows} rows per half, fewer than one "
+                        f"batch of {batch_size}: give at least {human_bytes(need)} or a smaller --batch-size")
     return int(rows)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}GB"
 
 
 # ---- resume bookkeeping ----------------------------------------------------------------------
@@ -119,16 +126,14 @@ class LiveState:
 
 
 # ---- the consumer: one Trainer per layer -----------------------------------------------------
-def train_live(loaded, documents_factory, *, layers, site: str, variant: str, out, options,
-               knobs: dict | None = None, d_sae: int | None = None, expansion: float = 8.0,
-               context_size: int = 128, model_batch: int = 8, buffer_size: str | int = DEFAULT_BUFFER,
-               max_norm_ratio: float | None = None, keep_special: bool = False, dataset: str = "",
-               label_names=None, save_activations=None, resume: bool = False, force: bool = False,
-               max_steps: int | None = None, progress: bool | None = None) -> dict:
+def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, out, options,
+               knobs: dict | None = None, d_sae: int | None = None, expansion: float | None = None,
+               label_names=None, resume: bool = False, force: bool = False, max_steps: int | None = None,
+               progress: bool | None = None) -> dict:
     """Train one SAE per layer on `loaded`'s activations; returns {layer: last metrics}.
 
-    options: a sae.train.TrainOptions (tokens, batch_size, seed, device, ...). max_steps stops early as
-    an interruption would (checkpoints saved; a later resume continues)."""
+    source: the model's side (LiveOptions); options: a sae.train.TrainOptions (tokens, batch_size, seed,
+    device, ...). max_steps stops early as an interruption would (checkpoints saved; a later resume continues)."""
     import shutil
     from tqdm import tqdm
     from sae import distributed, variants
@@ -137,7 +142,11 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
     from sae.train.trainer import StopFlag, Trainer
     if distributed.launched_by_torchrun():
         raise UserError("live training runs in one process: use `sae collect` under torchrun, then train on the store")
-    layers = parse_layers(layers)
+    if resume and force:
+        raise UserError("--resume and --force contradict each other: pick one")
+    layers, site, dataset = source.layers, source.site, source.dataset
+    context_size, model_batch, max_norm_ratio = source.context_size, source.model_batch, source.max_norm_ratio
+    keep_special, save_activations = source.keep_special_tokens, source.save_activations
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (resume or force):
         raise UserError(f"{out} is not empty: pass --resume to continue it or --force to overwrite it")
@@ -148,7 +157,7 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
     from sae.lm import site_point
     for layer in layers:
         site_point(loaded, site, layer)  # unknown site or layer out of range: a UserError here
-    buffer_bytes = buffer_size if isinstance(buffer_size, int) else parse_buffer_bytes(buffer_size)
+    buffer_bytes = source.buffer_bytes
     spec = LiveSpec(site=site, layers=layers, batch_size=options.batch_size, seed=options.seed,
                     generation_rows=generation_rows_for(buffer_bytes, len(layers), loaded.d_model, options.batch_size),
                     context_size=context_size, model_batch=model_batch, max_norm_ratio=max_norm_ratio,
@@ -170,7 +179,8 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
     trainers = {}
     torch.manual_seed(options.seed)  # the initial weights are a function of the seed
     for layer in layers:
-        model = variants.create(variant, loaded.d_model, d_sae, expansion=expansion, **(knobs or {}))
+        model = variants.create(variant, loaded.d_model, d_sae, expansion=8.0 if expansion is None else expansion,
+                                **(knobs or {}))
         run_dir = out / f"layer_{layer}"
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = {"layer": layer, "site": site, "model": loaded.name, "dataset": dataset, "store": None,
@@ -247,23 +257,14 @@ def train_live(loaded, documents_factory, *, layers, site: str, variant: str, ou
     return {layer: {**trainer.last_metrics, "interrupted": True} for layer, trainer in trainers.items()}
 
 
-class _HeldOutRows:
-    """Just enough of an ActivationStore for sae.train.held_out_scores: rows already in memory."""
-
-    def __init__(self, rows: dict):
-        self.rows = rows
-
-    def activations(self, layer, batch_size=4096, split=None):
-        yield from self.rows[layer].split(batch_size)
-
-
 @torch.no_grad()
 def score_held_out(loaded, documents_factory, spec: LiveSpec, device, trainers: dict, n_rows: int,
                    results: dict) -> None:
     """FVU, L0, dead fraction of each SAE on up to n_rows held-out tokens (the model run on held-out
     windows only now, after training); written to RUN/layer_L/train_summary.json."""
     from sae.files import write_json
-    from sae.train.trainer import SUMMARY, held_out_scores
+    from sae.evaluate.scores import score, summary_scores
+    from sae.train.trainer import SUMMARY
     producer = Producer(loaded, documents_factory, spec, device)
     rows, count = {layer: [] for layer in spec.layers}, 0
     for _, numbered in producer._batches(0, held_out=True):
@@ -281,80 +282,10 @@ def score_held_out(loaded, documents_factory, spec: LiveSpec, device, trainers: 
         count += int(keep.sum())
         if count >= n_rows:
             break
-    held = _HeldOutRows({layer: torch.cat(parts)[:n_rows] for layer, parts in rows.items()})
     for layer, trainer in trainers.items():
-        scores = held_out_scores(trainer.model, held, layer, n_rows, trainer.device) if count else None
+        held = torch.cat(rows[layer])[:n_rows] if count else torch.empty(0)      # [n, d_model]
+        scores = summary_scores(score(trainer.model, held.split(4096), trainer.device)) if count else None
         results[layer]["held_out"] = scores
         write_json(trainer.run_dir / SUMMARY, {"variant": trainer.model.name, "layer": layer, "live": True,
                                                "steps": trainer.step_count, "tokens": trainer.tokens_seen,
                                                "train": trainer.last_metrics, "held_out": scores})
-
-
-# ---- the command line (`sae train --model ...`; sae/commands/train.py dispatches here) ----------
-def add_live_arguments(parser) -> None:
-    """Options of live training that `sae train` does not already define (parser may be a group)."""
-    known = set(getattr(parser, "_option_string_actions", {}))
-    options = [
-        ("--model", dict(default=None, help="model to run (HF id, folder, or smollm2)")),
-        ("--dataset", dict(default=None, help="dataset (HF id, file, folder, or bbc; default bbc)")),
-        ("--layers", dict(default=None, help="comma-separated layers, one SAE each, e.g. 3,6,9")),
-        ("--site", dict(default=None, help="site (resid_post, attn_out, mlp_out, ...; default resid_post)")),
-        ("--context-size", dict(type=int, default=None, help="tokens per context window (default 128)")),
-        ("--buffer-size", dict(default=DEFAULT_BUFFER, help=f"shuffle buffer in memory (default {DEFAULT_BUFFER})")),
-        ("--model-batch", dict(type=int, default=8, help="context windows per forward pass (default 8)")),
-        ("--save-activations", dict(default=None, metavar="STORE", help="also write the activations as a store")),
-        ("--max-norm-ratio", dict(type=float, default=None, help="drop tokens whose norm exceeds R x the median")),
-        ("--keep-special", dict(action="store_true", help="also train on BOS/EOS positions")),
-        ("--text-column", dict(default=None, help="the dataset's text column (default: text)")),
-        ("--split", dict(default=None, help="dataset split for hub datasets (default: train)")),
-    ]
-    for flag, kwargs in options:  # an argument group shares its parser's table of options
-        if flag not in known:
-            parser.add_argument(flag, **kwargs)
-
-
-def run_from_args(args, options, knobs: dict) -> int:
-    """`sae train --model M --dataset D --layers L[,L2] --site S --variant V --out RUN`."""
-    from sae.data import load_documents
-    from sae.devices import resolve
-    from sae.lm import load_model
-    if not getattr(args, "layers", None):
-        raise UserError("live training needs --layers (e.g. --layers 6 or --layers 3,6,9)")
-    layers = parse_layers(args.layers)
-    if getattr(args, "layer", None) is not None:
-        raise UserError("live training takes --layers, not --layer")
-    if args.resume and args.force:
-        raise UserError("--resume and --force contradict each other: pick one")
-    context_size = args.context_size or 128
-    if context_size < 2:
-        raise UserError(f"--context-size must be at least 2, got {context_size}")
-    max_norm_ratio = getattr(args, "max_norm_ratio", None)
-    if max_norm_ratio is not None and max_norm_ratio <= 0:
-        raise UserError(f"--max-norm-ratio must be positive, got {max_norm_ratio}")
-    model_batch = getattr(args, "model_batch", None) or 8
-    if model_batch <= 0:
-        raise UserError(f"--model-batch-size must be positive, got {model_batch}")
-    dataset = args.dataset or "bbc"
-    text_column, split = getattr(args, "text_column", None), getattr(args, "split", None)
-    _, label_names = load_documents(dataset, text_column, split)  # bad dataset: refused before the model loads
-    loaded = load_model(args.model, device=resolve(options.device))
-    metrics = train_live(
-        loaded, lambda: load_documents(dataset, text_column, split)[0], layers=layers,
-        site=args.site or "resid_post", variant=args.variant, out=args.out, options=options, knobs=knobs,
-        d_sae=args.d_sae, expansion=args.expansion or 8.0, context_size=context_size, model_batch=model_batch,
-        buffer_size=getattr(args, "buffer_size", None) or DEFAULT_BUFFER, max_norm_ratio=max_norm_ratio,
-        keep_special=bool(getattr(args, "keep_special", False)), dataset=dataset, label_names=label_names,
-        save_activations=getattr(args, "save_activations", None), resume=args.resume, force=args.force)
-    for layer, last in metrics.items():
-        held = last.get("held_out") or {}
-        figures = ", ".join(f"{name} {value:.4g}" for name, value in
-                            (("train FVU", last.get("fvu")), ("held-out FVU", held.get("fvu")),
-                             ("L0", held.get("l0", last.get("l0")))) if value is not None)
-        print(f"{Path(args.out) / f'layer_{layer}'}: step {last.get('step')}" + (f", {figures}" if figures else ""))
-    return 130 if any(last.get("interrupted") for last in metrics.values()) else 0
-
-
-def run_live(args) -> int:
-    """Entry point with only the parsed arguments (options and knobs built as `sae train` builds them)."""
-    from sae.commands.train import given_knobs, options_from_args
-    return run_from_args(args, options_from_args(args), given_knobs(args, args.variant))

@@ -1,39 +1,5 @@
-"""What `sae train` reports when a run ends: held-out FVU, L0 and dead fraction, and the printed summary."""
+"""What `sae train` prints: the progress bar's figures and the summary when a run ends."""
 from __future__ import annotations
-
-import torch
-
-from sae.variants.base import SAE
-
-
-@torch.no_grad()
-def held_out_scores(model: SAE, store, layer, rows: int = 16384, device="cpu") -> dict | None:
-    """FVU, L0 and dead fraction of a model in raw units on up to `rows` held-out tokens of the store."""
-    model.eval()
-    err = total_sq = 0.0
-    total = None
-    n = 0
-    fired = torch.zeros(model.d_sae, dtype=torch.bool, device=device)
-    l0_sum = 0.0
-    tau = model.fire_threshold
-    for x in store.activations(layer, batch_size=4096, split="held_out"):
-        x = x[: rows - n].to(device)  # [b, d_in]
-        x_hat, fire_counts = model.reconstruct(x)  # [b, d_in], [d_sae] (None for signed codes)
-        err += float((x - x_hat).double().pow(2).sum())
-        total_sq += float(x.double().pow(2).sum())
-        total = x.double().sum(0) if total is None else total + x.double().sum(0)
-        if tau is not None:
-            l0_sum += float(fire_counts.sum())
-            fired |= fire_counts > 0
-        n += x.shape[0]
-        if n >= rows:
-            break
-    if n == 0:
-        return None
-    variance = total_sq - float(total.pow(2).sum()) / n
-    return {"rows": n, "fvu": err / max(variance, 1e-12), "mse": err / (n * model.d_in),
-            "l0": l0_sum / n if tau is not None else None,
-            "dead_fraction": float((~fired).float().mean()) if tau is not None else None}
 
 
 def _fmt(value, spec=".4g") -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae.errors import UserError
-from sae.variants.base import LossOutput, StepContext
+from sae.variants.base import LossOutput, StepContext, geometric_median
 
 SHARDED_VARIANTS = ("topk",)
 
@@ -224,6 +224,11 @@ class ShardedTopK(nn.Module):
 
     # ---- what the trainer does between steps ---------------------------------------------------
     @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """b_dec at the geometric median of the scaled sample [n, d_in], as the unsharded variants do."""
+        self.b_dec.copy_(geometric_median(x))
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
@@ -259,18 +264,14 @@ class ShardedTrainer:
         self.base_lr = options.lr or default_lr(model)  # by the global d_sae, as for the unsharded model
         self.optimizer = torch.optim.Adam(list(model.parameters()), lr=self.base_lr,
                                           betas=(options.beta1, options.beta2), eps=options.eps, foreach=True)
-        self.dead_after = options.dead_after_tokens or max(options.batch_size, min(10_000_000, options.tokens // 10))
+        self.dead_after = options.dead_after
         self.tokens_since_fired = torch.zeros(model.d_local, dtype=torch.int64, device=model.W_enc.device)
         self.step_count = 0
 
-    @torch.no_grad()
     def init_from_sample(self, x_raw: torch.Tensor) -> None:
-        """Input scale (mean token norm -> sqrt(d_in)) and b_dec at the geometric median, as Trainer does."""
-        from sae.variants.base import geometric_median
-        x = x_raw.to(self.model.W_enc.device).float()
-        self.model.input_scale.fill_(self.model.d_in ** 0.5 / float(x.norm(dim=1).mean()))
-        self.model.b_dec.copy_(geometric_median(x * self.model.input_scale))
-        self.model.normalize_decoder()
+        """As Trainer does (every rank holds the same sample: the latents are split, not the batch)."""
+        from sae.train.trainer import init_from_sample
+        init_from_sample(self.model, x_raw)
 
     def step(self, x_raw: torch.Tensor) -> dict:
         from sae.train.trainer import lr_at

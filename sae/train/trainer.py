@@ -29,7 +29,7 @@ from sae.train import checkpoint
 from sae.distributed import StopFlag  # noqa: F401  (re-exported: live training and sweep use it)
 from sae.errors import UserError
 from sae.train.optim import Adam
-from sae.train.report import progress_postfix, format_summary, held_out_scores  # noqa: F401  (held_out_scores: live)
+from sae.train.report import format_summary, progress_postfix
 from sae.variants.base import SAE, StepContext, squared_distance
 
 METRICS = "metrics.jsonl"
@@ -66,9 +66,37 @@ class TrainOptions:
     cpu_bf16: bool = False                # CPU products with bf16 inputs, fp32 results (sae.matmul.bf16_products)
     eval_rows: int = 16384                # held-out rows scored at the end (0: skip)
 
+    def __post_init__(self):
+        """Refuse bad options in one line, for Python callers as for the command line."""
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.tokens < self.batch_size:
+            raise UserError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+        if self.lr is not None and not 0 < self.lr < 10:
+            raise UserError(f"--lr must be in (0, 10), got {self.lr}")
+        if self.noise_std is not None and not self.noise_std >= 0:
+            raise UserError(f"--noise-std must be ≥ 0, got {self.noise_std}")
+        if not 0 <= self.mask_prob < 1:
+            raise UserError(f"--mask-prob must be in [0, 1), got {self.mask_prob}")
+        for name in ("lr_warmup", "lr_decay", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_rows"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("log_every", "dead_after_tokens", "grad_clip", "revive_every", "init_rows"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
     @property
     def total_steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
+
+    @property
+    def dead_after(self) -> int:
+        """Tokens without firing after which a latent counts as dead (the rule every trainer uses)."""
+        return self.dead_after_tokens or max(self.batch_size, min(10_000_000, self.tokens // 10))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -77,6 +105,28 @@ class TrainOptions:
     def from_json(cls, data: dict) -> "TrainOptions":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def held_out_summary(model, store, layer, rows: int, device) -> dict | None:
+    """The one held-out scorer (sae.evaluate.scores, as `sae eval`) on up to `rows` held-out tokens."""
+    from sae.evaluate.scores import held_out_batches, score, special_token_ids, summary_scores
+    return summary_scores(score(model, held_out_batches(store, layer, special_token_ids(store), max_rows=rows),
+                                device))
+
+
+@torch.no_grad()
+def init_from_sample(model, x: torch.Tensor) -> None:
+    """Set the input scale (mean token norm -> sqrt(d_in)) and let the model initialise from the scaled sample
+    [n, d_in] (decoder bias at the geometric median), then renormalise the decoder. Shared by every trainer."""
+    x = x.to(model.input_scale.device).float()
+    if x.shape[0] == 0:
+        raise UserError("no rows to initialise from")
+    mean_norm = x.norm(dim=1).mean()
+    if not torch.isfinite(mean_norm) or float(mean_norm) == 0.0:
+        raise UserError("the activations are all zero or not finite: nothing to train on")
+    model.input_scale.fill_(math.sqrt(model.d_in) / float(mean_norm))
+    model.init_from_data(x * model.input_scale)
+    model.normalize_decoder()
 
 
 def default_lr(model: SAE) -> float:
@@ -141,7 +191,7 @@ class Trainer:
         self.noise_std = model.default_noise_std if options.noise_std is None else options.noise_std
         self.generator = torch.Generator(device=self.device).manual_seed(options.seed * 7919 + 17)
         self.tracks_dead = not model.signed_codes
-        self.dead_after = options.dead_after_tokens or max(options.batch_size, min(10_000_000, options.tokens // 10))
+        self.dead_after = options.dead_after
         self.revive_every = options.revive_every or max(1, self.dead_after // options.batch_size)
         self.tokens_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=self.device)
         self.step_count = 0
@@ -162,17 +212,8 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------
     @torch.no_grad()
     def init_from_sample(self, x_raw: torch.Tensor) -> None:
-        """Set the input scale (mean token norm -> sqrt(d_in)) and let the variant initialise from data
-        (decoder bias at the geometric median). Under torchrun the ranks' samples are gathered first."""
-        x = distributed.all_gather_cat(x_raw.to(self.device).float())  # [n_total, d_in]
-        if x.shape[0] == 0:
-            raise UserError("no rows to initialise from")
-        mean_norm = x.norm(dim=1).mean()
-        if not torch.isfinite(mean_norm) or float(mean_norm) == 0.0:
-            raise UserError("the activations are all zero or not finite: nothing to train on")
-        self.model.input_scale.fill_(math.sqrt(self.model.d_in) / float(mean_norm))
-        self.model.init_from_data(x * self.model.input_scale)
-        self.model.normalize_decoder()
+        """The data-dependent initialisation (init_from_sample) on every rank's sample gathered."""
+        init_from_sample(self.model, distributed.all_gather_cat(x_raw.to(self.device).float()))  # [n_total, d_in]
 
     def _reset_window(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
@@ -495,7 +536,7 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
                "tokens_per_s": round(trainer.tokens_seen / max(elapsed, 1e-9), 1) if trainer.step_count else None,
                "train": last, "run_dir": str(run_dir)}
     if dist.is_main:
-        summary["held_out"] = held_out_scores(model, store, layer, options.eval_rows, trainer.device) \
+        summary["held_out"] = held_out_summary(model, store, layer, options.eval_rows, trainer.device) \
             if options.eval_rows else None
         from sae.files import write_json
         write_json(run_dir / SUMMARY, summary)

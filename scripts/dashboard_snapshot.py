@@ -1,10 +1,16 @@
 """A screenshot of a served feature page, taken with Debian's headless Chromium through Selenium, and
 the page's own build time (the "page built in N ms" line in the sidebar) on a warm reload.
 
-Used by `sae dashboard RUN --screenshot PATH` (e.g. at the end of `make demo`).
+    python scripts/dashboard_snapshot.py RUN --out PNG [--port P] [--host H]
+
+serves RUN with `sae dashboard`, saves a screenshot of a feature page once it answers, prints its path
+and the page's build time, and keeps serving until Ctrl-C (the last step of `make demo`). Needs Debian's
+chromium and chromium-driver (`make browser`) and selenium (the `test` extra). tests/test_dashboard_browser.py
+imports wait_healthy and take from here.
 """
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import tempfile
@@ -92,3 +98,51 @@ def take(base_url: str, feature: int, path, timeout: float = 180) -> Snapshot:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
     return Snapshot(path=path, url=url, build_ms=float(match.group(1)) if match else None, load_s=load_s)
+
+
+def serve_and_snapshot(run, out, port: int = 8501, host: str = "localhost") -> int:
+    """Serve run with `sae dashboard`, take the screenshot once the server answers, print the closing note,
+    keep serving (a failed screenshot is reported, and serving goes on). Returns the server's exit status."""
+    import signal
+    import subprocess
+    import sys
+    server = subprocess.Popen([sys.executable, "-m", "sae", "dashboard", str(run), "--port", str(port),
+                               "--host", host])
+
+    def stop(signum, frame):  # a kill of this process also stops the server it started
+        server.terminate()
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        shown = "localhost" if host in ("0.0.0.0", "::") else host
+        base = f"http://{shown}:{port}"
+        try:
+            wait_healthy(base, alive=lambda: server.poll() is None)
+            shot = take(base, example_feature(run), out)
+            built = f"{shot.build_ms:.0f} ms" if shot.build_ms is not None else "unknown"
+            print(f"\nsae dashboard: serving {base}/  ·  feature page {shot.url} built in {built} "
+                  f"(warm; {shot.load_s:.2f} s until visible in Chromium)  ·  screenshot: {shot.path}\n",
+                  file=sys.stderr, flush=True)
+        except Exception as error:  # noqa: BLE001 - the screenshot is a courtesy: keep serving
+            if server.poll() is not None:
+                return server.returncode
+            print(f"sae dashboard: no screenshot ({type(error).__name__}: {error}); still serving",
+                  file=sys.stderr, flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="serve a run with `sae dashboard` and screenshot a feature page")
+    parser.add_argument("run", help="run folder (its first firing feature is shown)")
+    parser.add_argument("--out", required=True, metavar="PNG", help="where to save the screenshot")
+    parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    parser.add_argument("--host", default="localhost", help="address to listen on (default localhost)")
+    args = parser.parse_args()
+    raise SystemExit(serve_and_snapshot(args.run, args.out, args.port, args.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,8 +2,10 @@
 docs/DESIGN.md (RUN/analysis/*), filled with random but well-formed values, plus a tiny local causal LM
 (random weights, a byte-level BPE tokenizer trained on the spot: nothing downloads).
 
-    from dashboard.sample import write_analysis, tiny_model_dir
+    from dashboard_sample import write_analysis, tiny_model_dir     # tests/ is on sys.path under pytest
     write_analysis(run_dir, n_features=16384)        # the benchmark's 16,384-latent run
+
+A test fixture, not shipped: scripts/bench_dashboard.py puts tests/ on sys.path to import it.
 """
 from __future__ import annotations
 
