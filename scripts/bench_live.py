@@ -103,7 +103,7 @@ def sae_alone(sample: dict, args, device) -> float:
 
 def live_run(loaded, args, layers, device) -> float:
     from sae.train.live import LiveOptions, train_live
-    from sae.train.trainer import TrainOptions
+    from sae.train.options import TrainOptions
     options = TrainOptions(tokens=args.tokens, batch_size=args.batch_size, device=str(device),
                            checkpoint_every=0, eval_rows=0, log_every=50, cpu_bf16=args.bf16)
     with tempfile.TemporaryDirectory() as out:

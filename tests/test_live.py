@@ -32,7 +32,7 @@ def documents():
 
 
 def options(steps, batch=128, **kw):
-    from sae.train.trainer import TrainOptions
+    from sae.train.options import TrainOptions
     return TrainOptions(tokens=steps * batch, batch_size=batch, device="cpu", seed=3, log_every=10,
                         checkpoint_every=kw.pop("checkpoint_every", 0), eval_rows=0, **kw)
 

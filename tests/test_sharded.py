@@ -20,7 +20,7 @@ def batches():
 
 
 def options():
-    from sae.train.trainer import TrainOptions
+    from sae.train.options import TrainOptions
     # dead after one batch: AuxK is active from the second step on
     return TrainOptions(tokens=STEPS * BATCH, batch_size=BATCH, device="cpu", lr=3e-3, lr_warmup=0.0,
                         dead_after_tokens=BATCH, grad_clip=1.0, autocast=False)

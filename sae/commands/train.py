@@ -124,7 +124,7 @@ def given_knobs(args, variant: str) -> dict:
 
 def options_from_args(args):
     """TrainOptions from the parsed command line (unset options keep the defaults)."""
-    from sae.train.trainer import TrainOptions
+    from sae.train.options import TrainOptions
     values = {"seed": args.seed, "device": args.device}
     if args.batch_size is not None:
         values["batch_size"] = args.batch_size

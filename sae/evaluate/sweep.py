@@ -360,7 +360,7 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     from sae.devices import resolve
     from sae.evaluate.metrics import load_store_model
     from sae.files import write_json
-    from sae.train.trainer import TrainOptions
+    from sae.train.options import TrainOptions
 
     from sae import distributed
 

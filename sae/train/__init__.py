@@ -17,10 +17,10 @@ import importlib
 
 # name -> the submodule that defines it (imported on first use: importing the package stays light)
 _EXPORTS = {
-    "TrainOptions": "sae.train.trainer",
+    "TrainOptions": "sae.train.options",
     "Trainer": "sae.train.trainer",
     "train_on_store": "sae.train.trainer",
-    "TrainingDiverged": "sae.train.trainer",
+    "TrainingDiverged": "sae.train.options",
     "LiveOptions": "sae.train.live",
     "train_live": "sae.train.live",
     "train_sharded_on_store": "sae.train.sharded",

@@ -139,7 +139,8 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
     from sae import distributed, variants
     from sae.train import checkpoint
     from sae.devices import resolve
-    from sae.train.trainer import StopFlag, Trainer
+    from sae.distributed import StopFlag
+    from sae.train.trainer import Trainer
     if distributed.launched_by_torchrun():
         raise UserError("live training runs in one process: use `sae collect` under torchrun, then train on the store")
     if resume and force:

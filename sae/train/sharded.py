@@ -258,7 +258,7 @@ class ShardedTrainer:
     counters, on this rank's slice. Every rank passes the same batch (the latents are split, not the batch)."""
 
     def __init__(self, model: ShardedTopK, options):
-        from sae.train.trainer import default_lr
+        from sae.train.options import default_lr
         self.model, self.options = model, options
         self.total_steps = options.total_steps
         self.base_lr = options.lr or default_lr(model)  # by the global d_sae, as for the unsharded model
@@ -274,7 +274,7 @@ class ShardedTrainer:
         init_from_sample(self.model, x_raw)
 
     def step(self, x_raw: torch.Tensor) -> dict:
-        from sae.train.trainer import lr_at
+        from sae.train.options import lr_at
         model, options = self.model, self.options
         x = x_raw.to(model.W_enc.device).float() * model.input_scale   # [batch, d_in]
         step = self.step_count
