@@ -93,9 +93,12 @@ def entry() -> None:
     memory, so the commands' big per-batch temporaries are reused instead of page-faulting in anew, and
     which ends without the interpreter's teardown (freeing every tensor and module of torch one by one: 0.2 s
     and more a command) once the command has returned and its output is flushed. Every file a command
-    writes is closed (and renamed into place) before it returns. Under torchrun (WORLD_SIZE > 1) or an
-    initialised torch.distributed the process exits the ordinary way: a rank leaving early would reset its
-    peers' connections. Kept out of main() itself, which tests and other programs call in their own processes."""
+    writes is closed (and renamed into place) before it returns. Under torchrun (WORLD_SIZE > 1) the same,
+    once sae.distributed.teardown() has passed its barrier (every rank is done with its collectives) and
+    destroyed the process group: the interpreter's teardown would race gloo's worker threads, which may still
+    need the GIL. Otherwise (a group still initialised, or left after an error) the process exits the ordinary
+    way: a rank leaving early would reset its peers' connections. Kept out of main() itself, which tests and
+    other programs call in their own processes."""
     from sae.devices import keep_freed_memory
     keep_freed_memory()
     try:
@@ -109,9 +112,11 @@ def entry() -> None:
         print(code, file=sys.stderr)
         code = 1
     torch_distributed = sys.modules.get("torch.distributed")
-    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")   # torchrun: ranks end the usual way
-    if launched or (torch_distributed is not None and torch_distributed.is_available()
-                    and torch_distributed.is_initialized()):
+    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+    grouped = torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized()
+    sae_distributed = sys.modules.get("sae.distributed")
+    left_cleanly = sae_distributed is not None and sae_distributed.left_cleanly()
+    if grouped or (launched and not left_cleanly):   # torchrun without a clean teardown: the usual way
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -124,18 +124,43 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def teardown(clean: bool = True) -> None:
+_LEFT_CLEANLY = False
+
+
+def teardown(clean: bool = True) -> bool:
     """Leave the process group. On a clean exit, after a barrier: gloo aborts a process whose peer closes
     its connections while it still has work in flight, so no rank leaves before every rank is done. After
     an error (clean=False) no barrier: the peers may be inside another collective, and leaving at once
-    makes them fail fast instead of waiting for the group's timeout."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if clean:
-            try:
-                torch.distributed.barrier()
-            except RuntimeError:   # a peer already failed: nothing left to wait for
-                pass
-        torch.distributed.destroy_process_group()
+    makes them fail fast instead of waiting for the group's timeout.
+
+    Then the group is destroyed and the garbage collected, so that the last reference to it goes (callers
+    drop their DistributedDataParallel wrappers first) and its destructor joins gloo's worker threads while
+    the interpreter is alive: a worker may still be freeing finished work (a barrier keeps earlier collectives'
+    work, with their Python-made tensors, until it is freed), which needs the GIL; in a finalizing interpreter
+    that ends the thread and aborts the process. Returns True when this rank left cleanly: the barrier was
+    passed and the group destroyed (left_cleanly() says so afterwards; the `sae` command then ends with
+    os._exit, see sae.cli.entry)."""
+    global _LEFT_CLEANLY
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    passed = False
+    if clean:
+        try:
+            dist.barrier()
+            passed = True
+        except RuntimeError:   # a peer already failed: nothing left to wait for
+            pass
+    dist.destroy_process_group()
+    import gc
+    gc.collect()   # DDP's reference cycles hold the group too
+    _LEFT_CLEANLY = passed
+    return passed
+
+
+def left_cleanly() -> bool:
+    """The last teardown() passed its barrier and destroyed the group: no peer is waiting on this rank."""
+    return _LEFT_CLEANLY
 
 
 # ---- reduce hooks (no-ops in one process) --------------------------------------------------

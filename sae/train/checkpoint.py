@@ -137,6 +137,23 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
     return None
 
 
+def prepare_live_dir(out, resume: bool, force: bool, state_file: str) -> None:
+    """The same rule for a live-training folder (OUT/live_state.json + OUT/layer_L/ run folders): a
+    non-empty one needs --resume or --force, and --force removes only the live state and the runs' files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if entries and not (resume or force):
+        raise UserError(f"{out} is not empty: pass --resume to continue it or --force to replace it")
+    if force and not resume:
+        (out / state_file).unlink(missing_ok=True)
+        for layer_dir in sorted(out.glob("layer_*")):
+            if layer_dir.is_dir():
+                prepare_run_dir(layer_dir, resume=False, force=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def check_resumable(saved: dict, run_dir, variant, store, layer, d_sae, knobs) -> None:
     """A resumed run must train the same thing it started: same variant, store width, layer, width, knobs."""
     if saved.get("variant") != variant:

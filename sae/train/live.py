@@ -134,7 +134,6 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
 
     source: the model's side (LiveOptions); options: a sae.train.TrainOptions (tokens, batch_size, seed,
     device, ...). max_steps stops early as an interruption would (checkpoints saved; a later resume continues)."""
-    import shutil
     from tqdm import tqdm
     from sae import distributed, variants
     from sae.train import checkpoint
@@ -149,10 +148,7 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
     context_size, model_batch, max_norm_ratio = source.context_size, source.model_batch, source.max_norm_ratio
     keep_special, save_activations = source.keep_special_tokens, source.save_activations
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise UserError(f"{out} is not empty: pass --resume to continue it or --force to overwrite it")
-    if force and not resume and out.exists():
-        shutil.rmtree(out)
+    checkpoint.prepare_live_dir(out, resume, force, STATE)
     device = resolve(options.device)
     loaded.model.to(device)
     from sae.lm import site_point

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae.errors import UserError
+from sae.train import checkpoint
 from sae.variants.base import LossOutput, StepContext, geometric_median
 
 SHARDED_VARIANTS = ("topk",)
@@ -303,7 +304,6 @@ def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | 
     every rank reads the same global batches; the latents are split; rank 0 writes the assembled SAE
     (an ordinary run folder) and metrics.jsonl. No resume: a sharded run restarts from scratch."""
     import json
-    import shutil
     from pathlib import Path
     from tqdm import tqdm
     from sae import distributed, variants
@@ -316,11 +316,7 @@ def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | 
         raise UserError(f"--shard-latents supports {', '.join(SHARDED_VARIANTS)}, not {variant}")
     run_dir = Path(run_dir)
     if info.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not force:
-                raise UserError(f"{run_dir} is not empty: pass --force to overwrite it")
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.prepare_run_dir(run_dir, resume=False, force=force)   # --force removes only a run's own files
     dist.barrier()
     layer = store.resolve_layer(layer)
     device = torch.device("cuda", info.local_rank) if options.device != "cpu" and torch.cuda.is_available() \

@@ -352,8 +352,16 @@ class Trainer:
     def finish(self) -> dict:
         """Final save (checkpoint + RUN/sae.safetensors + config.json); returns the last metrics."""
         self.save_checkpoint()
+        self.release_data_parallel()
         self.model.eval()
         return self.last_metrics
+
+    def release_data_parallel(self) -> None:
+        """Training is over: drop the DistributedDataParallel wrapper (it holds the process group, and while
+        it does destroy_process_group cannot stop gloo's worker threads; see sae.distributed.teardown)."""
+        module = getattr(self.loss_module, "module", None)
+        if isinstance(module, _LossModule):
+            self.loss_module = module
 
 
 # ---- `sae train --activations STORE`: the whole loop ----------------------------------------
@@ -435,6 +443,7 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
         bar.close()
     if interrupted:
         path = trainer.save_checkpoint()
+        trainer.release_data_parallel()
         if dist.is_main:
             print(f"interrupted at step {trainer.step_count}/{total}: checkpoint saved to {path}\n"
                   f"continue with the same command and --resume", file=sys.stderr)
