@@ -37,6 +37,18 @@ class AnalyzeOptions:
     seed: int = 0
     max_entries: int = 4_000_000  # firing entries processed at once (bounds memory on dense codes)
 
+    def __post_init__(self):
+        """Refuse bad options in one line, for Python callers as for the command line."""
+        for name, value in (("--top-k", self.n_top), ("--batch-size", self.batch_size), ("--bands", self.n_bands),
+                            ("--per-band", self.per_band), ("--reservoir", self.reservoir),
+                            ("max_entries", self.max_entries)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        for name, value in (("--context", self.context_radius), ("--nearest", self.n_nearest),
+                            ("--logits", self.n_logits)):
+            if value < 0:
+                raise UserError(f"{name} must be >= 0, got {value}")
+
 
 def _say(log, message: str) -> None:
     if log is not None:
@@ -110,12 +122,6 @@ def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, o
         raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
     layer = _resolve_layer(store, config, layer)
     out_dir = _prepare_output(run_dir, out_dir, force)
-    for name, value in (("--top-k", options.n_top), ("--batch-size", options.batch_size),
-                        ("--bands", options.n_bands), ("--reservoir", options.reservoir)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if options.context_radius < 0:
-        raise UserError(f"--context must be >= 0, got {options.context_radius}")
 
     notes: list[str] = []
     has_contexts = store.has_windows
