@@ -107,8 +107,20 @@ def setup(device_type: str, requested_backend: str = "auto") -> DistInfo:
             print(f"distributed: {message}", file=sys.stderr)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        init_process_group(backend)
     return info()
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """torch.distributed.init_process_group, with torch.distributed.nn imported first: its functions take
+    group=group.WORLD as a default argument, evaluated on import, so imported after this (DDP imports it,
+    through torch._dynamo) they would hold the default group for good, and destroy_process_group could never
+    free it nor stop gloo's worker threads (see teardown)."""
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:
+        pass
+    torch.distributed.init_process_group(backend=backend, **kwargs)
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -133,9 +145,9 @@ def teardown(clean: bool = True) -> bool:
     an error (clean=False) no barrier: the peers may be inside another collective, and leaving at once
     makes them fail fast instead of waiting for the group's timeout.
 
-    Then the group is destroyed and the garbage collected, so that the last reference to it goes (callers
-    drop their DistributedDataParallel wrappers first) and its destructor joins gloo's worker threads while
-    the interpreter is alive: a worker may still be freeing finished work (a barrier keeps earlier collectives'
+    Then the group is destroyed, its last reference gone (callers drop their DistributedDataParallel wrappers
+    first; see also init_process_group), so that its destructor joins gloo's worker threads while the
+    interpreter is alive: a worker may still be freeing finished work (a barrier keeps earlier collectives'
     work, with their Python-made tensors, until it is freed), which needs the GIL; in a finalizing interpreter
     that ends the thread and aborts the process. Returns True when this rank left cleanly: the barrier was
     passed and the group destroyed (left_cleanly() says so afterwards; the `sae` command then ends with
@@ -151,9 +163,9 @@ def teardown(clean: bool = True) -> bool:
             passed = True
         except RuntimeError:   # a peer already failed: nothing left to wait for
             pass
-    dist.destroy_process_group()
     import gc
-    gc.collect()   # DDP's reference cycles hold the group too
+    gc.collect()   # wrappers left in reference cycles (DDP) go now, while the group's own handle holds it
+    dist.destroy_process_group()   # drops that handle: its destructor releases the GIL and joins the workers
     _LEFT_CLEANLY = passed
     return passed
 

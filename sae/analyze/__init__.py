@@ -10,19 +10,9 @@
 
 May import: sae.errors, sae.files, sae.devices, sae.lm, sae.store, sae.runs. Never the trainer.
 """
-from __future__ import annotations
+from sae.lazy import exports
 
-import importlib
-
-# name -> the submodule that defines it (imported on first use: importing the package stays light)
-_EXPORTS = {
+__getattr__, __all__ = exports(__name__, {
     "analyze": "sae.analyze.pipeline",
     "AnalyzeOptions": "sae.analyze.pipeline",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -9,23 +9,13 @@
 May import: sae.errors, sae.files, sae.devices, sae.distributed, sae.lm, sae.store, sae.variants, sae.runs,
 sae.interop; sweep.py also sae.train. Never the commands or the dashboard.
 """
-from __future__ import annotations
+from sae.lazy import exports
 
-import importlib
-
-# name -> the submodule that defines it (imported on first use: importing the package stays light)
-_EXPORTS = {
+__getattr__, __all__ = exports(__name__, {
     "evaluate": "sae.evaluate.metrics",
     "format_table": "sae.evaluate.metrics",
     "EVAL_FILE": "sae.evaluate.metrics",
     "splice": "sae.evaluate.splice",
     "zero_ablate": "sae.evaluate.splice",
     "run_sweep": "sae.evaluate.sweep",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -11,12 +11,9 @@
 May import: sae.errors, sae.files, sae.devices, sae.distributed, sae.data, sae.lm, sae.store, sae.collect,
 sae.variants, sae.kernels, sae.runs, sae.interop, sae.evaluate.scores. Never the commands or the dashboard.
 """
-from __future__ import annotations
+from sae.lazy import exports
 
-import importlib
-
-# name -> the submodule that defines it (imported on first use: importing the package stays light)
-_EXPORTS = {
+__getattr__, __all__ = exports(__name__, {
     "TrainOptions": "sae.train.options",
     "Trainer": "sae.train.trainer",
     "train_on_store": "sae.train.trainer",
@@ -24,11 +21,4 @@ _EXPORTS = {
     "LiveOptions": "sae.train.live",
     "train_live": "sae.train.live",
     "train_sharded_on_store": "sae.train.sharded",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})
