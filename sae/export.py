@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae.errors import UserError
+from sae.files import read_json
 
 FORMATS = ("saelens", "sparsify", "html")
 
@@ -57,8 +58,8 @@ def _store_manifest(config: dict) -> dict:
     store = config.get("store")
     if store and (Path(store) / "manifest.json").is_file():
         try:
-            return json.loads((Path(store) / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            return read_json(Path(store) / "manifest.json")
+        except UserError:
             return {}
     return {}
 

@@ -55,7 +55,7 @@ def documents(args):
 def model_alone(loaded, args, layers, device) -> tuple[float, dict]:
     """Forward passes over packed training windows, stopped after the deepest layer. Returns (tokens/s, a
     sample of activations per layer for the SAE-alone measurement)."""
-    from sae.train.live import LiveSpec, Producer
+    from sae.train.producer import LiveSpec, Producer
     spec = LiveSpec(site=args.site, layers=layers, batch_size=args.batch_size, generation_rows=args.batch_size,
                     context_size=args.context_size, model_batch=args.model_batch)
     producer = Producer(loaded, lambda: documents(args), spec, device)

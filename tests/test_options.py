@@ -2,7 +2,6 @@
 get the same one-line refusals as the command line; live training's options are the command's options."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

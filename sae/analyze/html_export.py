@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from sae.errors import UserError
 from sae.analyze.render import TOKEN_CSS, escape, histogram_svg, shade_tokens, value_table
+from sae.files import read_json
 
 PAGE_CSS = TOKEN_CSS + """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:1.5rem auto;padding:0 1rem;
@@ -120,7 +121,7 @@ def write_html(run_dir, out_dir, features=None, force: bool = False, log=None) -
         raise UserError(f"{run_dir} has no analysis: run `sae analyze --run {run_dir} --activations STORE` first")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} is not empty: pass --force to replace it")
-    meta = json.loads((analysis / "meta.json").read_text())
+    meta = read_json(analysis / "meta.json", "the analysis' meta.json")
     selected = None if features is None else {int(f) for f in features}
     feature_rows = pq.read_table(analysis / "features.parquet").to_pylist()
     if selected is not None:

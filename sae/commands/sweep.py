@@ -42,9 +42,10 @@ def run(args):
                       device=args.device, with_model=not args.no_model, windows=args.windows,
                       probe_rows=args.probe_rows, force=args.force, resume=args.resume)
     if table is not None:
-        import json
         from pathlib import Path
-        record = json.loads((Path(args.out) / "sweep.json").read_text())
+
+        from sae.files import read_json
+        record = read_json(Path(args.out) / "sweep.json")
         print(format_table(table))
         print(f"wall time {record['wall_seconds']:.1f} s (training {record['train_wall_seconds']:.1f} s); "
               f"written to {args.out}/sweep.parquet, sweep.csv, sweep.png")

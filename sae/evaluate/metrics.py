@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sae.errors import UserError
 from sae.evaluate.probing import DocumentPool, sparse_probing
-from sae.evaluate.scores import DENSITY_EDGES, held_out_batches, is_special, score, special_token_ids  # noqa: F401
+from sae.evaluate.scores import held_out_batches, is_special, score, special_token_ids
 from sae.store import ActivationStore, is_held_out
 from sae.files import write_json
 

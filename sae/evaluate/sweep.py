@@ -359,7 +359,7 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     """Train, evaluate and tabulate a grid. Returns the table (pandas DataFrame) on rank 0, else None."""
     from sae.devices import resolve
     from sae.evaluate.metrics import load_store_model
-    from sae.files import write_json
+    from sae.files import read_json, write_json
     from sae.train.options import TrainOptions
 
     from sae import distributed
@@ -412,9 +412,8 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     rows = []
     for point in points:
         run_dir = out / point.name
-        result = json.loads((run_dir / "eval.json").read_text())
-        entry_path = run_dir / "sweep_entry.json"
-        entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {}
+        result = read_json(run_dir / "eval.json")
+        entry = read_json(run_dir / "sweep_entry.json", missing_ok=True) or {}
         rows.append(table_row(point.name, point, d_saes[point.name], result, entry.get("train_seconds"),
                               entry.get("rank", owner[point.name])))
     table = write_table(rows, out)

@@ -9,7 +9,6 @@ straight to its step.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import queue
 import threading
@@ -22,6 +21,7 @@ from safetensors import safe_open
 
 from sae.errors import UserError
 from sae.store.layout import MANIFEST, is_held_out, manifest_digest
+from sae.files import read_json
 
 
 @dataclass
@@ -39,10 +39,7 @@ class ActivationStore:
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir() or not manifest_path.is_file():
             raise UserError(f"{self.path} is not an activation store (no {MANIFEST})")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"{manifest_path} is not valid JSON: {error}") from None
+        self.manifest = read_json(manifest_path, "the store's manifest")
         self.layers: list = list(self.manifest.get("layers") or [])
         self.d_model: int = int(self.manifest["d_model"])
         self.shards: list[ShardInfo] = []

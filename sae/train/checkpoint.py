@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from sae.errors import UserError
 from sae.runs import save_run
 from sae.files import write_json
+from sae.files import read_json
 
 CHECKPOINTS = "checkpoints"
 TRAINER_TENSORS = "trainer.safetensors"
@@ -79,9 +80,11 @@ def load(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, 
     try:
         weights = load_file(str(path / "sae.safetensors"))
         tensors = load_file(str(path / TRAINER_TENSORS))
-        meta = json.loads((path / TRAINER_JSON).read_text())
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, Exception) as error:  # safetensors raises its own type
+        meta = read_json(path / TRAINER_JSON)
+        config = read_json(path / "config.json")
+    except UserError as error:
+        raise UserError(f"checkpoint {path} is unreadable: {error}") from None
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types
         raise UserError(f"checkpoint {path} is unreadable: {error}") from None
     return weights, tensors, meta, config
 

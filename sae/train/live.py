@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from sae.errors import UserError
-from sae.files import human_bytes
+from sae.files import human_bytes, read_json
 from sae.lm import parse_layers
-from sae.train.producer import Generation, LiveSpec, Producer, StoreWriter, keep_rows, window_stream  # noqa: F401
+from sae.train.producer import LiveSpec, Producer, StoreWriter, keep_rows
 
 STATE = "live_state.json"
 DEFAULT_BUFFER = "256MB"
@@ -101,11 +101,9 @@ class LiveState:
 
     @classmethod
     def read(cls, run_dir) -> "LiveState | None":
-        import json
-        path = Path(run_dir) / STATE
-        if not path.is_file():
+        data = read_json(Path(run_dir) / STATE, "the live-training state", missing_ok=True)
+        if data is None:
             return None
-        data = json.loads(path.read_text())
         return cls(data.get("generations", []), data.get("norm_median"), data.get("settings", {}))
 
     def write(self, run_dir) -> None:

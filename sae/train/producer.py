@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from sae.errors import UserError
+from sae.files import read_json
 
 # ---- the producer: model -> generations ------------------------------------------------------
 @dataclass
@@ -323,13 +324,12 @@ class StoreWriter:
     def __init__(self, path, loaded, spec: LiveSpec, dataset: str, label_names, resume: bool,
                  shard_rows: int = 65536, dtype=torch.float32):
         from sae.store import HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST
-        import json
         self.path = Path(path)
         self.shard_rows, self.dtype = shard_rows, dtype
         self.layers = list(spec.layers)
         existing = self.path / MANIFEST
         if existing.is_file() and resume:
-            self.manifest = json.loads(existing.read_text())
+            self.manifest = read_json(existing, "--save-activations' manifest")
             if self.manifest.get("layers") != self.layers or self.manifest.get("site") != spec.site:
                 raise UserError(f"--save-activations {self.path} holds other layers or another site: "
                                 f"give a new folder")

@@ -31,6 +31,7 @@ from sae.train.optim import Adam
 from sae.train.options import TrainingDiverged, TrainOptions, default_lr, lr_at  # noqa: F401
 from sae.train.report import format_summary, progress_postfix
 from sae.variants.base import SAE, StepContext, squared_distance
+from sae.files import read_json
 
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -392,7 +393,7 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
     if refusal:
         raise UserError(refusal)
     if resume_from is not None:
-        saved = json.loads((resume_from / "config.json").read_text())
+        saved = read_json(resume_from / "config.json", "the checkpoint's config")
         checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)
         d_sae, knobs = saved["d_sae"], saved.get("knobs", {})
         options = TrainOptions.from_json({**saved["training"], "device": options.device})
