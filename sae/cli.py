@@ -32,7 +32,26 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "(each command's default suits a CPU)")
 
 
-SITE_HELP = ("resid_pre, resid_post, attn_out, mlp_out, mlp_hidden, or a module path "
+# the values sae.lm.loading.parse_model_dtype takes (repeated here so that `sae --help` needs no torch)
+MODEL_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _model_dtype(text: str) -> str:
+    if str(text).strip().lower() not in MODEL_DTYPE_CHOICES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(MODEL_DTYPE_CHOICES)}")
+    return str(text).strip().lower()
+
+
+def add_model_dtype_argument(parser) -> None:
+    """--model-dtype, for every command that runs the language model."""
+    parser.add_argument("--model-dtype", type=_model_dtype, default="auto", metavar="DTYPE",
+                        help="dtype the language model is loaded in: auto (default: bfloat16 on CUDA, float32 on "
+                             "the CPU), float32, bfloat16 or float16; weights are read straight into it")
+
+
+SITE_HELP = ("resid_pre, resid_post, attn_out, mlp_out (what attention / the MLP adds to the residual stream), "
+             "mlp_in (the MLP's input, after its pre-norm), mlp_hidden, attn_z (per-head attention outputs, "
+             "n_heads x d_head: the input of the attention's output projection), or a module path "
              "(e.g. model.layers.6.mlp; '{layer}' is replaced by each layer; ':input' reads the module's input)")
 
 
@@ -52,6 +71,7 @@ def add_source_arguments(parser, model_default: str | None, model_help: str, lay
                         help="also keep BOS/EOS/padding positions (dropped by default: their norms dwarf the rest)")
     parser.add_argument("--max-norm-ratio", type=float, default=None,
                         help="drop tokens whose norm exceeds R x the layer's median norm")
+    add_model_dtype_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

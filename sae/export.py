@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae.errors import UserError
-from sae.files import read_json
+from sae.files import check_output_folder, read_json
 
 FORMATS = ("saelens", "sparsify", "html")
 
@@ -29,23 +29,32 @@ def export(run_dir, out_dir, fmt: str, force: bool = False) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} does not exist")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"{out_dir} is not empty: pass --force to replace it")
     if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
         raise UserError("the output folder must lie outside the run folder")
+    kind = f"export-{fmt}"
+    check_output_folder(out_dir, kind, force, inputs=(run_dir,), owned=lambda folder: _is_export(folder, fmt))
     staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         {"saelens": write_saelens, "sparsify": write_sparsify, "html": write_html}[fmt](run_dir, staging)
         if out_dir.exists():
-            shutil.rmtree(out_dir)  # empty, or force was given
+            shutil.rmtree(out_dir)  # empty, or this tool's own export of the same format (checked above)
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+# what each format writes: an export holds these and nothing else (the only folders --force replaces);
+# no marker file is added, so the folder stays exactly the other tool's layout
+_EXPORT_FILES = {"saelens": {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors"},
+                 "sparsify": {"cfg.json", "sae.safetensors"}, "html": {"index.html", "features"}}
+
+
+def _is_export(folder: Path, fmt: str) -> bool:
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    return bool(names) and names <= _EXPORT_FILES[fmt]
 
 
 def _load_run(run_dir: Path):

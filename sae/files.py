@@ -56,3 +56,121 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+# ---- output folders: what --force may replace, and one writer at a time -------------------------------
+MARKER = ".sae-output"    # {"kind": ...}: a folder this tool wrote whole (an analysis, an export)
+LOCK = ".sae-lock"        # {"pid", "host", "command"}: the process writing into a folder
+
+
+def mark_output(folder, kind: str) -> None:
+    """Record that `folder` is this tool's output of `kind`, so that a later --force may replace it."""
+    write_json(Path(folder) / MARKER, {"kind": kind, "writer": "sae"})
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(out, kind: str, force: bool, inputs=(), owned=None) -> None:
+    """Refuse an output folder this command may not write or replace, in one line.
+
+    Missing or empty: fine. Non-empty: needs `force`, and even then only a folder this tool wrote as `kind`
+    (its MARKER, or `owned(out)` for outputs written before markers existed) is replaced: never a folder
+    that holds anything else, and never one that is or contains an input of the command."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder: give a folder to write into")
+    for source in inputs:
+        if source is not None and _inside(Path(source), out):
+            raise UserError(f"{out} holds this command's input {source}: give another output folder")
+    entries = [p for p in out.iterdir() if p.name not in (MARKER, LOCK)] if out.is_dir() else []
+    if not entries:
+        return
+    if not force:
+        raise UserError(f"{out} is not empty: pass --force to replace it")
+    try:
+        marker = read_json(out / MARKER, missing_ok=True)
+    except UserError:
+        marker = None
+    if (isinstance(marker, dict) and marker.get("kind") == kind) or (owned is not None and owned(out)):
+        return
+    raise UserError(f"--force replaces only a folder this tool wrote ({kind}); {out} holds other files "
+                    f"({', '.join(sorted(p.name for p in entries)[:3])}{', …' if len(entries) > 3 else ''}): "
+                    f"give a new or empty folder")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FolderLock:
+    """`with FolderLock(out, "sae train"):` one writer at a time. A second one is refused with one line
+    naming the process that holds the folder; the lock of a process that no longer runs (kill -9) is stale
+    and taken over. The lock file is created with O_EXCL, so two starting writers cannot both win."""
+
+    def __init__(self, folder, command: str, name: str = LOCK):
+        self.path = Path(folder) / name
+        self.command = command
+        self.held = False
+
+    def __enter__(self) -> "FolderLock":
+        import socket
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder} is a file, not a folder")
+        self.created = not folder.exists()      # removed again if the command writes nothing
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot write to --out {folder}: {error.strerror or error}") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                pid, host = holder.get("pid"), holder.get("host")
+                same_host = host in (None, me["host"])
+                if isinstance(pid, int) and same_host and (pid == os.getpid() or not _process_alive(pid)):
+                    self.path.unlink(missing_ok=True)        # stale: its process is gone
+                    continue
+                if not holder:                               # being written by a starting writer, or damaged
+                    import time
+                    time.sleep(0.2)
+                    try:
+                        holder = json.loads(self.path.read_text() or "{}")
+                    except (OSError, ValueError):
+                        holder = {}
+                    if not holder:
+                        self.path.unlink(missing_ok=True)
+                        continue
+                raise UserError(f"{self.path.parent} is in use by {holder.get('command', 'another sae command')} "
+                                f"(process {holder.get('pid')} on {holder.get('host')}); wait for it to end, or "
+                                f"delete {self.path} if that process is gone")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(me))
+            self.held = True
+            return self
+        raise UserError(f"could not lock {self.path.parent}: another writer keeps taking it")
+
+    def __exit__(self, *exc) -> bool:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+            if self.created:
+                try:
+                    self.path.parent.rmdir()                  # only if still empty
+                except OSError:
+                    pass
+        return False

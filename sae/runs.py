@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -70,11 +71,32 @@ def build_from_config(config: dict):
     return cls(config["d_in"], config["d_sae"], **config.get("knobs", {}))
 
 
-def load(path, device: str | torch.device = "cpu", weights: str | None = None, subfolder: str | None = None,
-         revision: str | None = None):
-    """Open a trained SAE: a run folder of this project, or (via sae.interop) another tool's layout, local
-    or a Hub id (`subfolder` picks one SAE of a release; RUN/layer_L of a live-training run)."""
+def _is_device(value) -> bool:
+    return isinstance(value, torch.device) or (
+        isinstance(value, str) and re.fullmatch(r"(cpu|cuda|mps|xpu|meta|auto)(:\d+)?", value) is not None)
+
+
+def load(path, sae_id: str | None = None, device: str | torch.device = "cpu", weights: str | None = None,
+         subfolder: str | None = None, revision: str | None = None):
+    """Open a trained SAE: a run folder of this project, or (via sae.interop) another tool's layout (SAELens,
+    sparsify, Gemma Scope's params.npz), local or a Hub id (`subfolder` picks one SAE of a repo; RUN/layer_L of
+    a live-training run), or a published SAE by release name: load(RELEASE, SAE_ID) or load("RELEASE:SAE_ID")
+    (sae/interop/releases.json). load(RUN, "cuda") still reads the second argument as the device."""
     from sae import interop
+    from sae.interop import releases
+    name = str(path)
+    if sae_id is not None and _is_device(sae_id) and not releases.is_release(name):
+        device, sae_id = sae_id, None
+    spec = releases.parse_spec(name) if sae_id is None else None
+    exists = Path(name).expanduser().exists()
+    if spec is not None or (not exists and releases.is_release(name)):
+        release, sae_id = spec or (name, sae_id)
+        return releases.load_release(release, sae_id, device=device, revision=revision)
+    if sae_id is not None:
+        if not exists:
+            releases.check_release(name)          # unknown release: the closest names
+        raise UserError(f"{name} is a folder, not a release name: sae.load(FOLDER) takes no SAE id "
+                        f"(subfolder= picks one SAE inside it)")
     local, kind = interop.locate(path, subfolder, revision)
     config = read_config(local) if kind in ("run", None) and (local / CONFIG).is_file() else {}
     if "variant" not in config:            # another tool's layout (or nothing we know: it says why)
@@ -86,6 +108,35 @@ def load(path, device: str | torch.device = "cpu", weights: str | None = None, s
     model.load_state_dict(load_file(str(weight_path)))
     model.run_config = config
     return model.to(device).eval()
+
+
+def release_run(release: str, sae_id: str | None, revision: str | None = None) -> Path:
+    """A published SAE as a run folder of this project (config.json + sae.safetensors, the same function),
+    made once under the cache (SAE_CACHE/releases/RELEASE/SAE_ID), so that eval, analyze and the dashboard
+    open it as any run and write eval.json and analysis/ beside it."""
+    from sae.files import cache_dir
+    from sae.interop import releases
+    info = releases.resolve(release, sae_id)
+    folder = cache_dir() / "releases" / release / info["sae_id"]
+    if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
+        return folder
+    model = releases.load_release(release, info["sae_id"], revision=revision)
+    skip = ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes")
+    save_run(model, folder, {k: v for k, v in model.run_config.items() if k not in skip})   # config.json last
+    return folder
+
+
+def resolve_run(text) -> str:
+    """A --run / RUN argument: a folder as given, or RELEASE:SAE_ID made into a run folder (release_run)."""
+    from sae.interop import releases
+    spec = releases.parse_spec(str(text))
+    return str(release_run(*spec)) if spec is not None else str(text)
+
+
+def check_store(config: dict, manifest: dict, d_model: int) -> None:
+    """A published SAE (config['source']['release']) against a store: model and width must match (one line)."""
+    from sae.interop import releases
+    releases.check_store(config, manifest, d_model)
 
 
 # ---- Hugging Face Hub: a run folder is a Hub repo as it is ----------------------------------

@@ -23,6 +23,10 @@ HAND_PATHS = {  # (blocks, attention output module, MLP output module, MLP hidde
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp", ("mlp.dense_4h_to_h", "input")),
     "bert": ("bert.encoder.layer", "attention.output.dense", "output.dense", ("intermediate", "output")),
 }
+INPUT_PATHS = {  # modules whose input is (mlp_in, attn_z), by hand
+    "llama": ("mlp", "self_attn.o_proj"), "gpt2": ("mlp", "attn.c_proj"),
+    "gpt_neox": ("mlp", "attention.dense"), "bert": ("intermediate", "attention.output.dense"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +78,8 @@ def reference_sites(loaded, layer, input_ids, attention_mask=None):
     handles = [block.get_submodule(attn).register_forward_hook(keep("attn_out")),
                block.get_submodule(mlp).register_forward_hook(keep("mlp_out")),
                block.get_submodule(hidden_path).register_forward_hook(keep("mlp_hidden", hidden_kind == "input"))]
+    handles += [block.get_submodule(path).register_forward_hook(keep(site, True))
+                for site, path in zip(("mlp_in", "attn_z"), INPUT_PATHS[loaded.family])]
     with torch.no_grad():
         out = hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     for handle in handles:

@@ -166,9 +166,21 @@ def test_export_refuses_non_empty_output_and_unknown_variants(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--force" in err and "Traceback" not in err
     assert (out / "keep.txt").read_text() == "user data"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as done:       # --force never replaces a folder holding anything else
         main(["export", str(run), "--format", "saelens", str(out), "--force"])
-    assert (out / "cfg.json").is_file() and not (out / "keep.txt").exists()
+    assert done.value.code == 2 and "holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    exported = tmp_path / "exported"
+    for _ in range(2):                            # ... but replaces its own export of that format
+        with pytest.raises(SystemExit) as done:
+            main(["export", str(run), "--format", "saelens", str(exported), "--force"])
+        assert done.value.code == 0 and (exported / "cfg.json").is_file()
+    with pytest.raises(SystemExit) as done:       # an export of another format is not this one's to replace
+        main(["export", str(run), "--format", "html", str(exported), "--force"])
+    assert done.value.code == 2 and (exported / "cfg.json").is_file()
+    with pytest.raises(SystemExit) as done:       # nor a folder that contains the run
+        main(["export", str(run), "--format", "saelens", str(tmp_path), "--force"])
+    assert done.value.code == 2 and (run / "sae.safetensors").is_file()
     need_variant("linear")
     linear = variants.create("linear", d_in=D_IN, d_sae=4)
     save_run(linear, tmp_path / "lin", {"layer": 0, "site": "resid_post"})

@@ -15,6 +15,10 @@ PATHS = {
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp", lambda mlp, x: mlp.act(mlp.dense_h_to_4h(x))),
     "bert": ("bert.encoder.layer", "attention.output.dense", "output.dense", None),
 }
+INPUT_PATHS = {  # modules whose input is (mlp_in, attn_z), by hand
+    "llama": ("mlp", "self_attn.o_proj"), "gpt2": ("mlp", "attn.c_proj"),
+    "gpt_neox": ("mlp", "attention.dense"), "bert": ("intermediate", "attention.output.dense"),
+}
 
 
 def reference(loaded, layer, input_ids):
@@ -25,6 +29,9 @@ def reference(loaded, layer, input_ids):
     seen = {}
     handles = [block.get_submodule(attn_path).register_forward_hook(
         lambda m, a, o: seen.__setitem__("attn_out", o[0] if isinstance(o, tuple) else o))]
+    for site, path in zip(("mlp_in", "attn_z"), INPUT_PATHS[loaded.family]):
+        handles.append(block.get_submodule(path).register_forward_pre_hook(
+            lambda m, a, site=site: seen.__setitem__(site, a[0])))
     if loaded.family == "bert":
         handles.append(block.get_submodule("output.dense").register_forward_hook(
             lambda m, a, o: seen.__setitem__("mlp_out", o)))

@@ -188,12 +188,19 @@ def test_resume_refuses_a_different_variant_or_store(store, tmp_path, tiny_regis
 
 
 def test_force_replaces_only_run_files(store, tmp_path, tiny_registry):
+    """--force replaces a run and what was derived from its weights; a folder holding anything else is
+    refused whole, its files untouched."""
     run = tmp_path / "run"
-    run.mkdir()
+    train_on_store(store, "tiny_relu", run, opts(tokens=256 * 4), progress=False)
+    (run / "analysis").mkdir()
+    (run / "analysis" / "meta.json").write_text("{}")
+    train_on_store(store, "tiny_relu", run, opts(tokens=256 * 4), progress=False, force=True)
+    assert (run / "sae.safetensors").is_file() and not (run / "analysis").exists()   # stale analysis gone
     (run / "notes.txt").write_text("mine")
-    train_on_store(store, "tiny_relu", run, opts(tokens=256 * 4), progress=False, force=True)
-    train_on_store(store, "tiny_relu", run, opts(tokens=256 * 4), progress=False, force=True)
-    assert (run / "notes.txt").read_text() == "mine"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="holds other files"):
+        train_on_store(store, "tiny_relu", run, opts(tokens=256 * 4), progress=False, force=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_empty_or_all_held_out_store_is_refused(tmp_path, tiny_registry):

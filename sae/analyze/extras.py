@@ -87,13 +87,13 @@ def try_load_tokenizer(model_name):
         return None, f"tokenizer for {model_name} not available ({type(error).__name__}: {error})"
 
 
-def try_unembedding(model_name):
+def try_unembedding(model_name, model_dtype="auto"):
     """(W_U, final_norm_weight, family) of the store's model, or (None, reason)."""
     if not model_name:
         return None, "the store names no model"
     try:
         from sae.lm import load_model, unembedding
-        loaded = load_model(model_name)
+        loaded = load_model(model_name, dtype=model_dtype)
         W_U, norm_weight = unembedding(loaded)
         return (W_U.detach().float().cpu(), None if norm_weight is None else norm_weight.detach().float().cpu(),
                 getattr(loaded, "family", None)), None

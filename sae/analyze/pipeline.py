@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from sae.errors import UserError
+from sae.files import MARKER, FolderLock, check_output_folder, mark_output
 
 
 @dataclass
@@ -34,6 +35,7 @@ class AnalyzeOptions:
     batch_size: int = 4096
     device: str = "cpu"
     with_model: bool = True       # load the store's model for logit effects
+    model_dtype: str = "auto"     # its dtype (--model-dtype; auto: float32 here, on the CPU)
     seed: int = 0
     max_entries: int = 4_000_000  # firing entries processed at once (bounds memory on dense codes)
 
@@ -48,6 +50,8 @@ class AnalyzeOptions:
                             ("--logits", self.n_logits)):
             if value < 0:
                 raise UserError(f"{name} must be >= 0, got {value}")
+        from sae.lm.loading import parse_model_dtype
+        parse_model_dtype(self.model_dtype)
 
 
 def _say(log, message: str) -> None:
@@ -79,10 +83,25 @@ def _layer_folder(run_dir: Path, layer) -> Path:
     return run_dir / f"layer_{layer}"
 
 
-def _prepare_output(run_dir: Path, out_dir: Path | None, force: bool) -> Path:
+ANALYSIS_KIND = "analysis"
+
+
+def _is_old_analysis(folder: Path) -> bool:
+    """An analysis written before output markers: our meta.json beside parquet/JSON tables, nothing else."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"n_features", "options"} <= set(meta) and all(
+        p.is_file() and p.suffix in (".parquet", ".json") for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _prepare_output(run_dir: Path, out_dir: Path | None, force: bool, store_path: Path) -> Path:
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force and \
+            ((out_dir / MARKER).is_file() or _is_old_analysis(out_dir)):
         raise UserError(f"{out_dir} already holds an analysis: pass --force to replace it")
+    check_output_folder(out_dir, ANALYSIS_KIND, force, inputs=(run_dir, store_path), owned=_is_old_analysis)
     return out_dir
 
 
@@ -97,8 +116,19 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@torch.no_grad()
 def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, out_dir=None,
+            force: bool = False, model=None, log=print) -> dict:
+    """Analyse every feature of the SAE in run_dir over `store` (a path or ActivationStore).
+
+    Writes RUN/analysis/ (or out_dir) and returns its meta.json contents (with a "notes" list of
+    what was skipped and why). One analysis at a time writes a folder (a second is refused in one line)."""
+    target = Path(out_dir) if out_dir is not None else _layer_folder(Path(run_dir), layer) / "analysis"
+    with FolderLock(target.parent, "sae analyze", name=f".{target.name}.sae-lock"):
+        return _analyze(run_dir, store, layer, options, out_dir, force, model, log)
+
+
+@torch.no_grad()
+def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, out_dir=None,
             force: bool = False, model=None, log=print) -> dict:
     """Analyse every feature of the SAE in run_dir over `store` (a path or ActivationStore).
 
@@ -118,10 +148,12 @@ def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, o
     # a foreign folder (SAELens, sparsify) opened by sae.load has no config.json of ours
     config = read_config(run_dir) if (run_dir / "config.json").is_file() \
         else dict(getattr(model, "run_config", {}) or {})
+    from sae.runs import check_store
+    check_store(config, store.manifest, store.d_model)   # a published SAE: the store's model and width
     if int(model.d_in) != store.d_model:
         raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
     layer = _resolve_layer(store, config, layer)
-    out_dir = _prepare_output(run_dir, out_dir, force)
+    out_dir = _prepare_output(run_dir, out_dir, force, store.path)
 
     notes: list[str] = []
     has_contexts = store.has_windows
@@ -169,9 +201,18 @@ def analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, o
         write_tables(tmp_dir, stats, model, store, meta, options, notes)
         meta["notes"] = notes
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        mark_output(tmp_dir, ANALYSIS_KIND)
         _publish(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    if run_dir.is_dir() and not (run_dir / "config.json").exists() and out_dir == run_dir / "analysis":
+        # another tool's folder (SAELens, sparsify, Gemma Scope): add this project's run files (the same
+        # function) so that the dashboard, which reads config.json and sae.safetensors, opens it as a run
+        from sae.runs import save_run
+        skip = ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes")
+        save_run(model.cpu(), run_dir, {k: v for k, v in config.items() if k not in skip})
+        notes.append(f"{run_dir} is another tool's layout: config.json and sae.safetensors were added beside it "
+                     f"for the dashboard")
     for note in notes:
         _say(log, f"note: {note}")
     return meta

@@ -238,7 +238,7 @@ def write_tables(out_dir: Path, stats, model, store, meta: dict, options, notes:
     if not options.with_model:
         notes.append("logit effects skipped (--no-model)")
         return
-    unembedding, why = try_unembedding(meta.get("model"))
+    unembedding, why = try_unembedding(meta.get("model"), options.model_dtype)
     if unembedding is None:
         notes.append(f"logit effects skipped: {why}")
         return

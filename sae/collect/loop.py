@@ -25,15 +25,17 @@ from sae import store as store_lib
 from sae.collect.rows import BatchRows, batch_rows, shard_tensors
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
-from sae.files import read_json, write_json
+from sae.files import FolderLock, read_json, write_json
 from sae.lm import LoadedModel, capture, layer_index, load_model, parse_layers, run_until_captured, site_point
+from sae.lm.loading import loaded_dtype, parse_model_dtype
 
 MEDIAN_TOKENS = 8192
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMAT = "sae-activation-store/1"
 # options that must match when a collection is resumed
-RECIPE_KEYS = ("model", "layers", "site", "dataset", "text_column", "split", "context_size", "dtype",
-               "special_tokens_kept", "max_norm_ratio", "world_size")
+RECIPE_KEYS = ("model", "layers", "site", "dataset", "text_column", "split", "context_size", "model_dtype",
+               "dtype", "special_tokens_kept", "max_norm_ratio", "world_size")
+OPTIONAL_RECIPE_KEYS = ("model_dtype",)   # absent from stores written before it was recorded
 
 
 @dataclass
@@ -46,8 +48,9 @@ class CollectOptions:
     tokens: int | None = None          # rows to write (all ranks together); None: the whole dataset
     context_size: int = 128
     batch_size: int | None = None      # windows per forward pass
-    dtype: str = "float32"
+    dtype: str | None = None           # stored dtype; None: the model's dtype (a bf16 model writes bf16)
     device: str = "cpu"
+    model_dtype: str = "auto"          # auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on the CPU)
     text_column: str | None = None
     split: str | None = None
     keep_special_tokens: bool = False
@@ -65,7 +68,8 @@ class CollectOptions:
             raise UserError("--resume and --force contradict each other: pick one")
         if self.context_size < 2:
             raise UserError(f"--context-size must be at least 2, got {self.context_size}")
-        if self.dtype not in DTYPES:
+        parse_model_dtype(self.model_dtype)   # refuses a bad value in one line
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("tokens", "batch_size", "shard_tokens", "max_norm_ratio"):
             value = getattr(self, name)
@@ -93,7 +97,7 @@ def prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
     """Check --out; returns the existing manifest when resuming, else None (folder ready and empty of store files)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    existing = out.is_dir() and any(out.iterdir())
+    existing = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
     if existing and resume:
         manifest_path = out / store_lib.MANIFEST
         if not manifest_path.is_file():
@@ -101,6 +105,11 @@ def prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
         return read_json(manifest_path, "--resume: the store's manifest")
     if existing and not force:
         raise UserError(f"--out {out} is not empty: pass --resume to continue it or --force to replace it")
+    if existing:   # --force replaces a store, never a folder that holds anything else
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p not in _store_files(out))
+        if others:
+            raise UserError(f"--force replaces only an activation store; {out} holds other files "
+                            f"({', '.join(others[:3])}): give a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test{os.getpid()}"
@@ -168,15 +177,17 @@ def _norm_stats(out: Path, manifest: dict, first: int) -> tuple[dict, dict]:
     return stats, first_median
 
 
-def _recipe(options: CollectOptions, d: distributed.DistInfo) -> dict:
+def _recipe(options: CollectOptions, d: distributed.DistInfo, model_dtype: str) -> dict:
     return {"model": options.model, "layers": list(options.layers), "site": options.site, "dataset": options.dataset,
             "text_column": options.text_column, "split": options.split, "context_size": options.context_size,
             "dtype": options.dtype, "special_tokens_kept": options.keep_special_tokens,
-            "max_norm_ratio": options.max_norm_ratio, "world_size": d.world_size}
+            "max_norm_ratio": options.max_norm_ratio, "world_size": d.world_size, "model_dtype": model_dtype}
 
 
 def _check_recipe(old: dict, new: dict) -> None:
     for key in RECIPE_KEYS:
+        if key in OPTIONAL_RECIPE_KEYS and key not in old:
+            continue
         if old.get(key) != new.get(key):
             raise UserError(f"--resume: the store was collected with {key}={old.get(key)!r}, "
                             f"not {new.get(key)!r}: use the same options (or --force to start over)")
@@ -189,7 +200,15 @@ def _progress_path(out: Path, rank: int) -> Path:
 
 
 def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> CollectResult:
-    """Run a collection (see the module docstring). Returns where the store is and what it holds."""
+    """Run a collection (see the module docstring). Returns where the store is and what it holds.
+    The store folder is locked while it is written (rank 0 holds the lock): a second writer is refused."""
+    import contextlib
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock(options.out, "sae collect") if main_rank else contextlib.nullcontext():
+        return _collect(options, loaded)
+
+
+def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResult:
     from sae.devices import resolve
     out = Path(options.out)
     device = distributed.local_device(resolve(options.device))
@@ -199,14 +218,17 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
     if d.enabled and d.rank != 0:
         old_manifest = prepare_out(out, options.resume, True) if options.resume else None
     if loaded is None:
-        loaded = load_model(options.model, device=device)
+        loaded = load_model(options.model, device=device, dtype=options.model_dtype)
+    model_dtype = loaded_dtype(loaded)
+    if options.dtype is None:   # the store follows the model: a bf16 model writes a bf16 store
+        options.dtype = model_dtype if model_dtype in DTYPES else "float32"
     for layer in options.layers:
         site_point(loaded.model, options.site, layer)  # validates site and layer range
     layers = sorted(options.layers, key=lambda layer: layer_index(loaded.model, options.site, layer))
     if len({layer_index(loaded.model, options.site, layer) for layer in layers}) < len(layers):
         raise UserError(f"--layers {','.join(map(str, options.layers))} names one layer twice (e.g. -1 and the last)")
     options.layers = layers
-    recipe = _recipe(options, d)
+    recipe = _recipe(options, d, model_dtype)
 
     # resume state
     state = {"shards": [], "shard_rows": [], "next_window": 0, "rows": 0, "norm_median": None,

@@ -3,8 +3,11 @@ HELP = "builds the per-feature data that the dashboard shows (RUN/analysis/)"
 
 
 def add_arguments(parser):
-    from sae.cli import add_common_arguments
-    parser.add_argument("--run", required=True, help="run folder (RUN/config.json + RUN/sae.safetensors)")
+    from sae.cli import add_common_arguments, add_model_dtype_argument
+    parser.add_argument("--run", required=True,
+                        help="run folder (RUN/config.json + RUN/sae.safetensors; SAELens, sparsify and Gemma Scope "
+                             "folders too), or RELEASE:SAE_ID, a published SAE (e.g. gemma-scope-2b-pt-res:"
+                             "layer_12/width_16k/average_l0_82; analysed beside its cached copy)")
     parser.add_argument("--activations", required=True, metavar="STORE", help="activation store to analyse over")
     parser.add_argument("--layer", default=None, help="the store's layer (required when it holds several)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
@@ -18,16 +21,21 @@ def add_arguments(parser):
     parser.add_argument("--logits", type=int, default=10, help="promoted/suppressed tokens per feature (default 10)")
     parser.add_argument("--no-model", action="store_true", help="do not load the model (skips logit effects)")
     parser.add_argument("--force", action="store_true", help="replace an existing analysis")
+    add_model_dtype_argument(parser)
     add_common_arguments(parser)
 
 
 def run(args):
     from sae.analyze.pipeline import AnalyzeOptions, analyze
+    from sae.runs import resolve_run
+
+    args.run = resolve_run(args.run)   # RELEASE:SAE_ID -> a run folder under the cache
 
     options = AnalyzeOptions(n_top=args.top_k, context_radius=args.context, n_bands=args.bands,
                              per_band=args.per_band, reservoir=max(args.reservoir, args.per_band),
                              n_nearest=args.nearest, n_logits=args.logits, batch_size=args.batch_size or 4096,
-                             device=args.device, with_model=not args.no_model, seed=args.seed)
+                             device=args.device, with_model=not args.no_model, seed=args.seed,
+                             model_dtype=args.model_dtype)
     meta = analyze(args.run, args.activations, layer=args.layer, options=options, out_dir=args.out,
                    force=args.force)
     dead = meta.get("n_dead")

@@ -9,8 +9,8 @@ def add_arguments(parser):
     parser.add_argument("--tokens", type=int, default=None,
                         help="rows (tokens) to write, all ranks together (default: the whole dataset)")
     parser.add_argument("--out", required=True, help="the store folder to write")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="stored dtype (default float32)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="stored dtype (default: the model's dtype, see --model-dtype)")
     parser.add_argument("--shard-tokens", type=int, default=None,
                         help="rows per shard (default: about 256 MB of activations)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
@@ -32,7 +32,7 @@ def run(args):
         out=args.out, tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, text_column=args.text_column, split=args.split,
         keep_special_tokens=args.keep_special_tokens, max_norm_ratio=args.max_norm_ratio,
-        shard_tokens=args.shard_tokens, resume=args.resume, force=args.force)
+        shard_tokens=args.shard_tokens, resume=args.resume, force=args.force, model_dtype=args.model_dtype)
     torch.manual_seed(args.seed)
     try:
         result = collect(options)

@@ -44,7 +44,9 @@ STREAMLIT_FLAGS = {
 
 def add_arguments(parser):
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run folders (or folders holding runs, e.g. a sweep's DIR or RUN/layer_L/)")
+                        help="run folders (or folders holding runs, e.g. a sweep's DIR or RUN/layer_L/), or "
+                             "RELEASE:SAE_ID, a published SAE (e.g. gemma-scope-2b-pt-res:layer_12/width_16k/"
+                             "average_l0_82) analysed with `sae analyze --run RELEASE:SAE_ID`")
     parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     parser.add_argument("--host", default="localhost",
                         help="address to listen on (default localhost; e.g. 0.0.0.0 serves every interface)")
@@ -78,6 +80,8 @@ def run(args):
     import sys
     from sae.errors import UserError
 
+    from sae.runs import resolve_run
+    args.runs = [resolve_run(run_path) for run_path in args.runs]   # RELEASE:SAE_ID -> its run folder
     for run_path in args.runs:
         if not Path(run_path).exists():
             raise UserError(f"{run_path} does not exist")

@@ -3,8 +3,11 @@ HELP = "score a trained SAE on a store's held-out documents; writes RUN/eval.jso
 
 
 def add_arguments(parser):
-    from sae.cli import add_common_arguments
-    parser.add_argument("--run", required=True, help="the run folder (config.json + sae.safetensors)")
+    from sae.cli import add_common_arguments, add_model_dtype_argument
+    parser.add_argument("--run", required=True,
+                        help="the run folder (config.json + sae.safetensors; SAELens, sparsify and Gemma Scope "
+                             "folders too), or RELEASE:SAE_ID, a published SAE (e.g. gemma-scope-2b-pt-res:"
+                             "layer_12/width_16k/average_l0_82; eval.json goes beside its cached copy)")
     parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
     parser.add_argument("--layer", default=None, help="the store's layer (default: the run's layer)")
     parser.add_argument("--no-model", action="store_true",
@@ -16,6 +19,7 @@ def add_arguments(parser):
     parser.add_argument("--probe-rows", type=int, default=200_000,
                         help="at most this many rows (whole documents) are pooled for sparse probing")
     parser.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+    add_model_dtype_argument(parser)
     add_common_arguments(parser)
 
 
@@ -28,10 +32,12 @@ def run(args):
 
     if args.windows < 1 or args.lm_batch_size < 1:
         raise UserError("--windows and --lm-batch-size must be at least 1")
+    from sae.runs import resolve_run
+    args.run = resolve_run(args.run)   # RELEASE:SAE_ID -> a run folder under the cache
     result = evaluate(args.run, args.activations, layer=args.layer, with_model=not args.no_model,
                       device=resolve(args.device), batch_size=args.batch_size or 4096, max_windows=args.windows,
                       lm_batch_size=args.lm_batch_size, probe=not args.no_probing, probe_max_rows=args.probe_rows,
-                      seed=args.seed)
+                      seed=args.seed, model_dtype=args.model_dtype)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if not args.json:
         print(f"(written to {args.run}/{EVAL_FILE})")

@@ -23,6 +23,8 @@ def add_arguments(parser):
                         help="rows (whole documents) pooled for sparse probing on labelled stores")
     parser.add_argument("--resume", action="store_true", help="keep the SAEs already finished in DIR, train the rest")
     parser.add_argument("--force", action="store_true", help="replace an existing sweep in DIR")
+    from sae.cli import add_model_dtype_argument
+    add_model_dtype_argument(parser)
     add_common_arguments(parser)
 
 
@@ -40,7 +42,8 @@ def run(args):
     table = run_sweep(args.activations, args.out, variants_spec=args.variants, layer=args.layer, tokens=args.tokens,
                       batch_size=args.batch_size or 1024, expansion=args.expansion, lr=args.lr, seed=args.seed,
                       device=args.device, with_model=not args.no_model, windows=args.windows,
-                      probe_rows=args.probe_rows, force=args.force, resume=args.resume)
+                      probe_rows=args.probe_rows, force=args.force, resume=args.resume,
+                      model_dtype=args.model_dtype)
     if table is not None:
         from pathlib import Path
 

@@ -198,12 +198,12 @@ def _run_live(args, options, knobs) -> int:
                          text_column=args.text_column, split=args.split, context_size=args.context_size,
                          model_batch=args.model_batch, buffer_size=args.buffer_size,
                          max_norm_ratio=args.max_norm_ratio, keep_special_tokens=args.keep_special_tokens,
-                         save_activations=args.save_activations)
+                         save_activations=args.save_activations, model_dtype=args.model_dtype)
     if args.resume and args.force:
         raise UserError("--resume and --force contradict each other: pick one")
     documents = lambda: load_documents(source.dataset, source.text_column, source.split)  # noqa: E731
     _, label_names = documents()          # a bad dataset is refused before the model loads
-    loaded = load_model(source.model, device=resolve(options.device))
+    loaded = load_model(source.model, device=resolve(options.device), dtype=source.model_dtype)
     metrics = train_live(loaded, lambda: documents()[0], source, variant=args.variant, out=args.out, options=options,
                          knobs=knobs, d_sae=args.d_sae, expansion=args.expansion, label_names=label_names,
                          resume=args.resume, force=args.force)

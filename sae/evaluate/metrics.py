@@ -44,8 +44,12 @@ def open_run(run, device="cpu"):
 def check_compatible(config: dict, store: ActivationStore, layer=None):
     """The store's layer key to evaluate on; UserError naming what differs between run and store."""
     manifest = store.manifest
+    released = bool((config.get("source") or {}).get("release"))
+    if released:   # a published SAE: its model counts by name (a local copy of the model is fine)
+        from sae.runs import check_store
+        check_store(config, manifest, store.d_model)
     differences = []
-    for key in ("model", "site"):
+    for key in ("site",) if released else ("model", "site"):
         if config.get(key) is not None and manifest.get(key) is not None and str(config[key]) != str(manifest[key]):
             differences.append(f"{key}: run {config[key]!r}, store {manifest[key]!r}")
     if config.get("d_in") is not None and int(config["d_in"]) != store.d_model:
@@ -190,14 +194,15 @@ def downstream_metrics(sae, loaded, site: str, layer, windows, batch_size: int =
     return downstream_many({"sae": sae}, loaded, site, layer, windows, batch_size, device, progress)["sae"]
 
 
-def load_store_model(store: ActivationStore, device="cpu"):
-    """(LoadedModel, None) or (None, reason it cannot be used for next-token figures)."""
+def load_store_model(store: ActivationStore, device="cpu", model_dtype="auto"):
+    """(LoadedModel, None) or (None, reason it cannot be used for next-token figures).
+    model_dtype: auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on the CPU)."""
     name = store.manifest.get("model")
     if not name:
         return None, "the store does not name the model it came from"
     from sae.lm import load_model
     try:
-        loaded = load_model(name, device=device)
+        loaded = load_model(name, device=device, dtype=model_dtype)
     except UserError as error:
         return None, f"the store's model {name!r} could not be loaded ({error})"
     return loaded, None
@@ -206,12 +211,15 @@ def load_store_model(store: ActivationStore, device="cpu"):
 # ---- the whole evaluation -------------------------------------------------------------------------
 def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batch_size: int = 4096,
              loaded_model=None, max_windows: int = 64, lm_batch_size: int = 4, probe: bool = True,
-             probe_max_rows: int = 200_000, seed: int = 0, write: bool = True, progress: bool = True) -> dict:
+             probe_max_rows: int = 200_000, seed: int = 0, write: bool = True, progress: bool = True,
+             model_dtype: str = "auto") -> dict:
     """Score a run (folder or SAE module) on a store's held-out documents; write RUN/eval.json.
 
     loaded_model: a sae.models.LoadedModel to use instead of loading the store's model.
     """
     device = torch.device(device)
+    from sae.lm.loading import loaded_dtype, parse_model_dtype
+    parse_model_dtype(model_dtype, device)   # a bad value is refused before any work
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     sae, config, run_dir = open_run(run, device)
     sae = sae.to(device).eval()
@@ -225,7 +233,7 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
         if not store.has_windows:
             reason = "the store has no window_tokens, so there is no model input to replay"
         else:
-            loaded, reason = load_store_model(store, device)
+            loaded, reason = load_store_model(store, device, model_dtype)
     elif not with_model:
         reason = "skipped (--no-model)"
     special_ids = special_token_ids(store, loaded)
@@ -259,6 +267,7 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
             else:
                 loaded.model.to(device)
                 result.update(downstream_metrics(sae, loaded, site, layer, windows, lm_batch_size, device, progress))
+                result["model_dtype"] = loaded_dtype(loaded)
                 reason = None
     if reason:
         result["downstream_skipped"] = reason

@@ -355,7 +355,7 @@ def meet(world_size: int) -> None:
 def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tokens: int = DEFAULT_TOKENS,
               batch_size: int = 1024, expansion: float = 8.0, lr: float | None = None, seed: int = 0,
               device: str = "auto", with_model: bool = True, windows: int = 8, probe_rows: int = 50_000,
-              force: bool = False, resume: bool = False, progress: bool = True):
+              force: bool = False, resume: bool = False, progress: bool = True, model_dtype: str = "auto"):
     """Train, evaluate and tabulate a grid. Returns the table (pandas DataFrame) on rank 0, else None."""
     from sae.devices import resolve
     from sae.evaluate.metrics import load_store_model
@@ -392,7 +392,7 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
                            checkpoint_every=0, keep_checkpoints=1)
     config_extra = {"layer": layer, "site": store.manifest.get("site"), "model": store.manifest.get("model"),
                     "dataset": store.manifest.get("dataset"), "store": str(store.path), "store_digest": store.digest,
-                    "sweep": str(out)}
+                    "sweep": str(out), "model_dtype": store.manifest.get("model_dtype")}
     with distributed.local():  # each rank trains its own SAEs: nothing is reduced across ranks
         seconds = train_all(mine, store, layer, options, out, config_extra, progress)
         train_done = time.perf_counter()
@@ -400,7 +400,7 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
         if with_model and not store.has_windows:
             reason = "the store has no window_tokens, so there is no model input to replay"
         elif mine and with_model:
-            loaded, reason = load_store_model(store, device)
+            loaded, reason = load_store_model(store, device, model_dtype)
         site = store.manifest.get("site")
         evaluate_all(mine, store, layer, out, device, loaded, reason, site, windows, probe_rows, seed, progress)
     for name in mine:

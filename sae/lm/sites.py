@@ -1,8 +1,12 @@
 """Sites: where an activation is read, resolved to a module and whether its input or output is the activation.
 
-A site is `resid_pre`, `resid_post`, `attn_out`, `mlp_out`, `mlp_hidden`, or any module path
-(`model.layers.6.mlp`; `{layer}` in a path is filled in; a `:input` suffix reads the module's input).
-Module names are looked up, so Llama-, GPT-2-, GPT-NeoX- and BERT-style models work without per-model code.
+A site is `resid_pre`, `resid_post`, `attn_out`, `mlp_out` (exactly what the attention / the MLP adds to the
+residual stream: after Gemma 2/3- and OLMo 2-style post-norms; for post-LN BERT before the add and LayerNorm),
+`mlp_in` (the MLP's input, after its pre-norm), `mlp_hidden` (the input of the MLP's output projection),
+`attn_z` (the per-head attention outputs, flattened to [n_heads * d_head]: the input of the attention's
+output projection), or any module path (`model.layers.6.mlp`; `{layer}` in a path is filled in; a `:input`
+suffix reads the module's input). Module names are looked up and block structure is detected, so Llama-,
+Mistral-, Qwen-, Gemma-, Phi-, GPT-2-, GPT-NeoX-, GPT-J- and BERT-style models work without per-model code.
 """
 from __future__ import annotations
 
@@ -13,10 +17,14 @@ from torch import nn
 from sae.errors import UserError
 from sae.lm.model import _hf
 
-SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden")
+SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "mlp_in", "attn_z")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2", "wo", "dense_out")
+_OPROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo")
+# Blocks whose output is not resid_pre + attention + MLP (Gemma 3n AltUp/LAuReL, Gemma 4 per-layer inputs and
+# layer scalar, Granite's residual multiplier): attn_out / mlp_out are refused there rather than approximated.
+_UNSPLIT = ("altup", "laurel", "per_layer_input_gate", "layer_scalar", "residual_multiplier")
 
 
 @dataclass
@@ -77,22 +85,57 @@ def site_point(model, site: str, layer) -> SitePoint:
     if site == "resid_post":
         return SitePoint(block, "output", base)
     post_ln = _is_post_ln(block)
+    if site in ("attn_out", "mlp_out") and not post_ln:
+        _check_split(block, site, base)
     if site == "attn_out":
         if post_ln:  # BERT: attention.output.dense -> dropout -> LayerNorm(x + residual)
             return SitePoint(block.attention.output.dropout, "output", f"{base}.attention.output.dropout")
+        if _is_sandwich(block):  # Gemma 2/3, OLMo 2: residual + post_attention_layernorm(attention(...))
+            return SitePoint(block.post_attention_layernorm, "output", f"{base}.post_attention_layernorm")
         name, attn = _child(block, _ATTN_NAMES, "attention", base)
         return SitePoint(attn, "output", f"{base}.{name}")
+    if site == "attn_z":  # the input of the attention's output projection
+        if post_ln:
+            return SitePoint(block.attention.output.dense, "input", f"{base}.attention.output.dense")
+        name, attn = _child(block, _ATTN_NAMES, "attention", base)
+        if isinstance(attn, nn.MultiheadAttention):  # its out_proj weights are used without calling the module
+            raise UserError(f"attn_z: the attention in {base} ({type(attn).__name__}) does not expose its output "
+                            "projection as a module: use another site")
+        proj_name, proj = _child(attn, _OPROJ_NAMES, "attention output projection (for attn_z)", f"{base}.{name}")
+        return SitePoint(proj, "input", f"{base}.{name}.{proj_name}")
     if site == "mlp_out":
         if post_ln:
             return SitePoint(block.output.dropout, "output", f"{base}.output.dropout")
+        if _is_sandwich(block):
+            return SitePoint(block.post_feedforward_layernorm, "output", f"{base}.post_feedforward_layernorm")
         name, mlp = _child(block, _MLP_NAMES, "MLP", base)
         return SitePoint(mlp, "output", f"{base}.{name}")
+    if site == "mlp_in":  # what the MLP reads (after its pre-norm): what transcoders take
+        if post_ln:
+            return SitePoint(block.intermediate, "input", f"{base}.intermediate")
+        name, mlp = _child(block, _MLP_NAMES, "MLP", base)
+        return SitePoint(mlp, "input", f"{base}.{name}")
     # mlp_hidden: the input of the MLP's output projection
     if post_ln:
         return SitePoint(block.output.dense, "input", f"{base}.output.dense")
     name, mlp = _child(block, _MLP_NAMES, "MLP", base)
     down_name, down = _child(mlp, _DOWN_NAMES, "MLP output projection", f"{base}.{name}")
     return SitePoint(down, "input", f"{base}.{name}.{down_name}")
+
+
+def _is_sandwich(block: nn.Module) -> bool:
+    """A norm on each sublayer's output before the residual add (Gemma 2/3, OLMo 2). Told by structure, not by
+    name alone: Llama's post_attention_layernorm is the MLP's pre-norm; only with a post_feedforward_layernorm
+    beside it is it the attention's post-norm."""
+    return (isinstance(getattr(block, "post_feedforward_layernorm", None), nn.Module)
+            and isinstance(getattr(block, "post_attention_layernorm", None), nn.Module))
+
+
+def _check_split(block: nn.Module, site: str, base: str) -> None:
+    found = [name for name in _UNSPLIT if hasattr(block, name)]
+    if found:
+        raise UserError(f"{site}: {type(block).__name__} ({base}) does not add just attention + MLP to the residual "
+                        f"stream (it has {found[0]}): use resid_pre/resid_post, mlp_in, attn_z or a module path")
 
 
 def _is_post_ln(block: nn.Module) -> bool:

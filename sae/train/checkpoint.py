@@ -104,7 +104,9 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-RUN_ARTEFACTS = ("config.json", "sae.safetensors", "metrics.jsonl", "train_summary.json", "eval.json", CHECKPOINTS)
+# what a training run writes, and what is derived from its weights (replaced with them by --force)
+RUN_ARTEFACTS = ("config.json", "sae.safetensors", "metrics.jsonl", "train_summary.json", "eval.json", CHECKPOINTS,
+                 "analysis", "README.md")
 
 
 def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
@@ -129,6 +131,10 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
         return found
     if entries and not force:
         raise UserError(f"--out {run_dir} is not empty: pass --resume to continue that run or --force to replace it")
+    others = sorted(p.name for p in entries if p.name not in RUN_ARTEFACTS)
+    if force and others:
+        raise UserError(f"--force replaces only a training run; {run_dir} holds other files "
+                        f"({', '.join(others[:3])}): give a new or empty folder")
     if force:
         for name in RUN_ARTEFACTS:
             target = run_dir / name
@@ -149,6 +155,10 @@ def prepare_live_dir(out, resume: bool, force: bool, state_file: str) -> None:
     entries = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
     if entries and not (resume or force):
         raise UserError(f"{out} is not empty: pass --resume to continue it or --force to replace it")
+    others = sorted(p.name for p in entries if p.name != state_file and not p.name.startswith("layer_"))
+    if force and not resume and others:
+        raise UserError(f"--force replaces only a live-training run; {out} holds other files "
+                        f"({', '.join(others[:3])}): give a new or empty folder")
     if force and not resume:
         (out / state_file).unlink(missing_ok=True)
         for layer_dir in sorted(out.glob("layer_*")):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sae.errors import UserError
-from sae.files import human_bytes, read_json
+from sae.files import FolderLock, human_bytes, read_json
 from sae.lm import parse_layers
 from sae.train.producer import LiveSpec, Producer, StoreWriter, keep_rows
 
@@ -55,9 +55,12 @@ class LiveOptions:
     max_norm_ratio: float | None = None
     keep_special_tokens: bool = False
     save_activations: str | None = None   # also write the activations seen to this store
+    model_dtype: str = "auto"             # auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on the CPU)
 
     def __post_init__(self):
         self.layers = parse_layers(self.layers)
+        from sae.lm.loading import parse_model_dtype
+        parse_model_dtype(self.model_dtype)   # refuses a bad value in one line
         if self.context_size < 2:
             raise UserError(f"--context-size must be at least 2, got {self.context_size}")
         if self.model_batch <= 0:
@@ -131,7 +134,15 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
     """Train one SAE per layer on `loaded`'s activations; returns {layer: last metrics}.
 
     source: the model's side (LiveOptions); options: a sae.train.TrainOptions (tokens, batch_size, seed,
-    device, ...). max_steps stops early as an interruption would (checkpoints saved; a later resume continues)."""
+    device, ...). max_steps stops early as an interruption would (checkpoints saved; a later resume continues).
+    The output folder is locked while it is written: a second writer is refused in one line."""
+    with FolderLock(out, "sae train --model"):
+        return _train_live(loaded, documents_factory, source, variant, out, options, knobs, d_sae, expansion,
+                           label_names, resume, force, max_steps, progress)
+
+
+def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, out, options, knobs, d_sae,
+                expansion, label_names, resume: bool, force: bool, max_steps, progress) -> dict:
     from tqdm import tqdm
     from sae import distributed, variants
     from sae.train import checkpoint
@@ -153,6 +164,8 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
     for layer in layers:
         site_point(loaded, site, layer)  # unknown site or layer out of range: a UserError here
     buffer_bytes = source.buffer_bytes
+    from sae.lm.loading import loaded_dtype
+    model_dtype = loaded_dtype(loaded)      # activations reach the SAEs as float32 whatever the model's dtype
     spec = LiveSpec(site=site, layers=layers, batch_size=options.batch_size, seed=options.seed,
                     generation_rows=generation_rows_for(buffer_bytes, len(layers), loaded.d_model, options.batch_size),
                     context_size=context_size, model_batch=model_batch, max_norm_ratio=max_norm_ratio,
@@ -160,10 +173,11 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
     settings = {"model": loaded.name, "dataset": dataset, "layers": layers, "site": site, "variant": variant,
                 "context_size": context_size, "model_batch": model_batch, "generation_rows": spec.generation_rows,
                 "batch_size": options.batch_size, "seed": options.seed, "max_norm_ratio": max_norm_ratio,
-                "keep_special": keep_special}
+                "keep_special": keep_special, "model_dtype": model_dtype}
     state = LiveState.read(out) if resume else None
     if state is not None:
-        differing = [k for k in settings if state.settings.get(k) != settings[k]]
+        differing = [k for k in settings if state.settings.get(k) != settings[k]
+                     and not (k == "model_dtype" and k not in state.settings)]   # older states lack it
         if differing:
             k = differing[0]
             raise UserError(f"--resume: {out} was started with {k}={state.settings.get(k)!r}, not {settings[k]!r}")
@@ -179,7 +193,7 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
         run_dir = out / f"layer_{layer}"
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = {"layer": layer, "site": site, "model": loaded.name, "dataset": dataset, "store": None,
-                 "store_digest": None, "context_size": context_size, "live": True}
+                 "store_digest": None, "context_size": context_size, "live": True, "model_dtype": model_dtype}
         trainer = Trainer(model, options, run_dir, config_extra=extra, device=device)
         latest = checkpoint.latest(run_dir) if resume else None
         if latest is not None:
@@ -191,7 +205,9 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
         return {layer: t.finish() for layer, t in trainers.items()}
     gen_index, start_window, gen_step = state.resume_point(step)
     state.truncate(gen_index)
-    writer = StoreWriter(save_activations, loaded, spec, dataset, label_names, resume) if save_activations else None
+    stored = getattr(torch, model_dtype) if model_dtype in ("float32", "bfloat16", "float16") else torch.float32
+    writer = StoreWriter(save_activations, loaded, spec, dataset, label_names, resume,
+                         dtype=stored) if save_activations else None   # the saved store follows the model
     stop_at = total if max_steps is None else min(total, max_steps)
     bar = tqdm(total=total, initial=step, unit="step", desc=f"live {variant} layers {','.join(map(str, layers))}",
                disable=None if progress is None else not progress, dynamic_ncols=True)

@@ -31,7 +31,7 @@ from sae.train.optim import Adam
 from sae.train.options import TrainingDiverged, TrainOptions, default_lr, lr_at  # noqa: F401
 from sae.train.report import format_summary, progress_postfix
 from sae.variants.base import SAE, StepContext, squared_distance
-from sae.files import read_json
+from sae.files import FolderLock, read_json
 
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -369,7 +369,18 @@ class Trainer:
 def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: dict | None = None, layer=None,
                    d_sae: int | None = None, expansion: float | None = None, resume: bool = False,
                    force: bool = False, progress: bool = True, on_log=None) -> dict:
-    """Train one SAE of `variant` on an ActivationStore into run_dir; returns the summary dict."""
+    """Train one SAE of `variant` on an ActivationStore into run_dir; returns the summary dict. The run
+    folder is locked while it is written (rank 0 holds the lock): a second writer is refused in one line."""
+    import contextlib
+    import os
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock(run_dir, "sae train") if main_rank else contextlib.nullcontext():
+        return _train_on_store(store, variant, run_dir, options, knobs, layer, d_sae, expansion, resume, force,
+                               progress, on_log)
+
+
+def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, layer, d_sae, expansion, resume,
+                    force, progress, on_log) -> dict:
     from tqdm import tqdm
 
     from sae import variants
@@ -401,7 +412,8 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
     torch.manual_seed(options.seed)
     model = cls.create(store.d_model, d_sae, 8.0 if expansion is None else expansion, **knobs)
     config_extra = {"layer": layer, "site": store.manifest.get("site"), "model": store.manifest.get("model"),
-                    "dataset": store.manifest.get("dataset"), "store": str(store.path), "store_digest": store.digest}
+                    "dataset": store.manifest.get("dataset"), "store": str(store.path), "store_digest": store.digest,
+                    "model_dtype": store.manifest.get("model_dtype"), "store_dtype": store.manifest.get("dtype")}
     distributed.check_same_config({**model.config(), **config_extra, **options.to_json()})
     trainer = Trainer(model, options, run_dir, config_extra)
     if resume_from is not None:
