@@ -26,7 +26,8 @@ from sae.collect.rows import BatchRows, batch_rows, shard_tensors
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
 from sae.files import FolderLock, read_json, write_json
-from sae.lm import LoadedModel, capture, layer_index, load_model, parse_layers, run_until_captured, site_point
+from sae.lm import (LoadedModel, capture, layer_index, load_model, parse_layers, run_until_captured, site_point,
+                    site_width)
 from sae.lm.loading import loaded_dtype, parse_model_dtype
 
 MEDIAN_TOKENS = 8192
@@ -253,14 +254,15 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     windows = pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id, loaded.eos_id, loaded.pad_id)
     stored_dtype = DTYPES[options.dtype]
     element = torch.tensor([], dtype=stored_dtype).element_size()
-    shard_tokens = options.shard_tokens or max(1024, (256 << 20) // (loaded.d_model * element * len(layers)))
+    d_site = site_width(loaded, options.site, layers)      # the rows' width: d_model, or n_heads·d_head for attn_z
+    shard_tokens = options.shard_tokens or max(1024, (256 << 20) // (d_site * element * len(layers)))
     budget = _rank_budget(options.tokens, d)
     special = torch.tensor(sorted(loaded.special_ids), dtype=torch.int64)
     labelled = label_names is not None
 
     def manifest(complete: bool, shards, shard_rows, n_tokens, extra=None) -> dict:
         body = {"format": FORMAT, **recipe, "model_note": loaded.note, "family": loaded.family,
-                "d_model": loaded.d_model, "n_tokens": n_tokens, "shards": shards, "shard_rows": shard_rows,
+                "d_model": d_site, "n_tokens": n_tokens, "shards": shards, "shard_rows": shard_rows,
                 "held_out": {"rule": store_lib.HELD_OUT_RULE, "modulus": store_lib.HELD_OUT_MODULUS},
                 "label_names": label_names, "bos_fed": loaded.bos_id is not None, "batch_size": batch_size,
                 "tokens_requested": options.tokens, "norm_median": state["norm_median"], "complete": complete}

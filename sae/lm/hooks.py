@@ -6,6 +6,7 @@ import contextlib
 from sae.lm.model import _hf
 from sae.lm.sites import site_point
 
+
 class StopForward(Exception):
     """Raised inside a hook once every requested activation is captured: cuts the forward short."""
 
@@ -88,3 +89,19 @@ def replace_site(model, site: str, layer, fn):
         yield point
     finally:
         handle.remove()
+
+
+def site_width(model, site: str, layers) -> int:
+    """The width of a site's activation rows at `layers` (d_model for the residual stream; n_heads·d_head for
+    attn_z, the MLP's width for mlp_hidden), read off one short forward pass; one store holds one width."""
+    import torch
+
+    from sae.errors import UserError
+    hf = _hf(model)
+    device = next(hf.parameters()).device
+    with torch.inference_mode(), capture(hf, site, list(layers), stop=True) as captured:
+        run_until_captured(hf, input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
+    widths = {layer: int(captured[layer].shape[-1]) for layer in layers}
+    if len(set(widths.values())) > 1:
+        raise UserError(f"site {site} has different widths at layers {widths}: collect them into separate stores")
+    return next(iter(widths.values()))

@@ -163,11 +163,13 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     from sae.lm import site_point
     for layer in layers:
         site_point(loaded, site, layer)  # unknown site or layer out of range: a UserError here
+    from sae.lm import site_width
+    d_site = site_width(loaded, site, layers)   # the SAEs' d_in: d_model, or n_heads·d_head for attn_z
     buffer_bytes = source.buffer_bytes
     from sae.lm.loading import loaded_dtype
     model_dtype = loaded_dtype(loaded)      # activations reach the SAEs as float32 whatever the model's dtype
     spec = LiveSpec(site=site, layers=layers, batch_size=options.batch_size, seed=options.seed,
-                    generation_rows=generation_rows_for(buffer_bytes, len(layers), loaded.d_model, options.batch_size),
+                    generation_rows=generation_rows_for(buffer_bytes, len(layers), d_site, options.batch_size),
                     context_size=context_size, model_batch=model_batch, max_norm_ratio=max_norm_ratio,
                     keep_special=keep_special)
     settings = {"model": loaded.name, "dataset": dataset, "layers": layers, "site": site, "variant": variant,
@@ -188,7 +190,7 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     trainers = {}
     torch.manual_seed(options.seed)  # the initial weights are a function of the seed
     for layer in layers:
-        model = variants.create(variant, loaded.d_model, d_sae, expansion=8.0 if expansion is None else expansion,
+        model = variants.create(variant, d_site, d_sae, expansion=8.0 if expansion is None else expansion,
                                 **(knobs or {}))
         run_dir = out / f"layer_{layer}"
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import torch
 from sae.errors import UserError
 from sae.files import read_json
 
+
 # ---- the producer: model -> generations ------------------------------------------------------
 @dataclass
 class LiveSpec:
@@ -323,7 +324,8 @@ class StoreWriter:
 
     def __init__(self, path, loaded, spec: LiveSpec, dataset: str, label_names, resume: bool,
                  shard_rows: int = 65536, dtype=torch.float32):
-        from sae.store import HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST
+        from sae.lm import site_width
+        from sae.store import FORMAT, HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST
         self.path = Path(path)
         self.shard_rows, self.dtype = shard_rows, dtype
         self.layers = list(spec.layers)
@@ -338,8 +340,8 @@ class StoreWriter:
                             f"(give a new folder, or --resume to continue it)")
         else:
             self.manifest = {
-                "format": "sae-activation-store/1", "model": loaded.name, "layers": self.layers,
-                "site": spec.site, "d_model": loaded.d_model, "n_tokens": 0, "context_size": spec.context_size,
+                "format": FORMAT, "model": loaded.name, "layers": self.layers,
+                "site": spec.site, "d_model": site_width(loaded, spec.site, self.layers), "n_tokens": 0, "context_size": spec.context_size,
                 "dataset": dataset, "dtype": str(dtype).replace("torch.", ""), "shards": [], "shard_rows": [],
                 "held_out": {"rule": HELD_OUT_RULE, "modulus": HELD_OUT_MODULUS},
                 "special_tokens_kept": spec.keep_special, "max_norm_ratio": spec.max_norm_ratio,

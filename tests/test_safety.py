@@ -1,0 +1,137 @@
+"""Nothing a user does loses data: --force replaces only this tool's own output, never the input or a folder
+holding anything else; a second writer into a folder is refused in one line naming the first; a lock left
+by a killed process is recognised as stale. Every refused case leaves every input file byte-identical."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sae.cli import main
+from sae.files import LOCK, FolderLock
+from sae.store import from_tensors
+from tiny_variants import synthetic
+
+
+def cli(*argv):
+    """`sae ...` in this process: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, err.getvalue()
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file below `folder` (hidden ones included) -> its sha256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """proj/store (an activation store) and proj/run (a trained and analysed run)."""
+    root = tmp_path_factory.mktemp("proj")
+    from_tensors(root / "store", synthetic(n=3000, d_in=16), layer=0, model="synthetic", site="resid_post")
+    status, err = cli("train", "--activations", root / "store", "--variant", "topk", "--k", 4, "--d-sae", 32,
+                      "--tokens", 2048, "--batch-size", 256, "--out", root / "run", "--device", "cpu")
+    assert status == 0, err
+    status, err = cli("analyze", "--run", root / "run", "--activations", root / "store", "--no-model")
+    assert status == 0, err
+    return root
+
+
+def refused(project, argv, message):
+    before = digest(project)
+    status, err = cli(*argv)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert digest(project) == before                     # nothing lost, nothing changed
+
+
+# each case: the command line (P = the project folder) and a piece of its one-line refusal
+FORCE_CASES = [
+    ("analyze into the store", ["analyze", "--run", "P/run", "--activations", "P/store", "--out", "P/store", "--force"],
+     "holds this command's input"),
+    ("analyze into the run", ["analyze", "--run", "P/run", "--activations", "P/store", "--out", "P/run", "--force"],
+     "holds this command's input"),
+    ("analyze into the project", ["analyze", "--run", "P/run", "--activations", "P/store", "--out", "P", "--force"],
+     "holds this command's input"),
+    ("export into the project", ["export", "P/run", "--format", "saelens", "P", "--force"], "holds this command's input"),
+    ("export into the store", ["export", "P/run", "--format", "saelens", "P/store", "--force"], "holds other files"),
+    ("export into the run", ["export", "P/run", "--format", "saelens", "P/run/analysis", "--force"], "outside the run"),
+    ("train over the store", ["train", "--activations", "P/store", "--variant", "topk", "--out", "P/store", "--force",
+                              "--tokens", 1024, "--batch-size", 256], "holds other files"),
+    ("collect over the run", ["collect", "--model", "m", "--layers", 0, "--out", "P/run", "--force"], "holds other files"),
+    ("analysis without --force", ["analyze", "--run", "P/run", "--activations", "P/store"], "already holds an analysis"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", FORCE_CASES, ids=[case[0] for case in FORCE_CASES])
+def test_force_never_replaces_what_is_not_its_own(project, name, argv, message):
+    argv = [str(a).replace("P", str(project), 1) if str(a).startswith("P") else a for a in argv]
+    refused(project, argv, message)
+
+
+def test_force_replaces_its_own_analysis(project, tmp_path):
+    out = tmp_path / "analysis"
+    for _ in range(2):
+        status, err = cli("analyze", "--run", project / "run", "--activations", project / "store", "--no-model",
+                          "--out", out, "--force")
+        assert status == 0, err
+    assert (out / "features.parquet").is_file()
+
+
+def _hold_lock(folder: Path, command: str) -> subprocess.Popen:
+    """Another process that takes the folder's lock and keeps it until killed."""
+    code = (f"import sys, time; from sae.files import FolderLock\n"
+            f"with FolderLock({str(folder)!r}, {command!r}):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("command", ["train", "collect"])
+def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(project, tmp_path, command):
+    out = tmp_path / "out"
+    holder = _hold_lock(out, f"sae {command}")
+    argv = (["train", "--activations", project / "store", "--variant", "topk", "--k", 4, "--d-sae", 32,
+             "--tokens", 1024, "--batch-size", 256, "--out", out, "--device", "cpu"] if command == "train" else
+            ["collect", "--model", tmp_path / "no_such_model", "--layers", 0, "--out", out])
+    try:
+        status, err = cli(*argv)
+        assert status == 2 and f"process {holder.pid}" in err and "in use by sae" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]       # the holder's folder untouched
+    finally:
+        holder.send_signal(signal.SIGKILL)                          # kill -9: the lock file stays behind
+        holder.wait()
+    assert (out / LOCK).is_file()
+    status, err = cli(*argv)                                        # a dead process's lock is stale
+    if command == "train":
+        assert status == 0, err
+        assert (out / "sae.safetensors").is_file() and not (out / LOCK).exists()
+    else:                                                           # got past the lock, to the model
+        assert status == 2 and "in use" not in err and "no_such_model" in err, err
+
+
+def test_the_lock_is_exclusive_between_processes(tmp_path):
+    holder = _hold_lock(tmp_path, "sae analyze")
+    try:
+        from sae.errors import UserError
+        with pytest.raises(UserError, match=f"process {holder.pid}"):
+            with FolderLock(tmp_path, "sae train"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with FolderLock(tmp_path, "sae train") as lock:       # taken over once its holder is gone
+        assert lock.held and (tmp_path / LOCK).is_file()
+    assert not (tmp_path / LOCK).exists()
+    time.sleep(0)
