@@ -282,7 +282,7 @@ def test_torchrun_two_ranks_cover_the_single_process_rows(tiny_llama_dir, corpus
             "--batch-size", 2, "--shard-tokens", 150, "--device", "cpu"]
     single = cli(*args, "--out", tmp_path / "single")
     assert single.wait(timeout=120) == 0, single.stderr.read()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                 "-m", "sae", "collect", *map(str, args), "--out", str(tmp_path / "dist")]
     done = subprocess.run(launcher, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -135,3 +135,19 @@ def test_the_lock_is_exclusive_between_processes(tmp_path):
         assert lock.held and (tmp_path / LOCK).is_file()
     assert not (tmp_path / LOCK).exists()
     time.sleep(0)
+
+
+@pytest.mark.parametrize("changed", [["--tokens", 4096], ["--lr", 0.01], ["--batch-size", 128], ["--expansion", 4]])
+def test_resume_with_other_settings_is_refused_not_ignored(project, tmp_path, changed):
+    run = tmp_path / "run"
+    base = ["train", "--activations", project / "store", "--variant", "topk", "--k", 4, "--tokens", 2048,
+            "--batch-size", 256, "--out", run, "--device", "cpu", "--checkpoint-every", 4]
+    status, err = cli(*base)
+    assert status == 0, err
+    before = digest(run)
+    status, err = cli(*base, "--resume", *changed)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "cannot resume" in err, err
+    assert changed[0] in err
+    assert digest(run) == before
+    status, err = cli(*base, "--resume")              # the same command resumes (here: nothing left to do)
+    assert status == 0, err

@@ -94,7 +94,7 @@ def test_torchrun_spreads_saes_across_ranks(store, single, tmp_path):
     out, _ = single
     spread = tmp_path / "spread"
     proc = sae_cli(*sweep_args(store, spread), launcher=["torch.distributed.run", "--nproc-per-node", "2",
-                                                         "--master-port", "29533"])
+                                                         "--standalone"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_parquet(spread / "sweep.parquet")
     assert list(table["name"]) == NAMES and set(table["rank"]) == {0, 1}

@@ -167,6 +167,23 @@ def prepare_live_dir(out, resume: bool, force: bool, state_file: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+# options that decide what a run computes: a resumed run must be given the values it started with
+RESULT_OPTIONS = ("tokens", "batch_size", "lr", "lr_warmup", "lr_decay", "beta1", "beta2", "eps", "sparsity_warmup",
+                  "seed", "noise_std", "mask_prob", "dead_after_tokens", "revive_every", "init_rows", "grad_clip")
+
+
+def check_resumed_options(saved_training: dict, options, run_dir) -> None:
+    """--resume with a different --tokens, --lr, --batch-size, ... is refused in one line, never ignored.
+    (Options left unset, such as --lr or --noise-std, take the run's own values.)"""
+    for name in RESULT_OPTIONS:
+        given, started = getattr(options, name), saved_training.get(name)
+        if given is None:
+            continue
+        if name in saved_training and given != started:
+            raise UserError(f"cannot resume {run_dir}: it was started with --{name.replace('_', '-')} {started}, "
+                            f"not {given}: give the options it started with (or train a new run)")
+
+
 def check_resumable(saved: dict, run_dir, variant, store, layer, d_sae, knobs) -> None:
     """A resumed run must train the same thing it started: same variant, store width, layer, width, knobs."""
     if saved.get("variant") != variant:

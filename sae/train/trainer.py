@@ -406,6 +406,10 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
     if resume_from is not None:
         saved = read_json(resume_from / "config.json", "the checkpoint's config")
         checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)
+        checkpoint.check_resumed_options(saved["training"], options, run_dir)
+        if d_sae is None and expansion is not None and cls.default_d_sae(store.d_model, expansion) != saved["d_sae"]:
+            raise UserError(f"cannot resume {run_dir}: its d_sae is {saved['d_sae']}, not {store.d_model} x "
+                            f"--expansion {expansion}")
         d_sae, knobs = saved["d_sae"], saved.get("knobs", {})
         options = TrainOptions.from_json({**saved["training"], "device": options.device})
 
