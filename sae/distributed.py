@@ -23,6 +23,13 @@ import torch
 
 from sae.errors import UserError
 
+if torch.distributed.is_available():
+    # Imported before any process group exists: torch.distributed.nn's functions take group=group.WORLD as a
+    # default argument, evaluated on import, so imported while a group exists (the first torch.optim optimiser
+    # or DDP import it, through torch._dynamo) they would hold that group for good: destroy_process_group
+    # could then never free it nor stop gloo's worker threads (see teardown).
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 @dataclass
 class DistInfo:
@@ -107,20 +114,8 @@ def setup(device_type: str, requested_backend: str = "auto") -> DistInfo:
             print(f"distributed: {message}", file=sys.stderr)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        init_process_group(backend)
+        dist.init_process_group(backend=backend)
     return info()
-
-
-def init_process_group(backend: str, **kwargs) -> None:
-    """torch.distributed.init_process_group, with torch.distributed.nn imported first: its functions take
-    group=group.WORLD as a default argument, evaluated on import, so imported after this (DDP imports it,
-    through torch._dynamo) they would hold the default group for good, and destroy_process_group could never
-    free it nor stop gloo's worker threads (see teardown)."""
-    try:
-        import torch.distributed.nn.functional  # noqa: F401
-    except ImportError:
-        pass
-    torch.distributed.init_process_group(backend=backend, **kwargs)
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -146,8 +141,8 @@ def teardown(clean: bool = True) -> bool:
     makes them fail fast instead of waiting for the group's timeout.
 
     Then the group is destroyed, its last reference gone (callers drop their DistributedDataParallel wrappers
-    first; see also init_process_group), so that its destructor joins gloo's worker threads while the
-    interpreter is alive: a worker may still be freeing finished work (a barrier keeps earlier collectives'
+    first; see the import of torch.distributed.nn above), so that its destructor joins gloo's worker threads
+    while the interpreter is alive: a worker may still be freeing finished work (a barrier keeps earlier collectives'
     work, with their Python-made tensors, until it is freed), which needs the GIL; in a finalizing interpreter
     that ends the thread and aborts the process. Returns True when this rank left cleanly: the barrier was
     passed and the group destroyed (left_cleanly() says so afterwards; the `sae` command then ends with

@@ -78,12 +78,22 @@ def log_sparsity(run_dir: Path, d_sae: int) -> torch.Tensor | None:
     table = run_dir / "analysis" / "features.parquet"
     if not table.is_file():
         return None
+    _check_analysis_fresh(run_dir)
     import pandas as pd
     frame = pd.read_parquet(table, columns=["feature", "density"])
     density = torch.zeros(d_sae, dtype=torch.float64)
     features = torch.tensor(frame["feature"].to_numpy(copy=True), dtype=torch.int64)
     density[features] = torch.tensor(frame["density"].to_numpy(copy=True), dtype=torch.float64)
     return torch.log10(density + 1e-10).float()
+
+
+def _check_analysis_fresh(run_dir: Path) -> None:
+    from sae.runs import check_fresh
+    try:
+        meta = read_json(run_dir / "analysis" / "meta.json", missing_ok=True)
+    except UserError:
+        meta = None
+    check_fresh(run_dir, meta, "the analysis")
 
 
 def layer_runs(run_dir: Path) -> list[Path]:
@@ -138,6 +148,7 @@ def write_sparsify(run_dir: Path, out: Path) -> None:
 def write_html(run_dir: Path, out: Path) -> None:
     if not (run_dir / "analysis").is_dir():
         raise UserError(f"{run_dir} has no analysis/ folder: run `sae analyze --run {run_dir} --activations STORE` first")
+    _check_analysis_fresh(run_dir)
     try:
         from sae.analyze.html_export import write_html as write_pages
     except ImportError:

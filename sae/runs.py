@@ -187,3 +187,49 @@ def push_to_hub(run_dir, repo_id: str, private: bool = False, token: str | None 
     api.upload_folder(folder_path=str(run_dir), repo_id=repo_id, commit_message=commit_message,
                       ignore_patterns=[".*", "**/.*", "*.tmp*", "checkpoint*/**"])
     return f"https://huggingface.co/{repo_id}"
+
+
+def check_run_store(config: dict, store, layer=None):
+    """Where a run meets a store (eval, analyze): the store's layer key to use, or one UserError line naming
+    what differs (model, site, width, layer)."""
+    manifest = store.manifest
+    released = bool((config.get("source") or {}).get("release"))
+    if released:   # a published SAE: its model counts by name (a local copy of the model is fine)
+        check_store(config, manifest, store.d_model)
+    differences = []
+    for key in ("site",) if released else ("model", "site"):
+        if config.get(key) is not None and manifest.get(key) is not None and str(config[key]) != str(manifest[key]):
+            differences.append(f"{key}: run {config[key]!r}, store {manifest[key]!r}")
+    if config.get("d_in") is not None and int(config["d_in"]) != store.d_model:
+        differences.append(f"d_model: run {config['d_in']}, store {store.d_model}")
+    if differences:
+        raise UserError("the run and the store do not match (" + "; ".join(differences) + ")")
+    if layer is not None and config.get("layer") is not None and str(layer) != str(config["layer"]):
+        raise UserError(f"the run was trained on layer {config['layer']}, not --layer {layer}")
+    if layer is None and config.get("layer") is not None:
+        if not any(str(config["layer"]) == str(known) for known in store.layers):
+            raise UserError(f"the run was trained on layer {config['layer']}, the store holds layers {store.layers}")
+        layer = config["layer"]
+    return store.resolve_layer(layer)
+
+
+def weights_digest(run_dir) -> str | None:
+    """A digest of RUN/sae.safetensors (None when there is none): eval.json and analysis/meta.json record
+    the weights they were computed from, so a result made stale by retraining is caught."""
+    import hashlib
+    path = Path(run_dir) / WEIGHTS
+    if not path.is_file():
+        return None
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            sha.update(block)
+    return sha.hexdigest()[:16]
+
+
+def check_fresh(run_dir, derived: dict, what: str) -> None:
+    """Refuse a result (eval.json, an analysis) recorded from other weights than the run holds now."""
+    recorded = (derived or {}).get("weights_digest")
+    if recorded and recorded != weights_digest(run_dir):
+        raise UserError(f"{what} of {run_dir} was computed from other weights than its sae.safetensors holds now "
+                        f"(retrained?): recompute it first (e.g. sae analyze --force)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sae.cli import main
 from sae.files import LOCK, FolderLock
@@ -151,3 +153,33 @@ def test_resume_with_other_settings_is_refused_not_ignored(project, tmp_path, ch
     assert digest(run) == before
     status, err = cli(*base, "--resume")              # the same command resumes (here: nothing left to do)
     assert status == 0, err
+
+
+def test_derived_results_record_their_weights_and_stale_ones_are_refused(project, tmp_path):
+    """eval.json and analysis/meta.json record the digest of the weights they came from (checked against
+    an independent sha256 of the file); after the weights change, the exports that publish the analysis
+    refuse it in one line instead of publishing a stale one."""
+    import shutil
+
+    import sae
+    from sae.runs import save_run
+    run = tmp_path / "run"
+    shutil.copytree(project / "run", run)
+    status, err = cli("eval", "--run", run, "--activations", project / "store", "--no-model")
+    assert status == 0, err
+    status, err = cli("analyze", "--run", run, "--activations", project / "store", "--no-model", "--force")
+    assert status == 0, err
+    expected = hashlib.sha256((run / "sae.safetensors").read_bytes()).hexdigest()[:16]
+    eval_json = json.loads((run / "eval.json").read_text())
+    meta = json.loads((run / "analysis" / "meta.json").read_text())
+    assert eval_json["weights_digest"] == meta["weights_digest"] == expected
+    status, err = cli("export", run, "--format", "html", tmp_path / "html")
+    assert status == 0, err
+    model = sae.load(run)                                  # "retrain": other weights in the same run folder
+    with torch.no_grad():
+        model.W_dec.mul_(2.0)
+    save_run(model, run, {k: v for k, v in model.run_config.items() if k not in ("version", "git_commit")})
+    for fmt in ("html", "saelens"):
+        status, err = cli("export", run, "--format", fmt, tmp_path / f"stale_{fmt}")
+        assert status == 2 and "other weights" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"stale_{fmt}").exists()

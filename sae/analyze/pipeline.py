@@ -59,16 +59,6 @@ def _say(log, message: str) -> None:
         log(message)
 
 
-def _resolve_layer(store, config: dict, layer):
-    if layer is not None:
-        return store.resolve_layer(layer)
-    if len(store.layers) == 1:
-        return store.layers[0]
-    if config.get("layer") is not None and any(str(k) == str(config["layer"]) for k in store.layers):
-        return store.resolve_layer(config["layer"])
-    return store.resolve_layer(None)  # raises: pass --layer
-
-
 def _layer_folder(run_dir: Path, layer) -> Path:
     """RUN itself, or RUN/layer_L when RUN holds one SAE per layer (trained straight from a model)."""
     if (run_dir / "config.json").is_file() or not run_dir.is_dir():
@@ -152,7 +142,8 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
     check_store(config, store.manifest, store.d_model)   # a published SAE: the store's model and width
     if int(model.d_in) != store.d_model:
         raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
-    layer = _resolve_layer(store, config, layer)
+    from sae.runs import check_run_store, weights_digest
+    layer = check_run_store(config, store, layer)      # model, site, width and layer must match
     out_dir = _prepare_output(run_dir, out_dir, force, store.path)
 
     notes: list[str] = []
@@ -192,6 +183,7 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
         "mean_activation_over": "all tokens" if signed else "firing tokens",
         "ranked_by": "|code|" if signed else "code", "run": str(run_dir), "store": str(store.path),
         "options": asdict(options), "pass_seconds": round(pass_seconds, 3),
+        "weights_digest": weights_digest(run_dir),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from sae.errors import UserError
+from sae.runs import check_run_store
 from sae.evaluate.probing import DocumentPool, sparse_probing
 from sae.evaluate.scores import held_out_batches, is_special, score, special_token_ids
 from sae.store import ActivationStore, is_held_out
@@ -39,28 +40,6 @@ def open_run(run, device="cpu"):
         raise UserError(f"{run_dir} has no weights ({WEIGHTS} is missing): was its training finished?")
     model = load(run_dir, device=device)  # other tools' layouts (SAELens, sparsify) go through sae.interop
     return model, config or dict(getattr(model, "run_config", {}) or {}), run_dir
-
-
-def check_compatible(config: dict, store: ActivationStore, layer=None):
-    """The store's layer key to evaluate on; UserError naming what differs between run and store."""
-    manifest = store.manifest
-    released = bool((config.get("source") or {}).get("release"))
-    if released:   # a published SAE: its model counts by name (a local copy of the model is fine)
-        from sae.runs import check_store
-        check_store(config, manifest, store.d_model)
-    differences = []
-    for key in ("site",) if released else ("model", "site"):
-        if config.get(key) is not None and manifest.get(key) is not None and str(config[key]) != str(manifest[key]):
-            differences.append(f"{key}: run {config[key]!r}, store {manifest[key]!r}")
-    if config.get("d_in") is not None and int(config["d_in"]) != store.d_model:
-        differences.append(f"d_model: run {config['d_in']}, store {store.d_model}")
-    if differences:
-        raise UserError("the run and the store do not match (" + "; ".join(differences) + ")")
-    if layer is None and config.get("layer") is not None:
-        if not any(str(config["layer"]) == str(known) for known in store.layers):
-            raise UserError(f"the run was trained on layer {config['layer']}, the store holds layers {store.layers}")
-        layer = config["layer"]
-    return store.resolve_layer(layer)
 
 
 # ---- sparse probing ------------------------------------------------------------------------------
@@ -223,7 +202,7 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     sae, config, run_dir = open_run(run, device)
     sae = sae.to(device).eval()
-    layer = check_compatible(config, store, layer)
+    layer = check_run_store(config, store, layer)
     if not bool(store.held_out_mask().any()):
         raise UserError(f"the store {store.path} has no held-out documents (rule: "
                         f"{store.manifest.get('held_out', {}).get('rule', 'doc_id based')}); collect more documents")
@@ -241,6 +220,9 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
     result = {"variant": config.get("variant", getattr(sae, "name", None)), "layer": layer, "site": site,
               "store": str(store.path), "store_digest": store.digest, "d_sae": sae.d_sae,
               "fire_threshold": threshold}
+    if run_dir is not None:
+        from sae.runs import weights_digest
+        result["weights_digest"] = weights_digest(run_dir)
     scores = score(sae, held_out_batches(store, layer, special_ids, batch_size), device,
                    total=int(store.held_out_mask().sum()), progress=progress)
     if scores is None:

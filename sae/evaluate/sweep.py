@@ -326,7 +326,7 @@ def join_ranks() -> tuple[int, int, int]:
         return 0, 1, 0
     dist = torch.distributed
     if not dist.is_initialized():
-        distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
