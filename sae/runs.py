@@ -65,10 +65,21 @@ def read_config(run_dir) -> dict:
     return read_json(path, "the run's config")
 
 
-def build_from_config(config: dict):
+def build_from_config(config: dict, where="the run's config.json"):
+    """The module a run's config describes, empty; a config with missing or wrong fields is one line."""
     from sae import variants
+    missing = [key for key in ("variant", "d_in", "d_sae") if key not in config]
+    if missing:
+        raise UserError(f"{where} is damaged: it lacks {', '.join(missing)}")
     cls = variants.get(config["variant"])
-    return cls(config["d_in"], config["d_sae"], **config.get("knobs", {}))
+    knobs = config.get("knobs") or {}
+    try:
+        d_in, d_sae = int(config["d_in"]), int(config["d_sae"])
+        if d_in <= 0 or d_sae <= 0 or not isinstance(knobs, dict):
+            raise ValueError("widths must be positive")
+        return cls(d_in, d_sae, **knobs)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{where} is damaged: {error}") from None
 
 
 def _is_device(value) -> bool:
@@ -101,11 +112,19 @@ def load(path, sae_id: str | None = None, device: str | torch.device = "cpu", we
     config = read_config(local) if kind in ("run", None) and (local / CONFIG).is_file() else {}
     if "variant" not in config:            # another tool's layout (or nothing we know: it says why)
         return interop.load_foreign(local, kind, device=device)
-    model = build_from_config(config)
+    model = build_from_config(config, f"{local / CONFIG}")
     weight_path = Path(weights) if weights else local / WEIGHTS
     if not weight_path.is_file():
         raise UserError(f"{local} has no weights ({weight_path.name} is missing)")
-    model.load_state_dict(load_file(str(weight_path)))
+    try:
+        state = load_file(str(weight_path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a damaged file
+        raise UserError(f"{weight_path} cannot be read ({type(error).__name__}): the weights are damaged") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise UserError(f"{weight_path} does not fit its config.json ({detail[:200]})") from None
     model.run_config = config
     return model.to(device).eval()
 

@@ -183,3 +183,80 @@ def test_derived_results_record_their_weights_and_stale_ones_are_refused(project
         status, err = cli("export", run, "--format", fmt, tmp_path / f"stale_{fmt}")
         assert status == 2 and "other weights" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / f"stale_{fmt}").exists()
+
+
+# ---- files we wrote, damaged: one line, for every command that reads them --------------------------------
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_header(path: Path):
+    data = bytearray(path.read_bytes())
+    data[8:24] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def _edit_json(path: Path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+STORE_DAMAGE = {
+    "truncated shard": lambda s: _truncate(s / "shard_00000.safetensors"),
+    "bad shard header": lambda s: _flip_header(s / "shard_00000.safetensors"),
+    "deleted shard": lambda s: (s / "shard_00000.safetensors").unlink(),
+    "wrong d_model": lambda s: _edit_json(s / "manifest.json", lambda m: m.update(d_model=17)),
+    "n_tokens disagrees": lambda s: _edit_json(s / "manifest.json", lambda m: m.update(n_tokens=5)),
+    "manifest cut short": lambda s: (s / "manifest.json").write_text('{"layers": [0], "d_mo'),
+    "manifest lacks keys": lambda s: _edit_json(s / "manifest.json", lambda m: m.pop("d_model")),
+}
+RUN_DAMAGE = {
+    "config lacks d_in": lambda r: _edit_json(r / "config.json", lambda c: c.pop("d_in")),
+    "config with a wrong d_in": lambda r: _edit_json(r / "config.json", lambda c: c.update(d_in=8)),
+    "config with a bad width": lambda r: _edit_json(r / "config.json", lambda c: c.update(d_sae="wide")),
+    "weights truncated": lambda r: _truncate(r / "sae.safetensors"),
+    "weights header damaged": lambda r: _flip_header(r / "sae.safetensors"),
+    "weights of another shape": lambda r: _swap_weights(r),
+}
+
+
+def _swap_weights(run: Path):
+    from sae import variants
+    from sae.runs import save_weights
+    save_weights(variants.create("topk", d_in=16, d_sae=8, k=2), run / "sae.safetensors")
+
+
+@pytest.fixture
+def damaged_copy(project, tmp_path):
+    import shutil
+
+    def make(kind: str, damage) -> Path:
+        copy = tmp_path / "copy"
+        shutil.copytree(project, copy)
+        damage(copy / kind)
+        return copy
+    return make
+
+
+@pytest.mark.parametrize("case", list(STORE_DAMAGE))
+@pytest.mark.parametrize("command", ["train", "eval", "analyze"])
+def test_a_damaged_store_is_one_line(damaged_copy, case, command):
+    copy = damaged_copy("store", STORE_DAMAGE[case])
+    argv = {"train": ["train", "--activations", copy / "store", "--variant", "topk", "--out", copy / "new",
+                      "--tokens", 1024, "--batch-size", 256],
+            "eval": ["eval", "--run", copy / "run", "--activations", copy / "store", "--no-model"],
+            "analyze": ["analyze", "--run", copy / "run", "--activations", copy / "store", "--no-model", "--force",
+                        "--out", copy / "new_analysis"]}[command]
+    refused(copy, argv, "")
+
+
+@pytest.mark.parametrize("case", list(RUN_DAMAGE))
+@pytest.mark.parametrize("command", ["eval", "analyze", "export"])
+def test_a_damaged_run_is_one_line(damaged_copy, case, command):
+    copy = damaged_copy("run", RUN_DAMAGE[case])
+    argv = {"eval": ["eval", "--run", copy / "run", "--activations", copy / "store", "--no-model"],
+            "analyze": ["analyze", "--run", copy / "run", "--activations", copy / "store", "--no-model",
+                        "--out", copy / "new_analysis"],
+            "export": ["export", copy / "run", "--format", "saelens", copy / "exported"]}[command]
+    refused(copy, argv, "")

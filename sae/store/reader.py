@@ -40,22 +40,53 @@ class ActivationStore:
         if not self.path.is_dir() or not manifest_path.is_file():
             raise UserError(f"{self.path} is not an activation store (no {MANIFEST})")
         self.manifest = read_json(manifest_path, "the store's manifest")
+        missing = [key for key in ("layers", "d_model", "shards") if key not in self.manifest]
+        if not isinstance(self.manifest, dict) or missing:
+            raise UserError(f"{manifest_path} is damaged: it lacks {', '.join(missing) or 'its fields'}")
         self.layers: list = list(self.manifest.get("layers") or [])
         self.d_model: int = int(self.manifest["d_model"])
         self.shards: list[ShardInfo] = []
         start = 0
         shard_rows = self.manifest.get("shard_rows")
-        for i, name in enumerate(self.manifest.get("shards", [])):
-            if shard_rows is not None:
-                n_rows = int(shard_rows[i])
-            else:
-                with safe_open(str(self.path / name), framework="pt") as handle:
-                    n_rows = handle.get_slice("doc_id").get_shape()[0]
+        names = list(self.manifest.get("shards") or [])
+        if shard_rows is not None and len(shard_rows) != len(names):
+            raise UserError(f"{manifest_path} is damaged: {len(names)} shards but {len(shard_rows)} row counts")
+        for i, name in enumerate(names):
+            n_rows = self._check_shard(name, None if shard_rows is None else int(shard_rows[i]))
             self.shards.append(ShardInfo(name, n_rows, start))
             start += n_rows
         self.n_rows = start
+        if self.manifest.get("n_tokens") is not None and int(self.manifest["n_tokens"]) != self.n_rows:
+            raise UserError(f"{manifest_path} is damaged: n_tokens is {self.manifest['n_tokens']}, its shards hold "
+                            f"{self.n_rows} rows")
         self._handles: dict[str, object] = {}
         self._columns: dict[str, torch.Tensor] = {}
+
+    def _check_shard(self, name: str, n_rows: int | None) -> int:
+        """A shard's row count, after checking what can be checked without reading its data: the file is
+        there, its header parses and covers the file, and every tensor has the manifest's rows and width."""
+        path = self.path / name
+        damaged = f"{self.path} is damaged: shard {name}"
+        if not path.is_file():
+            raise UserError(f"{damaged} is missing (collect the store again, or --resume an unfinished one)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a bad file
+            raise UserError(f"{damaged} cannot be read ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else 'damaged header'})") from None
+        rows = n_rows if n_rows is not None else (shapes.get("doc_id") or [None])[0]
+        for layer in self.layers:
+            shape = shapes.get(f"activations.{layer}")
+            if shape is None:
+                raise UserError(f"{damaged} has no activations.{layer}")
+            if list(shape) != [rows, self.d_model]:
+                raise UserError(f"{damaged} holds activations.{layer} of shape {list(shape)}, the manifest says "
+                                f"[{rows}, {self.d_model}]")
+        for column in ("doc_id", "token_ids", "position", "window_index", "label"):
+            if column in shapes and shapes[column][0] != rows:
+                raise UserError(f"{damaged} holds {shapes[column][0]} {column} values for {rows} rows")
+        return int(rows)
 
     # ---- basic facts -------------------------------------------------------------------
     @staticmethod
