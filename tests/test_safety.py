@@ -260,3 +260,45 @@ def test_a_damaged_run_is_one_line(damaged_copy, case, command):
                         "--out", copy / "new_analysis"],
             "export": ["export", copy / "run", "--format", "saelens", copy / "exported"]}[command]
     refused(copy, argv, "")
+
+
+def test_nan_and_oversized_inputs_are_refused_before_any_work(tmp_path):
+    from sae.errors import UserError
+    x = synthetic(n=512, d_in=16)
+    x[7, 3] = float("nan")
+    with pytest.raises(UserError, match="NaN or Inf in 1 of 512 rows"):
+        from_tensors(tmp_path / "nan_store", x)
+    assert not (tmp_path / "nan_store").exists() or not any((tmp_path / "nan_store").iterdir())
+    from_tensors(tmp_path / "store", synthetic(n=2048, d_in=16), layer=0)
+    base = ["train", "--activations", tmp_path / "store", "--out", tmp_path / "run", "--tokens", 1024,
+            "--batch-size", 256]
+    for extra, message in ((["--variant", "l1", "--l1-coefficient", "nan"], "finite"),
+                           (["--variant", "relu", "--grad-clip", "nan"], "--grad-clip must be positive"),
+                           (["--variant", "topk", "--d-sae", int(2e12)], "more than this machine's")):
+        status, err = cli(*base, *extra)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_skips_a_damaged_checkpoint_and_refuses_nan_weights(project, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from sae.train.checkpoint import list_checkpoints
+    run = tmp_path / "run"
+    base = ["train", "--activations", project / "store", "--variant", "topk", "--k", 4, "--tokens", 2048,
+            "--batch-size", 256, "--out", run, "--checkpoint-every", 2, "--keep-checkpoints", 0, "--device", "cpu"]
+    status, err = cli(*base)
+    assert status == 0, err
+    steps = list_checkpoints(run)
+    newest = steps[-1][1]
+    _truncate(newest / "sae.safetensors")
+    status, err = cli(*base, "--resume")
+    assert status == 0 and f"checkpoint {newest.name} is damaged" in err, err   # the one before is used
+    weights = load_file(str(steps[-2][1] / "sae.safetensors"))
+    weights["W_dec"][0, 0] = float("nan")
+    save_file(weights, str(steps[-2][1] / "sae.safetensors"))
+    for _, path in steps[:-2] + steps[-1:]:
+        import shutil
+        shutil.rmtree(path)
+    status, err = cli(*base, "--resume")
+    assert status == 2 and "NaN or Inf" in err and len(err.strip().splitlines()) == 1, err

@@ -32,6 +32,9 @@ def write_from_tensors(path, activations: torch.Tensor, layer=0, overwrite: bool
     activations = torch.as_tensor(activations)
     if activations.ndim != 2 or activations.shape[0] == 0:
         raise UserError(f"activations must be a non-empty [n, d] tensor, got shape {tuple(activations.shape)}")
+    if activations.is_floating_point() and not bool(torch.isfinite(activations).all()):
+        bad = int((~torch.isfinite(activations)).any(dim=1).sum())
+        raise UserError(f"activations hold NaN or Inf in {bad} of {activations.shape[0]} rows: drop or fix them first")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path} is not empty: refusing to overwrite it")
     path.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,32 @@ def latest(run_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
+def readable(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a damaged file: its headers and JSON are read, not its
+    tensors), or None when it looks whole."""
+    from safetensors import safe_open
+    try:
+        for name in ("sae.safetensors", TRAINER_TENSORS):
+            with safe_open(str(path / name), framework="pt") as handle:
+                list(handle.keys())
+        read_json(path / TRAINER_JSON)
+        read_json(path / "config.json")
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a bad file
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+    return None
+
+
+def latest_readable(run_dir) -> Path | None:
+    """The newest checkpoint that is not damaged; the damaged ones after it are named on stderr and skipped."""
+    import sys
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = readable(path)
+        if problem is None:
+            return path
+        print(f"warning: checkpoint {path.name} is damaged ({problem}); trying the one before", file=sys.stderr)
+    return None
+
+
 # ---- whole checkpoints --------------------------------------------------------------------
 def save(run_dir, step: int, model, config_extra: dict, tensors: dict[str, torch.Tensor], meta: dict,
          keep: int = 3) -> Path:
@@ -82,6 +108,11 @@ def load(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, 
         tensors = load_file(str(path / TRAINER_TENSORS))
         meta = read_json(path / TRAINER_JSON)
         config = read_json(path / "config.json")
+        bad = sorted(name for name, tensor in weights.items() if tensor.is_floating_point()
+                     and not bool(torch.isfinite(tensor).all()))
+        if bad:
+            raise UserError(f"its weights hold NaN or Inf ({', '.join(bad[:3])}): resume from an older checkpoint "
+                            f"(delete this one) or train anew")
     except UserError as error:
         raise UserError(f"checkpoint {path} is unreadable: {error}") from None
     except Exception as error:  # noqa: BLE001 - safetensors raises its own types
@@ -121,7 +152,7 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
     if resume:
         for stale in (run_dir / CHECKPOINTS).glob(".step_*.tmp*") if (run_dir / CHECKPOINTS).is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint half-written when the run was killed
-        found = latest(run_dir)
+        found = latest_readable(run_dir)
         if found is None and entries and not (run_dir / "config.json").is_file() \
                 and not (run_dir / CHECKPOINTS).is_dir():
             raise UserError(f"--resume: {run_dir} holds no training run (no config.json or checkpoints/)")

@@ -400,7 +400,8 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
             refusal = str(error)
     if dist.enabled:
         refusal = distributed.broadcast_bytes(refusal.encode()).decode()
-        resume_from = checkpoint.latest(run_dir) if resume and not refusal else None
+        chosen = distributed.broadcast_bytes(str(resume_from or "").encode()).decode()   # rank 0's checkpoint
+        resume_from = Path(chosen) if resume and not refusal and chosen else None
     if refusal:
         raise UserError(refusal)
     if resume_from is not None:

@@ -43,6 +43,21 @@ class Knob:
     positive: bool = False                # strictly > 0
 
 
+def check_fits_in_memory(d_in: int, d_sae: int) -> None:
+    """Refuse, before allocating, an SAE whose fp32 encoder and decoder with Adam's two moments (6 x d_in x d_sae
+    floats) would not fit in this machine's memory, naming what it would need."""
+    import os
+    need = 6 * 4 * int(d_in) * int(d_sae)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        from sae.files import human_bytes
+        raise UserError(f"d_sae {d_sae:,} x d_in {d_in:,} needs about {human_bytes(need)} for the weights and Adam's "
+                        f"state, more than this machine's {human_bytes(have)}: choose a smaller --expansion / --d-sae")
+
+
 @dataclass
 class StepContext:
     """What the trainer tells a variant about the current step."""
@@ -91,6 +106,7 @@ class SAE(nn.Module):
         """Raise UserError for a width this variant cannot use."""
         if d_sae <= 0:
             raise UserError(f"d_sae must be positive, got {d_sae}")
+        check_fits_in_memory(d_in, d_sae)
 
     @classmethod
     def check_knobs(cls, d_in: int, d_sae: int, knobs: dict) -> None:
@@ -99,6 +115,8 @@ class SAE(nn.Module):
             knob = cls.KNOBS[name]
             if value is None:
                 continue
+            if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
             if knob.positive and not value > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 for {cls.name}, got {value}")
             if knob.minimum is not None and value < knob.minimum:
