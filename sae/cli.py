@@ -42,6 +42,12 @@ def _model_dtype(text: str) -> str:
     return str(text).strip().lower()
 
 
+def add_allow_incomplete_argument(parser) -> None:
+    """--allow-incomplete, for the commands that read a run or a store another command may not have finished."""
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="go on (with a warning) with an unfinished run or store instead of refusing it")
+
+
 def add_model_dtype_argument(parser) -> None:
     """--model-dtype, for every command that runs the language model."""
     parser.add_argument("--model-dtype", type=_model_dtype, default="auto", metavar="DTYPE",

@@ -23,7 +23,7 @@ from sae.files import check_output_folder, read_json
 FORMATS = ("saelens", "sparsify", "html")
 
 
-def export(run_dir, out_dir, fmt: str, force: bool = False) -> Path:
+def export(run_dir, out_dir, fmt: str, force: bool = False, allow_incomplete: bool = False) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -31,6 +31,9 @@ def export(run_dir, out_dir, fmt: str, force: bool = False) -> Path:
         raise UserError(f"{run_dir} does not exist")
     if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
         raise UserError("the output folder must lie outside the run folder")
+    from sae.runs import check_finished, read_config
+    for folder in layer_runs(run_dir):
+        check_finished(read_config(folder), folder, allow_incomplete)
     kind = f"export-{fmt}"
     check_output_folder(out_dir, kind, force, inputs=(run_dir,), owned=lambda folder: _is_export(folder, fmt))
     staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")

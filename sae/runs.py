@@ -208,9 +208,37 @@ def push_to_hub(run_dir, repo_id: str, private: bool = False, token: str | None 
     return f"https://huggingface.co/{repo_id}"
 
 
-def check_run_store(config: dict, store, layer=None):
+def check_finished(config: dict, what, allow_incomplete: bool = False) -> None:
+    """An interrupted training run (config.json's training.complete is false) is refused in one line unless
+    allowed; allowed, it goes through with a warning on stderr."""
+    training = config.get("training") or {}
+    if training.get("complete") is not False:
+        return
+    detail = f"stopped at {training.get('tokens_seen', '?'):,} of {training.get('tokens', '?'):,} tokens" \
+        if isinstance(training.get("tokens_seen"), int) and isinstance(training.get("tokens"), int) else "unfinished"
+    if not allow_incomplete:
+        raise UserError(f"{what} is an unfinished training run ({detail}): finish it with `sae train ... --resume`, "
+                        f"or pass --allow-incomplete")
+    import sys
+    print(f"warning: {what} is an unfinished training run ({detail})", file=sys.stderr)
+
+
+def check_store_finished(store, allow_incomplete: bool = False) -> None:
+    """An unfinished store (manifest complete: false, a collection still running or killed) likewise."""
+    if store.manifest.get("complete") is not False:
+        return
+    if not allow_incomplete:
+        raise UserError(f"the store {store.path} is unfinished (its collection stopped or is still running): "
+                        f"finish it with `sae collect ... --resume`, or pass --allow-incomplete")
+    import sys
+    print(f"warning: the store {store.path} is unfinished", file=sys.stderr)
+
+
+def check_run_store(config: dict, store, layer=None, allow_incomplete: bool = False):
     """Where a run meets a store (eval, analyze): the store's layer key to use, or one UserError line naming
-    what differs (model, site, width, layer)."""
+    what differs (model, site, width, layer). Unfinished runs and stores are refused unless allowed."""
+    check_finished(config, "the run", allow_incomplete)
+    check_store_finished(store, allow_incomplete)
     manifest = store.manifest
     released = bool((config.get("source") or {}).get("release"))
     if released:   # a published SAE: its model counts by name (a local copy of the model is fine)

@@ -232,7 +232,7 @@ def damaged_copy(project, tmp_path):
     import shutil
 
     def make(kind: str, damage) -> Path:
-        copy = tmp_path / "copy"
+        copy = tmp_path / f"copy{len(list(tmp_path.glob('copy*')))}"
         shutil.copytree(project, copy)
         damage(copy / kind)
         return copy
@@ -302,3 +302,24 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_nan_weights(project, tmp_
         shutil.rmtree(path)
     status, err = cli(*base, "--resume")
     assert status == 2 and "NaN or Inf" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unfinished_runs_and_stores_are_refused_unless_allowed(damaged_copy):
+    """What kill -9 leaves (config.json's training.complete false; a manifest with complete false) is refused
+    in one line naming --resume; --allow-incomplete lets it through with a warning."""
+    copy = damaged_copy("run", lambda r: _edit_json(r / "config.json", lambda c: c["training"].update(complete=False)))
+    cases = [["eval", "--run", copy / "run", "--activations", copy / "store", "--no-model"],
+             ["analyze", "--run", copy / "run", "--activations", copy / "store", "--no-model", "--out", copy / "a"],
+             ["export", copy / "run", "--format", "sparsify", copy / "exported"]]
+    for argv in cases:
+        refused(copy, argv, "--resume")
+        status, err = cli(*argv, "--allow-incomplete")
+        assert status == 0 and "warning: " in err and "unfinished" in err, err
+    store_copy = damaged_copy("store", lambda s: _edit_json(s / "manifest.json", lambda m: m.update(complete=False)))
+    train = ["train", "--activations", store_copy / "store", "--variant", "topk", "--out", store_copy / "new",
+             "--tokens", 1024, "--batch-size", 256]
+    refused(store_copy, train, "sae collect ... --resume")
+    refused(store_copy, ["eval", "--run", store_copy / "run", "--activations", store_copy / "store", "--no-model"],
+            "unfinished")
+    status, err = cli(*train, "--allow-incomplete")
+    assert status == 0 and "warning: the store" in err, err

@@ -38,6 +38,7 @@ class AnalyzeOptions:
     model_dtype: str = "auto"     # its dtype (--model-dtype; auto: float32 here, on the CPU)
     seed: int = 0
     max_entries: int = 4_000_000  # firing entries processed at once (bounds memory on dense codes)
+    allow_incomplete: bool = False  # analyse an unfinished run or store (with a warning) instead of refusing
 
     def __post_init__(self):
         """Refuse bad options in one line, for Python callers as for the command line."""
@@ -143,7 +144,7 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
     if int(model.d_in) != store.d_model:
         raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
     from sae.runs import check_run_store, weights_digest
-    layer = check_run_store(config, store, layer)      # model, site, width and layer must match
+    layer = check_run_store(config, store, layer, options.allow_incomplete)      # model, site, width and layer must match
     out_dir = _prepare_output(run_dir, out_dir, force, store.path)
 
     notes: list[str] = []

@@ -20,6 +20,8 @@ def add_arguments(parser):
     parser.add_argument("--nearest", type=int, default=10, help="nearest features by decoder cosine (default 10)")
     parser.add_argument("--logits", type=int, default=10, help="promoted/suppressed tokens per feature (default 10)")
     parser.add_argument("--no-model", action="store_true", help="do not load the model (skips logit effects)")
+    from sae.cli import add_allow_incomplete_argument
+    add_allow_incomplete_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing analysis")
     add_model_dtype_argument(parser)
     add_common_arguments(parser)
@@ -35,7 +37,7 @@ def run(args):
                              per_band=args.per_band, reservoir=max(args.reservoir, args.per_band),
                              n_nearest=args.nearest, n_logits=args.logits, batch_size=args.batch_size or 4096,
                              device=args.device, with_model=not args.no_model, seed=args.seed,
-                             model_dtype=args.model_dtype)
+                             model_dtype=args.model_dtype, allow_incomplete=args.allow_incomplete)
     meta = analyze(args.run, args.activations, layer=args.layer, options=options, out_dir=args.out,
                    force=args.force)
     dead = meta.get("n_dead")

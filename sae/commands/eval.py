@@ -10,6 +10,8 @@ def add_arguments(parser):
                              "layer_12/width_16k/average_l0_82; eval.json goes beside its cached copy)")
     parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
     parser.add_argument("--layer", default=None, help="the store's layer (default: the run's layer)")
+    from sae.cli import add_allow_incomplete_argument
+    add_allow_incomplete_argument(parser)
     parser.add_argument("--no-model", action="store_true",
                         help="skip the downstream part (no language model is loaded)")
     parser.add_argument("--windows", type=int, default=64,
@@ -37,7 +39,7 @@ def run(args):
     result = evaluate(args.run, args.activations, layer=args.layer, with_model=not args.no_model,
                       device=resolve(args.device), batch_size=args.batch_size or 4096, max_windows=args.windows,
                       lm_batch_size=args.lm_batch_size, probe=not args.no_probing, probe_max_rows=args.probe_rows,
-                      seed=args.seed, model_dtype=args.model_dtype)
+                      seed=args.seed, model_dtype=args.model_dtype, allow_incomplete=args.allow_incomplete)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if not args.json:
         print(f"(written to {args.run}/{EVAL_FILE})")

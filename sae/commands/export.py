@@ -9,10 +9,12 @@ def add_arguments(parser):
                              "sparsify: cfg.json + sae.safetensors (topk only); "
                              "html: index + one page per feature from RUN/analysis")
     parser.add_argument("out", metavar="OUT", help="output folder (must be empty unless --force)")
+    from sae.cli import add_allow_incomplete_argument
+    add_allow_incomplete_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
 
 
 def run(args):
     from sae.export import export
-    out = export(args.run, args.out, args.format, force=args.force)
+    out = export(args.run, args.out, args.format, force=args.force, allow_incomplete=args.allow_incomplete)
     print(f"wrote {args.format} export of {args.run} to {out}")

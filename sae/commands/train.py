@@ -54,6 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="training budget in tokens (default 524,288)")
     parser.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (default: scaled with d_sae)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    from sae.cli import add_allow_incomplete_argument
+    add_allow_incomplete_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace the run already in --out")
     parser.add_argument("--noise-std", type=float, default=None,
                         help="Gaussian input corruption (std per dimension of the scaled input); any variant")
@@ -172,6 +174,7 @@ def run(args) -> int:
             return 0
         logger = _wandb(args, dist) if args.wandb else None
         summary = train_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
+                                 allow_incomplete=args.allow_incomplete,
                                  d_sae=args.d_sae, expansion=args.expansion, resume=args.resume, force=args.force,
                                  progress=True, on_log=(lambda m: logger.log(_numbers(m), step=m["step"]))
                                  if logger is not None else None)

@@ -191,7 +191,7 @@ def load_store_model(store: ActivationStore, device="cpu", model_dtype="auto"):
 def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batch_size: int = 4096,
              loaded_model=None, max_windows: int = 64, lm_batch_size: int = 4, probe: bool = True,
              probe_max_rows: int = 200_000, seed: int = 0, write: bool = True, progress: bool = True,
-             model_dtype: str = "auto") -> dict:
+             model_dtype: str = "auto", allow_incomplete: bool = False) -> dict:
     """Score a run (folder or SAE module) on a store's held-out documents; write RUN/eval.json.
 
     loaded_model: a sae.models.LoadedModel to use instead of loading the store's model.
@@ -202,7 +202,7 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     sae, config, run_dir = open_run(run, device)
     sae = sae.to(device).eval()
-    layer = check_run_store(config, store, layer)
+    layer = check_run_store(config, store, layer, allow_incomplete)
     if not bool(store.held_out_mask().any()):
         raise UserError(f"the store {store.path} has no held-out documents (rule: "
                         f"{store.manifest.get('held_out', {}).get('rule', 'doc_id based')}); collect more documents")
