@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae.errors import UserError
-from sae.files import check_output_folder, read_json
+from sae.files import check_output_folder, read_json, remove_stale_temporaries
 
 FORMATS = ("saelens", "sparsify", "html")
 
@@ -36,6 +36,7 @@ def export(run_dir, out_dir, fmt: str, force: bool = False, allow_incomplete: bo
         check_finished(read_config(folder), folder, allow_incomplete)
     kind = f"export-{fmt}"
     check_output_folder(out_dir, kind, force, inputs=(run_dir,), owned=lambda folder: _is_export(folder, fmt))
+    remove_stale_temporaries(out_dir.parent)          # what a killed export left behind
     staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -24,6 +24,41 @@ def write_atomic_bytes(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file into place, its bytes on disk first (fsync), and the rename too (the
+    folder's fsync), so that a crash leaves the old file or the new one, never a named but empty one."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:
+        folder = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
+
+
+def remove_stale_temporaries(folder) -> None:
+    """Remove `.NAME.tmpPID` files and folders left by a process that is gone (kill -9); a live writer's stay."""
+    import re
+    import shutil
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.glob(".*.tmp*"):
+        match = re.search(r"\.tmp(\d+)$", path.name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON through a temporary file and a rename: a reader never sees half a file."""
     write_atomic_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

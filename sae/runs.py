@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.errors import UserError
-from sae.files import read_json, write_atomic_bytes, write_json
+from sae.files import read_json, replace_durably, write_atomic_bytes, write_json
 
 CONFIG = "config.json"
 WEIGHTS = "sae.safetensors"
@@ -41,7 +41,7 @@ def save_weights(model, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def save_run(model, run_dir, extra: dict | None = None) -> None:

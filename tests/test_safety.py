@@ -323,3 +323,31 @@ def test_unfinished_runs_and_stores_are_refused_unless_allowed(damaged_copy):
             "unfinished")
     status, err = cli(*train, "--allow-incomplete")
     assert status == 0 and "warning: the store" in err, err
+
+
+def test_limits_and_leftovers(project, tmp_path, tiny_llama_dir):
+    from sae.files import remove_stale_temporaries
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("the cat sat on the mat. " * 50)
+    store, run = project / "store", project / "run"
+    for argv, message in (
+            (["collect", "--model", tiny_llama_dir, "--dataset", corpus, "--layers", 0, "--context-size", 100000,
+              "--out", tmp_path / "long"], "more than"),
+            (["eval", "--run", run, "--activations", store, "--batch-size", 0], "--batch-size"),
+            (["eval", "--run", run, "--activations", store, "--probe-rows", -5], "--probe-rows"),
+            (["collect", "--model", tiny_llama_dir, "--layers", 0, "--shard-tokens", 0, "--out", tmp_path / "s"],
+             "--shard-tokens"),
+            (["train", "--activations", store, "--variant", "topk", "--out", tmp_path / "r", "--resume", "--force"],
+             "contradict"),
+            (["dashboard", store / "manifest.json"], "is a file")):
+        refused(project, argv, message)
+    assert not (tmp_path / "long").exists()
+    # leftovers of a killed process go; a live writer's stay
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".analysis.tmp{dead.pid}").mkdir()
+    (tmp_path / f".sae.safetensors.tmp{dead.pid}").write_bytes(b"half")
+    alive = tmp_path / ".other.tmp1"
+    alive.write_bytes(b"mine")                                   # pid 1 (init) is alive
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [alive.name]

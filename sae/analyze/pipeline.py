@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from sae.errors import UserError
-from sae.files import MARKER, FolderLock, check_output_folder, mark_output
+from sae.files import MARKER, FolderLock, check_output_folder, mark_output, remove_stale_temporaries
 
 
 @dataclass
@@ -187,6 +187,7 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
         "weights_digest": weights_digest(run_dir),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir.parent)          # what a killed analysis left behind
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)

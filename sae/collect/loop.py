@@ -26,8 +26,8 @@ from sae.collect.rows import BatchRows, batch_rows, shard_tensors
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
 from sae.files import FolderLock, read_json, write_json
-from sae.lm import (LoadedModel, capture, layer_index, load_model, parse_layers, run_until_captured, site_point,
-                    site_width)
+from sae.lm import (LoadedModel, capture, check_context_size, layer_index, load_model, parse_layers,
+                    run_until_captured, site_point, site_width)
 from sae.lm.loading import loaded_dtype, parse_model_dtype
 
 MEDIAN_TOKENS = 8192
@@ -223,6 +223,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     model_dtype = loaded_dtype(loaded)
     if options.dtype is None:   # the store follows the model: a bf16 model writes a bf16 store
         options.dtype = model_dtype if model_dtype in DTYPES else "float32"
+    check_context_size(loaded, options.context_size)
     for layer in options.layers:
         site_point(loaded.model, options.site, layer)  # validates site and layer range
     layers = sorted(options.layers, key=lambda layer: layer_index(loaded.model, options.site, layer))

@@ -85,6 +85,8 @@ def run(args):
     for run_path in args.runs:
         if not Path(run_path).exists():
             raise UserError(f"{run_path} does not exist")
+        if not Path(run_path).is_dir():
+            raise UserError(f"{run_path} is a file: give run folders (or folders holding runs)")
     app = app_path()
     if not app.is_file():
         raise UserError(f"the dashboard app is missing ({app}); reinstall the sae package")

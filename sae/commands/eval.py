@@ -34,6 +34,10 @@ def run(args):
 
     if args.windows < 1 or args.lm_batch_size < 1:
         raise UserError("--windows and --lm-batch-size must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.probe_rows < 1:
+        raise UserError(f"--probe-rows must be at least 1, got {args.probe_rows}")
     from sae.runs import resolve_run
     args.run = resolve_run(args.run)   # RELEASE:SAE_ID -> a run folder under the cache
     result = evaluate(args.run, args.activations, layer=args.layer, with_model=not args.no_model,

@@ -152,6 +152,8 @@ def run(args) -> int:
     if args.expansion is not None and not args.expansion > 0:
         raise UserError(f"--expansion must be positive, got {args.expansion}")
     options = options_from_args(args)
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: pick one")
     if args.model is not None:
         if args.activations is not None:
             raise UserError("give either --activations (train on a store) or --model (train live), not both")

@@ -52,3 +52,13 @@ def unembedding(loaded) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def describe(loaded: LoadedModel) -> str:
     return f"{loaded.name} ({loaded.family}, {loaded.n_layers} layers, d_model {loaded.d_model})"
+
+
+def check_context_size(loaded, context_size: int) -> None:
+    """Refuse a --context-size beyond what the model can take (its position limit), before any work."""
+    config = getattr(_hf(loaded), "config", None)
+    limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+                  if isinstance(getattr(config, key, None), int)), None)
+    if limit is not None and context_size > limit:
+        from sae.errors import UserError
+        raise UserError(f"--context-size {context_size} is more than {loaded.name} takes ({limit} positions)")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae.errors import UserError
-from sae.files import write_json
+from sae.files import replace_durably, write_json
 from sae.store.layout import FORMAT, HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST, shard_name
 
 
@@ -19,7 +19,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | N
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def write_from_tensors(path, activations: torch.Tensor, layer=0, overwrite: bool = False, shard_rows: int = 65536,

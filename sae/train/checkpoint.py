@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from sae.errors import UserError
 from sae.runs import save_run
 from sae.files import write_json
-from sae.files import read_json
+from sae.files import read_json, remove_stale_temporaries
 
 CHECKPOINTS = "checkpoints"
 TRAINER_TENSORS = "trainer.safetensors"
@@ -149,6 +149,7 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder")
     entries = [p for p in run_dir.iterdir() if not p.name.startswith(".")] if run_dir.is_dir() else []
+    remove_stale_temporaries(run_dir)            # half-written files of a killed run
     if resume:
         for stale in (run_dir / CHECKPOINTS).glob(".step_*.tmp*") if (run_dir / CHECKPOINTS).is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint half-written when the run was killed

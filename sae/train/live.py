@@ -163,7 +163,8 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     from sae.lm import site_point
     for layer in layers:
         site_point(loaded, site, layer)  # unknown site or layer out of range: a UserError here
-    from sae.lm import site_width
+    from sae.lm import check_context_size, site_width
+    check_context_size(loaded, context_size)
     d_site = site_width(loaded, site, layers)   # the SAEs' d_in: d_model, or n_heads·d_head for attn_z
     buffer_bytes = source.buffer_bytes
     from sae.lm.loading import loaded_dtype
