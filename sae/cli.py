@@ -50,6 +50,9 @@ def add_allow_incomplete_argument(parser) -> None:
 
 def add_model_dtype_argument(parser) -> None:
     """--model-dtype, for every command that runs the language model."""
+    parser.add_argument("--trust-pickled-weights", action="store_true",
+                        help="also load a model whose weights are only pickles (pytorch_model.bin): a pickle can run "
+                             "arbitrary code, so only for models from a source you trust (default: safetensors only)")
     parser.add_argument("--model-dtype", type=_model_dtype, default="auto", metavar="DTYPE",
                         help="dtype the language model is loaded in: auto (default: bfloat16 on CUDA, float32 on "
                              "the CPU), float32, bfloat16 or float16; weights are read straight into it")
@@ -102,6 +105,8 @@ def main(argv=None) -> None:
         if not getattr(args, "_run", None):
             parser.print_help()
             sys.exit(2)
+        if getattr(args, "trust_pickled_weights", False):   # read where the model is loaded (sae.lm.loading)
+            os.environ["SAE_TRUST_PICKLED_WEIGHTS"] = "1"
         status = args._run(args)
     except UserError as error:
         if debug:

@@ -351,3 +351,25 @@ def test_limits_and_leftovers(project, tmp_path, tiny_llama_dir):
     alive.write_bytes(b"mine")                                   # pid 1 (init) is alive
     remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.glob(".*")) == [alive.name]
+
+
+def test_pickled_model_weights_need_an_explicit_opt_in(tiny_llama_dir, tmp_path):
+    """A model folder holding only pytorch_model.bin is refused (a pickle can run code) unless the user says
+    --trust-pickled-weights; the folder's safetensors twin loads as before."""
+    import shutil
+
+    from safetensors.torch import load_file
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, folder)
+    for weights in folder.glob("*.safetensors"):
+        torch.save(load_file(str(weights)), folder / "pytorch_model.bin")
+        weights.unlink()
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("the cat sat on the mat. " * 50)
+    argv = ["collect", "--model", folder, "--dataset", corpus, "--layers", 0, "--context-size", 16, "--tokens", 64,
+            "--out", tmp_path / "store"]
+    status, err = cli(*argv)
+    assert status == 2 and "pickled weights" in err and "--trust-pickled-weights" in err, err
+    assert not (tmp_path / "store").exists()
+    status, err = cli(*argv, "--trust-pickled-weights")
+    assert status == 0, err

@@ -77,6 +77,23 @@ def _source(name: str) -> tuple[str, str]:
     return name, ""
 
 
+TRUST_PICKLES_ENV = "SAE_TRUST_PICKLED_WEIGHTS"   # set by --trust-pickled-weights
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickled_weights(source: str, name: str) -> None:
+    """A local model folder whose weights exist only as pickles (pytorch_model.bin) is refused: loading a
+    pickle can run any code. Safetensors weights are read; --trust-pickled-weights opts in to the pickle."""
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise UserError(f"model {name!r} has only pickled weights ({pickles[0]}), and loading a pickle can run "
+                        f"arbitrary code: convert them to safetensors, or pass --trust-pickled-weights if you "
+                        f"trust their source")
+
+
 def _unknown_model(name: str, error: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = " (HF_HUB_OFFLINE=1 is set and it is not in the local cache)" if offline else ""
@@ -140,6 +157,9 @@ def load_model(name: str, device="cpu", dtype="auto") -> LoadedModel:
     device = torch.device(device)
     dtype = parse_model_dtype(dtype, device)
     source, note = _source(name)
+    trusted = os.environ.get(TRUST_PICKLES_ENV) == "1"
+    if not trusted:
+        _refuse_pickled_weights(source, name)
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as error:  # noqa: BLE001
@@ -154,7 +174,8 @@ def load_model(name: str, device="cpu", dtype="auto") -> LoadedModel:
     if importlib.util.find_spec("accelerate") is not None:   # transformers 4 needs it for both options
         placement = {"low_cpu_mem_usage": True, **({"device_map": {"": device}} if device.type != "cpu" else {})}
     try:
-        model = _first_loadable(loaders, source, dtype, name, placement)
+        model = _first_loadable(loaders, source, dtype, name, {**placement, **({} if trusted else
+                                                                                  {"use_safetensors": True})})
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
