@@ -34,8 +34,9 @@ def store(tmp_path_factory):
 
 
 def sweep_in_process(store, out, variants, **kw):
-    return run_sweep(store.path, out, variants_spec=variants, tokens=4096, batch_size=256, expansion=2,
-                     device="cpu", progress=False, **kw)
+    kw = {"tokens": 4096, **kw}
+    return run_sweep(store.path, out, variants_spec=variants, batch_size=256, expansion=2, device="cpu",
+                     progress=False, **kw)
 
 
 def sweep_args(store, out, *extra):
@@ -112,6 +113,9 @@ def test_resume_trains_only_unfinished(store, tmp_path):
     (out / "linear" / "eval.json").unlink()
     with pytest.raises(UserError, match="not empty"):
         sweep_in_process(store, out, "relu,linear")
+    with pytest.raises(UserError, match="was swept with tokens"):      # another budget would mix two grids
+        sweep_in_process(store, out, "relu,linear", resume=True, tokens=2048)
+    assert not (out / "linear" / "eval.json").exists()
     table = sweep_in_process(store, out, "relu,linear", resume=True)
     assert (out / "relu" / "sae.safetensors").stat().st_mtime_ns == kept
     assert (out / "linear" / "eval.json").is_file()

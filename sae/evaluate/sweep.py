@@ -166,8 +166,26 @@ def prepare_out(out: Path, names: list[str], force: bool, resume: bool) -> None:
         previous = [p.name for p in out.iterdir() if (p / "sweep_entry.json").is_file()]
         for name in set(names) | set(previous):
             shutil.rmtree(out / name, ignore_errors=True)
-        for table in ("sweep.parquet", "sweep.csv", "sweep.png", "sweep.json"):
+        for table in ("sweep.parquet", "sweep.csv", "sweep.png", "sweep.json", SETTINGS):
             (out / table).unlink(missing_ok=True)
+
+
+SETTINGS = "sweep_settings.json"
+
+
+def check_settings(out: Path, settings: dict, resume: bool) -> None:
+    """--resume finishes a sweep with the settings it started with: a different budget, width, learning rate,
+    seed, layer or store is refused in one line (the finished SAEs would not be comparable)."""
+    from sae.files import read_json, write_json
+    path = out / SETTINGS
+    old = read_json(path, missing_ok=True) if resume else None
+    if old:
+        differing = [key for key in settings if key in old and old[key] != settings[key]]
+        if differing:
+            key = differing[0]
+            raise UserError(f"--resume: {out} was swept with {key} {old[key]!r}, not {settings[key]!r}: give the "
+                            f"same options, or --force to start the sweep over")
+    write_json(path, settings)
 
 
 def is_done(run_dir: Path) -> bool:
@@ -382,14 +400,20 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     out = Path(out)
     d_saes = widths(points, store.d_model, expansion)
     owner = assign_ranks({name: d_sae * store.d_model for name, d_sae in d_saes.items()}, world_size)
-    agree(world_size, rank, lambda: prepare_out(out, list(d_saes), force, resume))
+    options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, device=str(device),
+                           checkpoint_every=0, keep_checkpoints=1)     # bad values refused before the folder
+    settings = {"tokens": tokens, "batch_size": batch_size, "expansion": expansion, "lr": lr, "seed": seed,
+                "layer": str(layer), "store_digest": store.digest}
+
+    def prepare():
+        prepare_out(out, list(d_saes), force, resume)
+        check_settings(out, settings, resume)
+    agree(world_size, rank, prepare)
     mine = build_models(points, store.d_model, expansion, seed,
                         only={name for name, r in owner.items() if r == rank and not (resume and is_done(out / name))})
     for name in mine:
         shutil.rmtree(out / name, ignore_errors=True)  # an unfinished run restarts from scratch
         (out / name).mkdir(parents=True)
-    options = TrainOptions(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, device=str(device),
-                           checkpoint_every=0, keep_checkpoints=1)
     config_extra = {"layer": layer, "site": store.manifest.get("site"), "model": store.manifest.get("model"),
                     "dataset": store.manifest.get("dataset"), "store": str(store.path), "store_digest": store.digest,
                     "sweep": str(out), "model_dtype": store.manifest.get("model_dtype")}
