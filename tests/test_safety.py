@@ -373,3 +373,19 @@ def test_pickled_model_weights_need_an_explicit_opt_in(tiny_llama_dir, tmp_path)
     assert not (tmp_path / "store").exists()
     status, err = cli(*argv, "--trust-pickled-weights")
     assert status == 0, err
+
+
+def test_garbage_inside_a_shard_is_named_not_analysed(damaged_copy):
+    """0xff bytes inside a shard's data (its header intact) read as NaN: eval and analyze say so in one line."""
+    def garbage(store: Path):
+        shard = store / "shard_00000.safetensors"
+        data = bytearray(shard.read_bytes())
+        size = int.from_bytes(data[:8], "little")
+        begin, end = json.loads(data[8:8 + size])["activations.0"]["data_offsets"]
+        for at in range(8 + size + begin, 8 + size + end - 4096, 16384):   # 4 KB of 0xff every 16 KB
+            data[at:at + 4096] = b"\xff" * 4096
+        shard.write_bytes(bytes(data))
+    copy = damaged_copy("store", garbage)
+    refused(copy, ["eval", "--run", copy / "run", "--activations", copy / "store", "--no-model"], "NaN or Inf")
+    refused(copy, ["analyze", "--run", copy / "run", "--activations", copy / "store", "--no-model", "--force"],
+            "NaN or Inf")

@@ -71,6 +71,9 @@ def iter_window_batches(store, layer, batch_size: int) -> Iterator[WindowBatch]:
             else:
                 local = order[lo:hi]
                 x = whole[local].float()
+            if not bool(torch.isfinite(x).all()):
+                from sae.errors import UserError
+                raise UserError(f"{store.path} is damaged: shard {shard.name} holds NaN or Inf activations")
             yield WindowBatch(x, local + shard.start,
                               None if window is None else window[lo:hi],
                               None if position is None else position[lo:hi],

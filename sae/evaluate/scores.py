@@ -51,6 +51,9 @@ def held_out_batches(store, layer, special_ids: set[int], batch_size: int = 4096
     token_ids = store.column("token_ids") if "token_ids" in store.tensor_names(0) else None
     left = max_rows
     for x, indices in store.iter_rows(layer, batch_size, split="held_out"):
+        if not bool(torch.isfinite(x).all()):
+            from sae.errors import UserError
+            raise UserError(f"{store.path} is damaged: it holds NaN or Inf activations among its held-out rows")
         if token_ids is not None and special_ids:
             x = x[~is_special(token_ids[indices], special_ids)]
         if left is not None:
