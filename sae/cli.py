@@ -42,6 +42,17 @@ def _model_dtype(text: str) -> str:
     return str(text).strip().lower()
 
 
+def add_run_store_arguments(parser, layer_help: str) -> None:
+    """--run, --activations, --layer and --allow-incomplete: where a trained SAE meets a store (eval, analyze)."""
+    parser.add_argument("--run", required=True,
+                        help="run folder (config.json + sae.safetensors; SAELens, sparsify and Gemma Scope folders "
+                             "too), or RELEASE:SAE_ID, a published SAE (e.g. gemma-scope-2b-pt-res:layer_12/width_16k/"
+                             "average_l0_82; results go beside its cached copy)")
+    parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
+    parser.add_argument("--layer", default=None, help=layer_help)
+    add_allow_incomplete_argument(parser)
+
+
 def add_allow_incomplete_argument(parser) -> None:
     """--allow-incomplete, for the commands that read a run or a store another command may not have finished."""
     parser.add_argument("--allow-incomplete", action="store_true",

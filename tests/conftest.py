@@ -101,3 +101,17 @@ def smollm2_store(tmp_path_factory, smollm2):
                            context_size=128, batch_size=8, progress=False), loaded=smollm2)
     from sae.store import ActivationStore
     return ActivationStore(out)
+
+
+def write_labelled_corpus(path, words, n_docs: int, lengths=(4, 16), seed: int = 1):
+    """A .jsonl corpus of n_docs documents of random `words` (lengths[0] to lengths[1] - 1 words each),
+    labelled red/green/blue in turn; returns its path."""
+    import json
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n_docs):
+        n = int(torch.randint(lengths[0], lengths[1], (1,), generator=gen))
+        text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=gen)) + "."
+        lines.append(json.dumps({"text": text, "label": ["red", "green", "blue"][i % 3]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

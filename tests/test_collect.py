@@ -1,5 +1,4 @@
 """sae collect: stored rows equal independent hooks, bookkeeping, shards, resume, norms, bad input, torchrun."""
-import json
 import os
 import subprocess
 import sys
@@ -32,16 +31,9 @@ INPUT_PATHS = {  # modules whose input is (mlp_in, attn_z), by hand
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small labelled .jsonl corpus: N_DOCS documents of 4-15 words."""
-    gen = torch.Generator().manual_seed(1)
+    from conftest import write_labelled_corpus
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "quickly"]
-    lines = []
-    for i in range(N_DOCS):
-        n = int(torch.randint(4, 16, (1,), generator=gen))
-        text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=gen)) + "."
-        lines.append(json.dumps({"text": text, "label": ["red", "green", "blue"][i % 3]}))
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_labelled_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", words, N_DOCS, (4, 16), seed=1)
 
 
 def run(loaded, out, corpus, **kw):

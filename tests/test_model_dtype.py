@@ -29,16 +29,9 @@ def sae_main(capsys, *args):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    gen = torch.Generator().manual_seed(0)
+    from conftest import write_labelled_corpus
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    lines = []
-    for i in range(60):
-        n = int(torch.randint(8, 30, (1,), generator=gen))
-        text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=gen)) + "."
-        lines.append(json.dumps({"text": text, "label": ["red", "green", "blue"][i % 3]}))
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_labelled_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl", words, 60, (8, 30), seed=0)
 
 
 def test_parse_model_dtype_and_one_line_refusals(tiny_llama_dir, corpus, tmp_path, capsys):

@@ -3,13 +3,8 @@ HELP = "builds the per-feature data that the dashboard shows (RUN/analysis/)"
 
 
 def add_arguments(parser):
-    from sae.cli import add_common_arguments, add_model_dtype_argument
-    parser.add_argument("--run", required=True,
-                        help="run folder (RUN/config.json + RUN/sae.safetensors; SAELens, sparsify and Gemma Scope "
-                             "folders too), or RELEASE:SAE_ID, a published SAE (e.g. gemma-scope-2b-pt-res:"
-                             "layer_12/width_16k/average_l0_82; analysed beside its cached copy)")
-    parser.add_argument("--activations", required=True, metavar="STORE", help="activation store to analyse over")
-    parser.add_argument("--layer", default=None, help="the store's layer (required when it holds several)")
+    from sae.cli import add_common_arguments, add_model_dtype_argument, add_run_store_arguments
+    add_run_store_arguments(parser, "the store's layer (required when it holds several)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
     parser.add_argument("--top-k", type=int, default=20, help="top-activating examples kept per feature (default 20)")
     parser.add_argument("--context", type=int, default=10, help="context tokens either side of an example (default 10)")
@@ -20,8 +15,6 @@ def add_arguments(parser):
     parser.add_argument("--nearest", type=int, default=10, help="nearest features by decoder cosine (default 10)")
     parser.add_argument("--logits", type=int, default=10, help="promoted/suppressed tokens per feature (default 10)")
     parser.add_argument("--no-model", action="store_true", help="do not load the model (skips logit effects)")
-    from sae.cli import add_allow_incomplete_argument
-    add_allow_incomplete_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing analysis")
     add_model_dtype_argument(parser)
     add_common_arguments(parser)

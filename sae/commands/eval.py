@@ -3,15 +3,8 @@ HELP = "score a trained SAE on a store's held-out documents; writes RUN/eval.jso
 
 
 def add_arguments(parser):
-    from sae.cli import add_common_arguments, add_model_dtype_argument
-    parser.add_argument("--run", required=True,
-                        help="the run folder (config.json + sae.safetensors; SAELens, sparsify and Gemma Scope "
-                             "folders too), or RELEASE:SAE_ID, a published SAE (e.g. gemma-scope-2b-pt-res:"
-                             "layer_12/width_16k/average_l0_82; eval.json goes beside its cached copy)")
-    parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
-    parser.add_argument("--layer", default=None, help="the store's layer (default: the run's layer)")
-    from sae.cli import add_allow_incomplete_argument
-    add_allow_incomplete_argument(parser)
+    from sae.cli import add_common_arguments, add_model_dtype_argument, add_run_store_arguments
+    add_run_store_arguments(parser, "the store's layer (default: the run's layer)")
     parser.add_argument("--no-model", action="store_true",
                         help="skip the downstream part (no language model is loaded)")
     parser.add_argument("--windows", type=int, default=64,
