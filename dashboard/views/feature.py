@@ -66,7 +66,7 @@ def _figures(record: dict, meta: dict) -> None:
     columns[2].metric("mean activation (when firing)", f"{float(record.get('mean_activation') or 0):.4g}")
     columns[3].metric("tokens fired", f"{int(record.get('n_fired') or 0):,}")
     best = record.get("best_label")
-    if best:
+    if isinstance(best, str) and best:       # an unlabelled store's tables hold NaN here, not a label
         columns[4].metric("best label (F1)", f"{best}", f"{float(record.get('best_label_f1') or 0):.2f}",
                           delta_color="off")
 
