@@ -38,8 +38,9 @@ demo: install
 	$(BIN)/sae collect --model smollm2 --dataset bbc --layers 6 --site resid_post \
 	    --context-size 128 --tokens $(DEMO_TOKENS) --out $(DEMO)/store --resume
 	$(BIN)/sae train --activations $(DEMO)/store --variant topk --k 32 --out $(DEMO)/topk --resume
-	$(BIN)/sae eval --run $(DEMO)/topk --activations $(DEMO)/store
-	$(BIN)/sae analyze --run $(DEMO)/topk --activations $(DEMO)/store
+	test -f $(DEMO)/topk/eval.json || $(BIN)/sae eval --run $(DEMO)/topk --activations $(DEMO)/store
+	test -f $(DEMO)/topk/analysis/meta.json || $(BIN)/sae analyze --run $(DEMO)/topk --activations $(DEMO)/store
+	@echo "the sae command is in $(BIN)/: 'source $(BIN)/activate' puts it on your PATH"
 	$(BIN)/python scripts/dashboard_snapshot.py $(DEMO)/topk --port $(PORT) --out $(DEMO)/dashboard_feature.png
 
 bench: install

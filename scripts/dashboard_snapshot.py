@@ -109,9 +109,9 @@ def serve_and_snapshot(run, out, port: int = 8501, host: str = "localhost") -> i
     server = subprocess.Popen([sys.executable, "-m", "sae", "dashboard", str(run), "--port", str(port),
                                "--host", host])
 
-    def stop(signum, frame):  # a kill of this process also stops the server it started
-        server.terminate()
-        raise SystemExit(128 + signum)
+    def stop(signum, frame):  # a kill of this process also stops the server it started: a stop, not an error
+        server.terminate()    # (no wait here: the main thread may be inside server.wait(), holding its lock)
+        raise SystemExit(0)
     signal.signal(signal.SIGTERM, stop)
     try:
         shown = "localhost" if host in ("0.0.0.0", "::") else host

@@ -294,7 +294,7 @@ def test_cli_bad_inputs(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"variant": "relu", "d_in": 8, "d_sae": 16, "knobs": {}}))
     cases = [(["eval", "--run", str(run), "--activations", str(store.path)], "no weights"),
              (["eval", "--run", str(tmp_path / "nothing"), "--activations", str(store.path)], "not a run folder"),
-             (["eval", "--run", str(run), "--activations", str(tmp_path / "nothing")], "not an activation store")]
+             (["eval", "--run", str(run), "--activations", str(tmp_path / "nothing")], "does not exist")]
     for args, message in cases:
         status, _, err = sae_main(capsys, *args)
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -171,8 +171,11 @@ def test_bad_inputs(store, tmp_path):
     no_held = sae.ActivationStore.from_tensors(tmp_path / "s2", torch.randn(600, 16), doc_id=torch.full((600,), 1))
     with pytest.raises(UserError, match="no held-out documents"):
         sweep_in_process(no_held, tmp_path / "o1", "relu")
-    with pytest.raises(UserError, match="not an activation store"):
+    with pytest.raises(UserError, match="the store .* does not exist"):
         run_sweep(tmp_path / "missing", tmp_path / "o3")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="not an activation store"):
+        run_sweep(tmp_path / "folder", tmp_path / "o4")
     proc = sae_cli("sweep", "--activations", str(store.path), "--out", str(tmp_path / "o2"), "--variants", "l1:k=4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     expected = "error: --variants l1:k=4: l1 has no knob 'k' (it takes: l1_coefficient)"

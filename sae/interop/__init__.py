@@ -175,5 +175,7 @@ def open_store(path):
         return ActivationStore(path)
     if is_saelens_cache(path):
         return SAELensCacheStore(path)
+    if not path.exists():
+        raise UserError(f"the store {path} does not exist")
     raise UserError(f"{path} is not an activation store (no {MANIFEST}) nor a SAELens activation cache")
 

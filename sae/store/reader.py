@@ -37,6 +37,8 @@ class ActivationStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
+        if not self.path.exists():
+            raise UserError(f"the store {self.path} does not exist")
         if not self.path.is_dir() or not manifest_path.is_file():
             raise UserError(f"{self.path} is not an activation store (no {MANIFEST})")
         self.manifest = read_json(manifest_path, "the store's manifest")
