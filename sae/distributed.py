@@ -47,6 +47,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a single process (read from the environment: no group needed yet)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 

@@ -17,11 +17,8 @@ def cache_dir() -> Path:
 def write_atomic_bytes(path: Path, payload: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp.write_bytes(payload)
+    replace_durably(tmp, path)
 
 
 def replace_durably(tmp: Path, path: Path) -> None:
@@ -171,25 +168,17 @@ class FolderLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                pid, host = holder.get("pid"), holder.get("host")
-                same_host = host in (None, me["host"])
-                if isinstance(pid, int) and same_host and (pid == os.getpid() or not _process_alive(pid)):
-                    self.path.unlink(missing_ok=True)        # stale: its process is gone
-                    continue
-                if not holder:                               # being written by a starting writer, or damaged
+                holder = self._holder()
+                if not holder:                     # being written by a starting writer, or damaged: look again
                     import time
                     time.sleep(0.2)
-                    try:
-                        holder = json.loads(self.path.read_text() or "{}")
-                    except (OSError, ValueError):
-                        holder = {}
-                    if not holder:
-                        self.path.unlink(missing_ok=True)
-                        continue
+                    holder = self._holder()
+                pid = holder.get("pid")
+                stale = isinstance(pid, int) and holder.get("host") in (None, me["host"]) and (
+                    pid == os.getpid() or not _process_alive(pid))
+                if not holder or stale:            # its process is gone (or it never said who it was)
+                    self.path.unlink(missing_ok=True)
+                    continue
                 raise UserError(f"{self.path.parent} is in use by {holder.get('command', 'another sae command')} "
                                 f"(process {holder.get('pid')} on {holder.get('host')}); wait for it to end, or "
                                 f"delete {self.path} if that process is gone")
@@ -198,6 +187,13 @@ class FolderLock:
             self.held = True
             return self
         raise UserError(f"could not lock {self.path.parent}: another writer keeps taking it")
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
 
     def __exit__(self, *exc) -> bool:
         if self.held:

@@ -54,6 +54,15 @@ def save_run(model, run_dir, extra: dict | None = None) -> None:
     write_json(run_dir / CONFIG, config)
 
 
+# what save_run writes itself (the module's config(), the package's version): the rest of a config is context
+_OWN_KEYS = ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes", "version", "git_commit")
+
+
+def run_context(config: dict) -> dict:
+    """A run config's context (layer, site, model, store, training ...), to save again beside other weights."""
+    return {k: v for k, v in config.items() if k not in _OWN_KEYS}
+
+
 def read_config(run_dir) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -140,8 +149,7 @@ def release_run(release: str, sae_id: str | None, revision: str | None = None) -
     if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
         return folder
     model = releases.load_release(release, info["sae_id"], revision=revision)
-    skip = ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes")
-    save_run(model, folder, {k: v for k, v in model.run_config.items() if k not in skip})   # config.json last
+    save_run(model, folder, run_context(model.run_config))   # config.json last
     return folder
 
 
@@ -152,12 +160,6 @@ def resolve_run(text) -> str:
     return str(release_run(*spec)) if spec is not None else str(text)
 
 
-def check_store(config: dict, manifest: dict, d_model: int) -> None:
-    """A published SAE (config['source']['release']) against a store: model and width must match (one line)."""
-    from sae.interop import releases
-    releases.check_store(config, manifest, d_model)
-
-
 # ---- Hugging Face Hub: a run folder is a Hub repo as it is ----------------------------------
 MODEL_CARD = "README.md"
 
@@ -166,10 +168,7 @@ def save_pretrained(model, save_directory, extra: dict | None = None, model_card
     """Write a module as a run folder (config.json + sae.safetensors, and a README.md model card unless
     one exists) that `from_pretrained` reads back and `push_to_hub` uploads as it is."""
     save_directory = Path(save_directory)
-    context = {k: v for k, v in (getattr(model, "run_config", None) or {}).items()
-               if k not in ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes",
-                            "version", "git_commit")}
-    save_run(model, save_directory, {**context, **(extra or {})})
+    save_run(model, save_directory, {**run_context(getattr(model, "run_config", None) or {}), **(extra or {})})
     if model_card and not (save_directory / MODEL_CARD).exists():
         write_atomic_bytes(save_directory / MODEL_CARD, model_card_text(read_config(save_directory)).encode())
     return save_directory
@@ -212,26 +211,24 @@ def check_finished(config: dict, what, allow_incomplete: bool = False) -> None:
     """An interrupted training run (config.json's training.complete is false) is refused in one line unless
     allowed; allowed, it goes through with a warning on stderr."""
     training = config.get("training") or {}
-    if training.get("complete") is not False:
-        return
-    detail = f"stopped at {training.get('tokens_seen', '?'):,} of {training.get('tokens', '?'):,} tokens" \
-        if isinstance(training.get("tokens_seen"), int) and isinstance(training.get("tokens"), int) else "unfinished"
-    if not allow_incomplete:
-        raise UserError(f"{what} is an unfinished training run ({detail}): finish it with `sae train ... --resume`, "
-                        f"or pass --allow-incomplete")
-    import sys
-    print(f"warning: {what} is an unfinished training run ({detail})", file=sys.stderr)
+    if training.get("complete") is False:
+        detail = f"stopped at {training['tokens_seen']:,} of {training['tokens']:,} tokens" \
+            if isinstance(training.get("tokens_seen"), int) and isinstance(training.get("tokens"), int) else "unfinished"
+        _unfinished(f"{what} is an unfinished training run ({detail})", "sae train", allow_incomplete)
 
 
 def check_store_finished(store, allow_incomplete: bool = False) -> None:
     """An unfinished store (manifest complete: false, a collection still running or killed) likewise."""
-    if store.manifest.get("complete") is not False:
-        return
+    if store.manifest.get("complete") is False:
+        _unfinished(f"the store {store.path} is unfinished (its collection stopped or is still running)", "sae collect",
+                    allow_incomplete)
+
+
+def _unfinished(what: str, command: str, allow_incomplete: bool) -> None:
     if not allow_incomplete:
-        raise UserError(f"the store {store.path} is unfinished (its collection stopped or is still running): "
-                        f"finish it with `sae collect ... --resume`, or pass --allow-incomplete")
+        raise UserError(f"{what}: finish it with `{command} ... --resume`, or pass --allow-incomplete")
     import sys
-    print(f"warning: the store {store.path} is unfinished", file=sys.stderr)
+    print(f"warning: {what}", file=sys.stderr)
 
 
 def check_run_store(config: dict, store, layer=None, allow_incomplete: bool = False):
@@ -242,7 +239,8 @@ def check_run_store(config: dict, store, layer=None, allow_incomplete: bool = Fa
     manifest = store.manifest
     released = bool((config.get("source") or {}).get("release"))
     if released:   # a published SAE: its model counts by name (a local copy of the model is fine)
-        check_store(config, manifest, store.d_model)
+        from sae.interop import releases
+        releases.check_store(config, manifest, store.d_model)
     differences = []
     for key in ("site",) if released else ("model", "site"):
         if config.get(key) is not None and manifest.get(key) is not None and str(config[key]) != str(manifest[key]):

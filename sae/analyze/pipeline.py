@@ -139,12 +139,12 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
     # a foreign folder (SAELens, sparsify) opened by sae.load has no config.json of ours
     config = read_config(run_dir) if (run_dir / "config.json").is_file() \
         else dict(getattr(model, "run_config", {}) or {})
-    from sae.runs import check_store
-    check_store(config, store.manifest, store.d_model)   # a published SAE: the store's model and width
-    if int(model.d_in) != store.d_model:
-        raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
+    from sae.interop import releases
     from sae.runs import check_run_store, weights_digest
-    layer = check_run_store(config, store, layer, options.allow_incomplete)      # model, site, width and layer must match
+    releases.check_store(config, store.manifest, store.d_model)   # a published SAE: its model and width, first
+    if int(model.d_in) != store.d_model:     # a foreign config may not name its width: the module's own
+        raise UserError(f"the SAE takes d_in={model.d_in} but the store's activations have d_model={store.d_model}")
+    layer = check_run_store(config, store, layer, options.allow_incomplete)   # model, site, layer must match
     out_dir = _prepare_output(run_dir, out_dir, force, store.path)
 
     notes: list[str] = []
@@ -202,9 +202,8 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
     if run_dir.is_dir() and not (run_dir / "config.json").exists() and out_dir == run_dir / "analysis":
         # another tool's folder (SAELens, sparsify, Gemma Scope): add this project's run files (the same
         # function) so that the dashboard, which reads config.json and sae.safetensors, opens it as a run
-        from sae.runs import save_run
-        skip = ("variant", "d_in", "d_sae", "knobs", "fire_threshold", "signed_codes")
-        save_run(model.cpu(), run_dir, {k: v for k, v in config.items() if k not in skip})
+        from sae.runs import run_context, save_run
+        save_run(model.cpu(), run_dir, run_context(config))
         notes.append(f"{run_dir} is another tool's layout: config.json and sae.safetensors were added beside it "
                      f"for the dashboard")
     for note in notes:

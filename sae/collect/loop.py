@@ -26,9 +26,10 @@ from sae.collect.rows import BatchRows, batch_rows, shard_tensors
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
 from sae.files import FolderLock, read_json, write_json
-from sae.lm import (LoadedModel, capture, check_context_size, layer_index, load_model, parse_layers,
+from sae.lm import (LoadedModel, capture, check_context_size, layer_index, load_model,
                     run_until_captured, site_point, site_width)
-from sae.lm.loading import loaded_dtype, parse_model_dtype
+from sae.lm.loading import loaded_dtype
+from sae.lm.source import SourceOptions
 
 MEDIAN_TOKENS = 8192
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,40 +40,27 @@ RECIPE_KEYS = ("model", "layers", "site", "dataset", "text_column", "split", "co
 OPTIONAL_RECIPE_KEYS = ("model_dtype",)   # absent from stores written before it was recorded
 
 
-@dataclass
-class CollectOptions:
-    model: str
-    layers: list
-    site: str
-    dataset: str
+@dataclass(kw_only=True)
+class CollectOptions(SourceOptions):
+    """What a collection reads (SourceOptions: model, layers, site, data) and what it writes."""
     out: Path
     tokens: int | None = None          # rows to write (all ranks together); None: the whole dataset
-    context_size: int = 128
     batch_size: int | None = None      # windows per forward pass
     dtype: str | None = None           # stored dtype; None: the model's dtype (a bf16 model writes bf16)
     device: str = "cpu"
-    model_dtype: str = "auto"          # auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on the CPU)
-    text_column: str | None = None
-    split: str | None = None
-    keep_special_tokens: bool = False
-    max_norm_ratio: float | None = None
     shard_tokens: int | None = None    # rows per shard (default: about 256 MB of activations)
     resume: bool = False
     force: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        """Refuse bad options in one line, for Python callers as for the command line."""
-        self.layers = parse_layers(self.layers)
+        super().__post_init__()
         self.out = Path(self.out)
         if self.resume and self.force:
             raise UserError("--resume and --force contradict each other: pick one")
-        if self.context_size < 2:
-            raise UserError(f"--context-size must be at least 2, got {self.context_size}")
-        parse_model_dtype(self.model_dtype)   # refuses a bad value in one line
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("tokens", "batch_size", "shard_tokens", "max_norm_ratio"):
+        for name in ("tokens", "batch_size", "shard_tokens"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -204,8 +192,7 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
     """Run a collection (see the module docstring). Returns where the store is and what it holds.
     The store folder is locked while it is written (rank 0 holds the lock): a second writer is refused."""
     import contextlib
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    with FolderLock(options.out, "sae collect") if main_rank else contextlib.nullcontext():
+    with FolderLock(options.out, "sae collect") if distributed.is_main_process() else contextlib.nullcontext():
         return _collect(options, loaded)
 
 
@@ -227,8 +214,6 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     for layer in options.layers:
         site_point(loaded.model, options.site, layer)  # validates site and layer range
     layers = sorted(options.layers, key=lambda layer: layer_index(loaded.model, options.site, layer))
-    if len({layer_index(loaded.model, options.site, layer) for layer in layers}) < len(layers):
-        raise UserError(f"--layers {','.join(map(str, options.layers))} names one layer twice (e.g. -1 and the last)")
     options.layers = layers
     recipe = _recipe(options, d, model_dtype)
 

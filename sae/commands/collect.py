@@ -19,7 +19,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    import os
     import sys
 
     import torch
@@ -38,7 +37,7 @@ def run(args):
         result = collect(options)
     finally:
         distributed.teardown(clean=sys.exc_info()[0] is None)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not distributed.is_main_process():
         return 0
     if result.exhausted and args.tokens is not None:
         print(f"warning: the dataset ran out after {result.n_tokens:,} rows (asked for {args.tokens:,}); "

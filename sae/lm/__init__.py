@@ -4,6 +4,7 @@
     loading.py  the embedded SmolLM2, hub ids and local folders -> LoadedModel
     sites.py    site names -> (module, input or output); --layers parsing
     hooks.py    capture a site's activation, replace it
+    source.py   SourceOptions: the model, layers, site and data activations are read from
 
 May import: sae.errors, sae.files, sae.kernels.matmul. Nothing else of the project.
 """

@@ -16,7 +16,7 @@ Rows are excluded as in collection: special tokens (BOS, EOS, padding) unless ke
 exceeds --max-norm-ratio × the median norm (over the first 8,192 kept training tokens, recorded), and
 every held-out document (sae.store.is_held_out): held-out windows are never fed to training. At the end
 each SAE is scored on held-out tokens (RUN/layer_L/train_summary.json). The producer and the
---save-activations writer live in sae/live_producer.py.
+--save-activations writer live in sae/train/producer.py.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 
 from sae.errors import UserError
 from sae.files import FolderLock, human_bytes, read_json
-from sae.lm import parse_layers
+from sae.lm.source import SourceOptions
 from sae.train.producer import LiveSpec, Producer, StoreWriter, keep_rows
 
 STATE = "live_state.json"
@@ -39,34 +39,18 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
 # ---- options ---------------------------------------------------------------------------------
-@dataclass
-class LiveOptions:
-    """Where live training's activations come from: the model, the data and how rows are kept (the same
-    names and defaults as `sae collect`). Bad values are refused in one line when the options are made."""
-    model: str
-    layers: list                          # '3,6,9' or [3, 6, 9]: one SAE each
-    site: str = "resid_post"
-    dataset: str = "bbc"
-    text_column: str | None = None
-    split: str | None = None
-    context_size: int = 128
+@dataclass(kw_only=True)
+class LiveOptions(SourceOptions):
+    """Where live training's activations come from (SourceOptions, as `sae collect` takes them: one SAE per
+    layer) and how they are buffered. Bad values are refused in one line when the options are made."""
     model_batch: int = 8                  # windows per forward pass
     buffer_size: str | int = DEFAULT_BUFFER   # memory for the shuffled activations ('256MB' or bytes)
-    max_norm_ratio: float | None = None
-    keep_special_tokens: bool = False
     save_activations: str | None = None   # also write the activations seen to this store
-    model_dtype: str = "auto"             # auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on the CPU)
 
     def __post_init__(self):
-        self.layers = parse_layers(self.layers)
-        from sae.lm.loading import parse_model_dtype
-        parse_model_dtype(self.model_dtype)   # refuses a bad value in one line
-        if self.context_size < 2:
-            raise UserError(f"--context-size must be at least 2, got {self.context_size}")
+        super().__post_init__()
         if self.model_batch <= 0:
             raise UserError(f"--model-batch must be positive, got {self.model_batch}")
-        if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:
-            raise UserError(f"--max-norm-ratio must be positive, got {self.max_norm_ratio}")
         self.buffer_bytes = self.buffer_size if isinstance(self.buffer_size, int) else \
             parse_buffer_bytes(self.buffer_size)
         if self.buffer_bytes <= 0:
@@ -171,6 +155,7 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     model_dtype = loaded_dtype(loaded)      # activations reach the SAEs as float32 whatever the model's dtype
     spec = LiveSpec(site=site, layers=layers, batch_size=options.batch_size, seed=options.seed,
                     generation_rows=generation_rows_for(buffer_bytes, len(layers), d_site, options.batch_size),
+                    d_site=d_site,
                     context_size=context_size, model_batch=model_batch, max_norm_ratio=max_norm_ratio,
                     keep_special=keep_special)
     settings = {"model": loaded.name, "dataset": dataset, "layers": layers, "site": site, "variant": variant,

@@ -34,6 +34,7 @@ class LiveSpec:
     max_norm_ratio: float | None = None
     keep_special: bool = False
     norm_median: dict | None = None  # {layer: float}; measured on the first model batch when None
+    d_site: int | None = None       # the rows' width (d_model, or n_heads·d_head for attn_z)
 
 
 @dataclass
@@ -324,7 +325,6 @@ class StoreWriter:
 
     def __init__(self, path, loaded, spec: LiveSpec, dataset: str, label_names, resume: bool,
                  shard_rows: int = 65536, dtype=torch.float32):
-        from sae.lm import site_width
         from sae.store import FORMAT, HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST
         self.path = Path(path)
         self.shard_rows, self.dtype = shard_rows, dtype
@@ -341,7 +341,8 @@ class StoreWriter:
         else:
             self.manifest = {
                 "format": FORMAT, "model": loaded.name, "layers": self.layers,
-                "site": spec.site, "d_model": site_width(loaded, spec.site, self.layers), "n_tokens": 0, "context_size": spec.context_size,
+                "site": spec.site, "d_model": spec.d_site or loaded.d_model, "n_tokens": 0,
+                "context_size": spec.context_size,
                 "dataset": dataset, "dtype": str(dtype).replace("torch.", ""), "shards": [], "shard_rows": [],
                 "held_out": {"rule": HELD_OUT_RULE, "modulus": HELD_OUT_MODULUS},
                 "special_tokens_kept": spec.keep_special, "max_norm_ratio": spec.max_norm_ratio,

@@ -372,11 +372,10 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
     """Train one SAE of `variant` on an ActivationStore into run_dir; returns the summary dict. The run
     folder is locked while it is written (rank 0 holds the lock): a second writer is refused in one line."""
     import contextlib
-    import os
-    main_rank = int(os.environ.get("RANK", "0")) == 0
+
     from sae.runs import check_store_finished
     check_store_finished(store, allow_incomplete)
-    with FolderLock(run_dir, "sae train") if main_rank else contextlib.nullcontext():
+    with FolderLock(run_dir, "sae train") if distributed.is_main_process() else contextlib.nullcontext():
         return _train_on_store(store, variant, run_dir, options, knobs, layer, d_sae, expansion, resume, force,
                                progress, on_log)
 
