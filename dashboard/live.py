@@ -87,46 +87,16 @@ def probe(loaded, sae_model, site: str, layer, text: str, k: int = 5, n_features
     )
 
 
-def feature_direction(sae_model, feature: int) -> "torch.Tensor":
-    """[d_in] the feature's decoder row in raw activation units (decode(e_j) − decode(0))."""
-    W_dec = getattr(sae_model, "W_dec_raw", None)
-    if W_dec is None:
-        W_dec = sae_model.W_dec
-    return W_dec[feature].detach().float()
-
-
 def ablate_fn(sae_model, feature: int):
-    """fn(x [batch, seq, d]) = x − f_j(x)·W_dec[j]: this feature's contribution removed."""
-    import torch
-    direction = feature_direction(sae_model, feature)
-
-    def fn(x):
-        with torch.no_grad():
-            flat = x.reshape(-1, x.shape[-1])
-            code = sae_model.encode(_sae_input(sae_model, flat))[:, feature].float()  # [batch * seq]
-            delta = code.to(x.device)[:, None] * direction.to(x.device)[None, :]   # [batch * seq, d]
-            return (flat.float() - delta).to(x.dtype).reshape(x.shape)
-    return fn
+    """fn(x [batch, seq, d]) = x − f_j(x)·W_dec[j]: this feature's contribution removed (sae.ablate's rule)."""
+    from sae.evaluate.steer import steering_fn
+    return steering_fn(sae_model, {feature: 0.0})
 
 
 def steer_fn(sae_model, feature: int, mode: str, value: float):
-    """mode 'add': x + s·W_dec[j]; mode 'clamp': x + (c − f_j(x))·W_dec[j]."""
-    import torch
-    direction = feature_direction(sae_model, feature)
-    if mode == "add":
-        def fn(x):
-            return x + (value * direction).to(device=x.device, dtype=x.dtype)
-        return fn
-    if mode != "clamp":
-        raise ValueError(f"unknown steering mode {mode!r}")
-
-    def fn(x):
-        with torch.no_grad():
-            flat = x.reshape(-1, x.shape[-1])
-            code = sae_model.encode(_sae_input(sae_model, flat))[:, feature].float()  # [batch * seq]
-            delta = (value - code).to(x.device)[:, None] * direction.to(x.device)[None, :]
-            return (flat.float() + delta).to(x.dtype).reshape(x.shape)
-    return fn
+    """mode 'add': x + s·W_dec[j]; mode 'clamp': x + (c − f_j(x))·W_dec[j] (sae.steer's rule, raw units)."""
+    from sae.evaluate.steer import steering_fn
+    return steering_fn(sae_model, {feature: value}, mode)
 
 
 def next_token_losses(loaded, input_ids) -> "torch.Tensor":

@@ -12,9 +12,14 @@ PAGE_TABLE = (
     ("runs", "Runs", "runs_page"),
     ("features", "Feature list", "feature_list"),
     ("feature", "Feature", "feature"),
+    ("search", "Search", "search"),
+    ("map", "Feature map", "feature_map"),
     ("probe", "Live probe", "probe"),
     ("steer", "Steer", "steer"),
     ("compare", "Compare", "compare"),
+    ("anomalies", "Poorly reconstructed", "anomalies"),
+    ("similar", "Similar contexts", "similar"),
+    ("interpolate", "Interpolate", "interpolate"),
 )
 PAGES = {key: title for key, title, _ in PAGE_TABLE}          # key -> title
 

@@ -18,6 +18,7 @@ STYLE = "<style>" + shared.TOKEN_CSS + """
           font-family: ui-monospace, Menlo, monospace;}
 .sae-chip {display: inline-block; font-family: ui-monospace, monospace; font-size: 0.8rem; margin: 2px;
            padding: 1px 6px; border-radius: 4px; white-space: pre;}
+.sae-chip-val {margin-left: 0.35rem; color: #333; font-size: 0.7rem;}
 .sae-links a {margin-right: 0.8rem;}
 </style>"""
 
@@ -33,13 +34,14 @@ def md(text) -> str:
 
 def shade_tokens(tokens: Sequence[str], values: Sequence[float], scale: float | None = None,
                  center: int | None = None, titles: Sequence[str] | None = None,
-                 prefix: str | None = None) -> str:
+                 prefix: str | None = None, palette=shared.ACTIVATION_PALETTE) -> str:
     """One example as a <div class="ctx sae-ex">: each token escaped (sae.render), shaded by its value,
     with a hover title (the value, or titles[i]).
 
     tokens: decoded token strings; values: one number per token; scale: the value at full colour
     (default: max |value|); center: index of the token the example is about (outlined);
-    prefix: plain text shown before the tokens (e.g. the example's activation).
+    prefix: plain text shown before the tokens (e.g. the example's activation); palette: the colours
+    (shared.LOSS_PALETTE for loss effects).
     """
     values = [shared.finite(v) for v in values]
     if len(values) != len(tokens):
@@ -47,18 +49,46 @@ def shade_tokens(tokens: Sequence[str], values: Sequence[float], scale: float | 
     if scale is None or not scale > 0:
         scale = max((abs(v) for v in values), default=0.0)
     head = f'<span class="sae-val">{escape(prefix)}</span>' if prefix is not None else ""
-    body = shared.shade_tokens(tokens, values, scale, center=center, titles=titles)
+    body = shared.shade_tokens(tokens, values, scale, center=center, titles=titles, palette=palette)
     return f'<div class="ctx sae-ex">{head}{body}</div>'
 
 
 def chips(tokens: Sequence[str], values: Sequence[float], positive: bool = True) -> str:
-    """Promoted (green) or suppressed (red) tokens with their logit effect on hover."""
+    """Promoted (green) or suppressed (red) tokens, each followed by its logit effect; spaces, line breaks
+    and whitespace-only tokens made visible (shared.token_label)."""
     rgb = "0,160,60" if positive else "220,40,40"
     values = [shared.finite(v) for v in values]
     scale = max((abs(v) for v in values), default=0.0) or 1.0
     spans = [f'<span class="sae-chip" style="background:rgba({rgb},{0.15 + 0.6 * abs(v) / scale:.3f})" '
-             f'title="{v:+.4g}">{escape(t)}</span>' for t, v in zip(tokens, values)]
+             f'title="{escape(repr(str(t)))} {v:+.4g}">{shared.token_label(t)}'
+             f'<span class="sae-chip-val">{v:+.3g}</span></span>' for t, v in zip(tokens, values)]
     return "<div>" + "".join(spans) + "</div>"
+
+
+def token_list(value) -> str:
+    """features.parquet's top_tokens (a JSON list of strings) as plain text: `␣the · ␣a · ↵`."""
+    import html
+    import json
+    try:
+        tokens = json.loads(value) if isinstance(value, str) else list(value or [])
+    except ValueError:
+        return str(value)
+    if not isinstance(tokens, list):
+        return str(value)
+    return " \u00b7 ".join(html.unescape(shared.token_label(t)) for t in tokens)
+
+
+def number(value) -> str:
+    """A figure for a table: 4 significant digits, thousands separated; text stays text; None is blank."""
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value:
+            return ""
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
 
 
 def feature_href(feature: int, run: int = 0, page: str | None = None) -> str:

@@ -132,10 +132,16 @@ def _metrics_table(path: str, stamp: tuple) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def analyze_hint(run: Run) -> str:
+    """`sae analyze …` for this run, naming the store its config.json records."""
+    from sae.commands.dashboard import analyze_command
+    return analyze_command(run.path, run.config)
+
+
 def read_meta(run: Run) -> dict:
     if not (run.analysis / "meta.json").exists():
         raise DataProblem(f"{run.name} has no feature analysis yet ({run.analysis}/meta.json is missing): "
-                          f"run `sae analyze --run {run.path} --activations STORE`")
+                          f"run `{analyze_hint(run)}`")
     return read_json(run.analysis / "meta.json")
 
 
@@ -191,8 +197,8 @@ def _analysis_file(run: Run, name: str, required: bool = True) -> Path | None:
     path = run.analysis / name
     if not path.exists():
         if required:
-            raise DataProblem(f"{run.name}: {path} is missing: run `sae analyze --run {run.path} "
-                              "--activations STORE` (or wait until it finishes)")
+            raise DataProblem(f"{run.name}: {path} is missing: run `{analyze_hint(run)}` "
+                              "(or wait until it finishes)")
         return None
     return path
 

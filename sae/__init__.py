@@ -4,10 +4,11 @@
     model = sae.load(RUN)
     store = sae.ActivationStore(STORE)
     with sae.splice(hf_model, model, site="resid_post", layer=6): ...
+    with sae.steer(hf_model, model, site="resid_post", layer=6, features={123: 8.0}): ...
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "from_pretrained", "ActivationStore", "splice", "UserError", "__version__"]
+__all__ = ["load", "from_pretrained", "ActivationStore", "splice", "steer", "ablate", "UserError", "__version__"]
 
 
 def __getattr__(name):
@@ -24,6 +25,9 @@ def __getattr__(name):
     if name == "splice":
         from sae.evaluate.splice import splice
         return splice
+    if name in ("steer", "ablate"):   # features set to chosen values / removed (sae.evaluate.steer)
+        from sae.evaluate import steer
+        return getattr(steer, name)
     if name == "UserError":
         from sae.errors import UserError
         return UserError

@@ -10,9 +10,10 @@ import importlib
 import os
 import sys
 
+from sae.config import add_config_arguments
 from sae.errors import UserError
 
-COMMANDS = ["collect", "train", "eval", "analyze", "sweep", "export", "dashboard"]
+COMMANDS = ["collect", "train", "eval", "analyze", "sweep", "export", "dashboard", "push", "explain", "attribute"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,14 +23,62 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", metavar="DEVICE",
-                        help="auto (default: CUDA when present), cpu, cuda, or any torch device such as cuda:1")
+# what a batch counts in each kind of command: its own option name (the old --batch-size still works, with a notice)
+BATCH_OPTIONS = {
+    "size": ("--batch-size", "tokens per training step (each command's default suits a CPU)"),
+    "windows": ("--batch-windows", "context windows per model forward pass (default 8)"),
+    "rows": ("--batch-rows", "activation rows (tokens) per SAE batch (default 4096)"),
+}
+
+
+class _OldBatchSize(argparse.Action):
+    """--batch-size where a command now names its batch for what it counts: stored, with a one-line notice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"notice: {option_string} is spelt {self.new_flag} in `{parser.prog}` (it counts {self.counts})",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _device(text: str) -> str:
+    """auto, or anything torch.device accepts (cpu, cuda, cuda:1, mps, xpu:0, ...); checked without importing
+    torch for the plain names (sae.devices.resolve checks that the device exists when it is used)."""
+    text = str(text).strip()
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    import torch
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1, mps)") \
+            from None
+    return text
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, batch: str = "size") -> None:
+    """--device, --seed and the batch option, named for what a batch counts (BATCH_OPTIONS[batch])."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE", type=_device,
+                        help="auto (default: CUDA when present), cpu, cuda, or any torch device such as cuda:1 or mps")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed: initialisation, batch order and sampling follow from it (default 0)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="rows (tokens) per step, or windows per forward pass for commands that run the model "
-                             "(each command's default suits a CPU)")
+    flag, meaning = BATCH_OPTIONS[batch]
+    parser.add_argument(flag, dest="batch_size", type=int, default=None, metavar="N", help=meaning)
+    if flag != "--batch-size":
+        old = parser.add_argument("--batch-size", dest="batch_size", type=int, action=_OldBatchSize, metavar="N",
+                                  help=f"the old spelling of {flag}")
+        old.new_flag, old.counts = flag, meaning.split(" (")[0].split(" per ")[0]
+
+
+LOG_BACKENDS = ("none", "wandb", "tensorboard")   # sae.train.loggers.BACKENDS (repeated: `sae --help` needs no torch)
+
+
+def add_log_arguments(parser) -> None:
+    """--log and --log-project, for every command that trains (sae.train.loggers); --wandb, the old spelling."""
+    parser.add_argument("--log", default="none", metavar="BACKEND",
+                        help=f"also log metrics and the final eval to: {', '.join(LOG_BACKENDS)} (default none); "
+                             "each SAE is its own logged run, grouped under --out")
+    parser.add_argument("--log-project", default=None, metavar="NAME", help="the wandb project (default sae)")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help=argparse.SUPPRESS)  # = --log wandb
 
 
 # the values sae.lm.loading.parse_model_dtype takes (repeated here so that `sae --help` needs no torch)
@@ -51,6 +100,22 @@ def add_run_store_arguments(parser, layer_help: str) -> None:
     parser.add_argument("--activations", required=True, metavar="STORE", help="the activation store")
     parser.add_argument("--layer", default=None, help=layer_help)
     add_allow_incomplete_argument(parser)
+
+
+def add_max_tokens_argument(parser, what: str) -> None:
+    """--max-tokens N (eval, analyze): bound the pass over a big store."""
+    parser.add_argument("--max-tokens", type=_positive_tokens, default=None, metavar="N",
+                        help=f"{what} (default: the whole store); only the first shards are opened")
+
+
+def _positive_tokens(text: str) -> int:
+    try:
+        value = int(str(text).replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_allow_incomplete_argument(parser) -> None:
@@ -84,6 +149,9 @@ def add_source_arguments(parser, model_default: str | None, model_help: str, lay
     parser.add_argument("--layers", default=None, required=layers_required,
                         help="layer index or comma-separated indices, e.g. 6 or 3,6,9 (one SAE each when training)")
     parser.add_argument("--site", default="resid_post", help=SITE_HELP + " (default resid_post)")
+    parser.add_argument("--target-site", default=None,
+                        help="a second site stored beside --site in the same forward pass: a transcoder's target "
+                             "(e.g. --site mlp_in --target-site mlp_out)")
     parser.add_argument("--text-column", default=None, help="the dataset's text column (default: text)")
     parser.add_argument("--split", default=None, help="dataset split for hub datasets (default: train)")
     parser.add_argument("--context-size", type=int, default=128, help="tokens per window, BOS included (default 128)")
@@ -92,6 +160,17 @@ def add_source_arguments(parser, model_default: str | None, model_help: str, lay
     parser.add_argument("--max-norm-ratio", type=float, default=None,
                         help="drop tokens whose norm exceeds R x the layer's median norm")
     add_model_dtype_argument(parser)
+
+
+def _autocomplete(parser) -> None:
+    """Tab completion (argcomplete): answers the shell and exits when the shell asks, else does nothing."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +182,29 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"sae.commands.{name}")
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command_parser)
+        add_config_arguments(command_parser)          # --config FILE and --print-config, for every command
         command_parser.set_defaults(_run=module.run)
+    parser.add_argument("--completion", choices=["bash", "zsh", "fish"], default=None,
+                        help="print the shell code that enables tab completion (e.g. eval \"$(sae --completion bash)\")")
     return parser
+
+
+def _subparsers(parser) -> dict:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _with_config(parser, argv: list[str]) -> tuple[list[str], str | None]:
+    """argv with the command's --config file folded in (sae.config); also the command's name."""
+    from sae import config
+    commands = _subparsers(parser)
+    at = next((i for i, token in enumerate(argv) if token in commands), None)
+    if at is None:
+        return argv, None
+    command, rest = argv[at], argv[at + 1:]
+    if config.config_path(rest) is None:
+        return argv, command
+    others = {name: config.key_table(p) for name, p in commands.items() if name != command}
+    return argv[:at + 1] + config.prepare(commands[command], command, rest, others), command
 
 
 def main(argv=None) -> None:
@@ -112,10 +212,22 @@ def main(argv=None) -> None:
     debug = os.environ.get("SAE_DEBUG") == "1"
     try:
         parser = build_parser()
+        _autocomplete(parser)
+        argv, command = _with_config(parser, list(argv))
         args = parser.parse_args(argv)
+        if args.completion:
+            import argcomplete
+            print(argcomplete.shellcode(["sae"], shell=args.completion))
+            sys.exit(0)
         if not getattr(args, "_run", None):
             parser.print_help()
             sys.exit(2)
+        if getattr(args, "print_config", False):
+            from sae import config
+            from_json = str(getattr(args, "config", None) or "").endswith(".json")
+            print(config.dump(config.effective(_subparsers(parser)[command], command, args), as_json=from_json),
+                  end="" if not from_json else "\n")
+            sys.exit(0)
         if getattr(args, "trust_pickled_weights", False):   # read where the model is loaded (sae.lm.loading)
             os.environ["SAE_TRUST_PICKLED_WEIGHTS"] = "1"
         status = args._run(args)
@@ -142,7 +254,9 @@ def entry() -> None:
     way: a rank leaving early would reset its peers' connections. Kept out of main() itself, which tests and
     other programs call in their own processes."""
     from sae.devices import keep_freed_memory
+    from sae.threads import apply as apply_thread_policy
     keep_freed_memory()
+    apply_thread_policy(sys.argv[1:])     # OpenMP's waiting policy, before torch loads (sae.threads)
     try:
         main()
         code = 0
@@ -158,6 +272,9 @@ def entry() -> None:
     grouped = torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized()
     sae_distributed = sys.modules.get("sae.distributed")
     left_cleanly = sae_distributed is not None and sae_distributed.left_cleanly()
+    loggers = sys.modules.get("sae.train.loggers")
+    if loggers is not None:          # a logged run still open (it is normally closed by its command): close it
+        loggers.close_all(code or 1)
     if grouped or (launched and not left_cleanly):   # torchrun without a clean teardown: the usual way
         sys.exit(code)
     sys.stdout.flush()

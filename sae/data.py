@@ -117,9 +117,17 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
 def _file_texts(path: Path, text_column: str | None) -> Iterator[tuple[str, object]]:
     """(text, raw label or None) for each document in one local file."""
     if path.suffix == ".txt":
-        # a .txt file is one document per block of text separated by blank lines
+        # a .txt file is one document per block of text separated by blank lines; a file with no blank line
+        # between its lines (one sentence a line, say) is one document per line: as one document it would
+        # all fall in one split (doc_id 0 is held out) and leave nothing to train on
+        lines = _read_text(path).splitlines()
+        filled = [i for i, line in enumerate(lines) if line.strip()]
+        if len(filled) > 1 and not any(not line.strip() for line in lines[filled[0]:filled[-1]]):
+            for i in filled:
+                yield lines[i], None
+            return
         block: list[str] = []
-        for line in _read_text(path).splitlines():
+        for line in lines:
             if line.strip():
                 block.append(line)
             elif block:

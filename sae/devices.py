@@ -20,6 +20,11 @@ def resolve(name: str | None = "auto") -> torch.device:
             raise UserError(f"--device {name} was asked for, but no CUDA device is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":              # mps, xpu, ...: refused here when this machine has none
+        backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is not None and not available():
+            raise UserError(f"--device {name} was asked for, but no {device.type} device is available")
     return device
 
 

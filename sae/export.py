@@ -3,6 +3,7 @@
     export(RUN, OUT, "saelens")  -> OUT/cfg.json, OUT/sae_weights.safetensors, OUT/sparsity.safetensors
     export(RUN, OUT, "sparsify") -> OUT/cfg.json, OUT/sae.safetensors (topk only)
     export(RUN, OUT, "html")     -> static pages from RUN/analysis (sae.html_export.write_html)
+    export(RUN, OUT, "neuronpedia") -> OUT/batch-<n>.json ... Neuronpedia's upload batches (sae.interop.neuronpedia)
 
 The output folder is written next to its final place and renamed in at the end, so a reader never
 sees half an export; a non-empty OUT is refused unless force=True.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from sae.errors import UserError
-from sae.files import check_output_folder, read_json, remove_stale_temporaries
+from sae.files import check_output_folder, normal_permissions, read_json, remove_stale_temporaries
 
-FORMATS = ("saelens", "sparsify", "html")
+FORMATS = ("saelens", "sparsify", "html", "neuronpedia")
 
 
 def export(run_dir, out_dir, fmt: str, force: bool = False, allow_incomplete: bool = False) -> Path:
@@ -34,6 +36,8 @@ def export(run_dir, out_dir, fmt: str, force: bool = False, allow_incomplete: bo
     from sae.runs import check_finished, read_config
     for folder in layer_runs(run_dir):
         check_finished(read_config(folder), folder, allow_incomplete)
+        if fmt == "html":          # the pages describe these weights: a run that does not load is refused too
+            _load_run(folder)
     kind = f"export-{fmt}"
     check_output_folder(out_dir, kind, force, inputs=(run_dir,), owned=lambda folder: _is_export(folder, fmt))
     remove_stale_temporaries(out_dir.parent)          # what a killed export left behind
@@ -41,7 +45,11 @@ def export(run_dir, out_dir, fmt: str, force: bool = False, allow_incomplete: bo
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        {"saelens": write_saelens, "sparsify": write_sparsify, "html": write_html}[fmt](run_dir, staging)
+        {"saelens": write_saelens, "sparsify": write_sparsify, "html": write_html,
+         "neuronpedia": write_neuronpedia}[fmt](run_dir, staging)
+        for written in staging.rglob("*"):       # safetensors creates its files 0600: readable by all, as usual
+            if written.is_file():
+                normal_permissions(written)
         if out_dir.exists():
             shutil.rmtree(out_dir)  # empty, or this tool's own export of the same format (checked above)
         os.replace(staging, out_dir)
@@ -53,11 +61,15 @@ def export(run_dir, out_dir, fmt: str, force: bool = False, allow_incomplete: bo
 # what each format writes: an export holds these and nothing else (the only folders --force replaces);
 # no marker file is added, so the folder stays exactly the other tool's layout
 _EXPORT_FILES = {"saelens": {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors"},
-                 "sparsify": {"cfg.json", "sae.safetensors"}, "html": {"index.html", "features"}}
+                 "sparsify": {"cfg.json", "sae.safetensors"}, "html": {"index.html", "style.css", "features"},
+                 "neuronpedia": None}     # batch-<n>.json, run_settings.json, skipped_indexes.json, explanations.json
 
 
 def _is_export(folder: Path, fmt: str) -> bool:
     names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    if fmt == "neuronpedia":
+        fixed = {"run_settings.json", "skipped_indexes.json", "explanations.json"}
+        return bool(names) and all(n in fixed or re.fullmatch(r"batch-\d+\.json", n) for n in names)
     return bool(names) and names <= _EXPORT_FILES[fmt]
 
 
@@ -158,3 +170,12 @@ def write_html(run_dir: Path, out: Path) -> None:
     except ImportError:
         raise UserError("HTML export is not available in this installation (sae.html_export is missing)") from None
     write_pages(run_dir, out)
+
+
+def write_neuronpedia(run_dir: Path, out: Path) -> None:
+    """Neuronpedia's upload batches from RUN/analysis (sae.interop.neuronpedia)."""
+    if layer_runs(run_dir) != [run_dir]:
+        raise UserError(f"{run_dir} holds one SAE per layer; export each of its layer_L folders on its own")
+    _check_analysis_fresh(run_dir)
+    from sae.interop.neuronpedia import write_neuronpedia as write_batches
+    write_batches(run_dir, out)

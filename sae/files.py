@@ -21,11 +21,32 @@ def write_atomic_bytes(path: Path, payload: bytes) -> None:
     replace_durably(tmp, path)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path) -> None:
+    """The mode a plain open() gives a new file (0666 less the umask: 0644 usually), for files that a library
+    creates 0600 (safetensors' save_file does), so that other users can read shards and weights."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def replace_durably(tmp: Path, path: Path) -> None:
     """Rename a finished temporary file into place, its bytes on disk first (fsync), and the rename too (the
-    folder's fsync), so that a crash leaves the old file or the new one, never a named but empty one."""
+    folder's fsync), so that a crash leaves the old file or the new one, never a named but empty one.
+    The file gets normal permissions (normal_permissions)."""
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    normal_permissions(tmp)
     os.replace(tmp, path)
     try:
         folder = os.open(Path(path).parent, os.O_RDONLY)

@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -21,10 +22,12 @@ WEIGHTS = "sae.safetensors"
 
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("sae")
-    except PackageNotFoundError:
-        return "0+unknown"
+    for distribution in ("sae-toolkit", "sae"):      # the distribution's name on the package index, then the old one
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return sys.modules["sae"].__version__     # the parent package, always imported before this module
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,6 +89,9 @@ def build_from_config(config: dict, where="the run's config.json"):
         d_in, d_sae = int(config["d_in"]), int(config["d_sae"])
         if d_in <= 0 or d_sae <= 0 or not isinstance(knobs, dict):
             raise ValueError("widths must be positive")
+        if config.get("transcoder"):
+            from sae.variants.transcoder import transcoder_class
+            return transcoder_class(cls)(d_in, d_sae, skip=bool(config.get("skip")), **knobs)
         return cls(d_in, d_sae, **knobs)
     except (TypeError, ValueError) as error:
         raise UserError(f"{where} is damaged: {error}") from None
@@ -242,7 +248,7 @@ def check_run_store(config: dict, store, layer=None, allow_incomplete: bool = Fa
         from sae.interop import releases
         releases.check_store(config, manifest, store.d_model)
     differences = []
-    for key in ("site",) if released else ("model", "site"):
+    for key in ("site", "target_site") if released else ("model", "site", "target_site"):
         if config.get(key) is not None and manifest.get(key) is not None and str(config[key]) != str(manifest[key]):
             differences.append(f"{key}: run {config[key]!r}, store {manifest[key]!r}")
     if config.get("d_in") is not None and int(config["d_in"]) != store.d_model:

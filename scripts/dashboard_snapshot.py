@@ -100,6 +100,18 @@ def take(base_url: str, feature: int, path, timeout: float = 180) -> Snapshot:
     return Snapshot(path=path, url=url, build_ms=float(match.group(1)) if match else None, load_s=load_s)
 
 
+def run_problem(run) -> str | None:
+    """Why `run` cannot be shown (not a folder; neither a run nor a folder of runs), else None: refused at
+    once instead of waiting for a feature page that never comes."""
+    folder = Path(run)
+    if not folder.is_dir():
+        return f"{run} is not a folder" if folder.exists() else f"{run} does not exist"
+    if (folder / "config.json").is_file() or any((child / "config.json").is_file()
+                                                 for child in folder.iterdir() if child.is_dir()):
+        return None
+    return f"{run} is not a run folder (no config.json in it or in its subfolders): give a folder `sae train` wrote"
+
+
 def serve_and_snapshot(run, out, port: int = 8501, host: str = "localhost") -> int:
     """Serve run with `sae dashboard`, take the screenshot once the server answers, print the closing note,
     keep serving (a failed screenshot is reported, and serving goes on). Returns the server's exit status."""
@@ -141,6 +153,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     parser.add_argument("--host", default="localhost", help="address to listen on (default localhost)")
     args = parser.parse_args()
+    problem = run_problem(args.run)
+    if problem:
+        import sys
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     raise SystemExit(serve_and_snapshot(args.run, args.out, args.port, args.host))
 
 

@@ -139,6 +139,7 @@ def test_feature_statistics_and_histograms(analysed):
 
 
 def test_interval_bands(analysed):
+    from sae.analyze.bands import per_bin_for, sampling_edges
     model, store, meta, tables = analysed
     codes, *_ = brute(model, store)
     interval = tables["interval_examples"]
@@ -150,11 +151,23 @@ def test_interval_bands(analysed):
         if len(fired) == 0:
             assert len(got) == 0
             continue
-        # the reservoir holds every firing token here, so each band has min(per_band, tokens in band)
+        # band 0 comes from the reservoir, which holds every firing token here: min(per_band, tokens);
+        # a higher band holds at least what the sampling bins lying wholly inside it keep (per_bin_for
+        # entries of each), whatever the order of the stream
         band_of = torch.clamp((fired / top * 4).floor().long(), 0, 3)
+        edges = sampling_edges()
+        bin_of = (torch.bucketize(fired.double(), edges, right=True) - 1)
         for band in range(4):
             rows = got[got.band == band]
-            assert len(rows) == min(3, int((band_of == band).sum()))
+            in_band = int((band_of == band).sum())
+            assert len(rows) <= min(3, in_band)
+            if band == 0:
+                assert len(rows) == min(3, in_band)
+            else:
+                lo, hi = band * top / 4, (band + 1) * top / 4
+                whole = [b for b in torch.unique(bin_of).tolist() if edges[b] >= lo and edges[b + 1] <= hi]
+                guaranteed = sum(min(per_bin_for(3), int((bin_of == b).sum())) for b in whole)
+                assert len(rows) >= min(3, guaranteed)
             for _, example in rows.iterrows():
                 assert example.band_lo == pytest.approx(band * top / 4, rel=1e-5)
                 assert example.band_hi == pytest.approx((band + 1) * top / 4, rel=1e-5)

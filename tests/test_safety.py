@@ -389,3 +389,27 @@ def test_garbage_inside_a_shard_is_named_not_analysed(damaged_copy):
     refused(copy, ["eval", "--run", copy / "run", "--activations", copy / "store", "--no-model"], "NaN or Inf")
     refused(copy, ["analyze", "--run", copy / "run", "--activations", copy / "store", "--no-model", "--force"],
             "NaN or Inf")
+
+
+def test_analyze_without_the_model_never_reaches_for_the_network(tmp_path, monkeypatch):
+    """A store naming a hub model that is not cached: `analyze --no-model` shows token ids and opens no
+    connection (no retries against an unreachable hub)."""
+    import socket
+    store, run = tmp_path / "store", tmp_path / "run"
+    x = synthetic(n=2048, d_in=16)
+    from_tensors(store, x, layer=0, model="no-such-org/no-such-model", site="resid_post",
+                 token_ids=torch.randint(0, 50, (2048,), dtype=torch.int32))
+    status, err = cli("train", "--activations", store, "--variant", "topk", "--k", 4, "--d-sae", 32, "--tokens",
+                      1024, "--batch-size", 256, "--out", run, "--device", "cpu")
+    assert status == 0, err
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    status, err = cli("analyze", "--run", run, "--activations", store, "--no-model")
+    assert status == 0, err
+    assert attempts == [] and "Retrying" not in err

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard.render import feature_href, md
+from dashboard.render import feature_href, md, number
 from dashboard.runs import DataProblem, decoder, features
 
 TOP = 10
@@ -30,7 +30,7 @@ def _summary(run) -> dict:
         row.update({k: figures.get(k) for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered")})
     except (OSError, ValueError):
         pass
-    return {k: (str(v) if v is not None else "") for k, v in row.items()}
+    return {k: number(v) for k, v in row.items()}
 
 
 def _label(run, feature: int) -> str:
@@ -56,7 +56,7 @@ def show(runs, place) -> None:
     a = left.selectbox("Run A", usable, index=usable.index(place.run) if place.run in usable else 0,
                        format_func=names.get, key="compare_a")
     b = right.selectbox("Run B", usable, index=1 if usable[0] == a else 0, format_func=names.get, key="compare_b")
-    st.dataframe(pd.DataFrame([_summary(runs[a]), _summary(runs[b])]), hide_index=True, width="stretch")
+    st.table(pd.DataFrame([_summary(runs[a]), _summary(runs[b])]).set_index("run"))   # numbers formatted (number)
     dec_a, dec_b = decoder(runs[a]), decoder(runs[b])
     if dec_a.directions.shape[1] != dec_b.directions.shape[1]:
         raise DataProblem(f"the runs have different input widths (d_in {dec_a.directions.shape[1]} vs "

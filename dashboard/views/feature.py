@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard import nav
 from dashboard.render import STYLE, chips, md, feature_href, feature_links, shade_tokens
+from sae.analyze.render import LOSS_PALETTE
 from dashboard.runs import as_list, feature_record, feature_rows, features, read_meta
 
 MAX_EXAMPLES = 20          # top examples shown
@@ -28,6 +29,8 @@ def show(runs, place) -> None:
     st.title(f"Feature {feature}")
     label = record.get("auto_label") or record.get("top_tokens") or ""
     st.caption(md(run.describe()) + (f" · {md(label)}" if label else ""))
+    from dashboard.views.explanation_box import show_for as show_explanation   # sae explain's output, if any
+    show_explanation(run, feature)
     _figures(record, meta)
 
     left, right = st.columns([3, 2], gap="large")
@@ -67,8 +70,8 @@ def _figures(record: dict, meta: dict) -> None:
     columns[3].metric("tokens fired", f"{int(record.get('n_fired') or 0):,}")
     best = record.get("best_label")
     if isinstance(best, str) and best:       # an unlabelled store's tables hold NaN here, not a label
-        columns[4].metric("best label (F1)", f"{best}", f"{float(record.get('best_label_f1') or 0):.2f}",
-                          delta_color="off")
+        # the F1 is part of the value, not a delta: a delta is drawn as a change arrow
+        columns[4].metric("best label (F1)", f"{best} ({float(record.get('best_label_f1') or 0):.2f})")
 
 
 def _example_html(rows: list[dict], scale: float, effects: list | None = None) -> str:
@@ -84,7 +87,7 @@ def _example_html(rows: list[dict], scale: float, effects: list | None = None) -
                       for e, a in zip(effect, acts)]
             top = float(np.nanmax(np.abs(effect))) if np.isfinite(effect).any() else 0.0
             parts.append(shade_tokens(tokens, np.nan_to_num(effect), top or None, center=center, titles=titles,
-                                      prefix=f"{float(row.get('activation', 0)):.3g}"))
+                                      prefix=f"{float(row.get('activation', 0)):.3g}", palette=LOSS_PALETTE))
         else:
             parts.append(shade_tokens(tokens, acts, scale, center=center,
                                       prefix=f"{float(row.get('activation', 0)):.3g}"))
@@ -107,8 +110,8 @@ def _top_examples(run, place, feature: int, rows: list[dict], record: dict, meta
     html = _example_html(rows, scale, effects)
     st.html(html)
     st.caption("Orange = activation (hover a token for its value); the outlined token is the one ranked. "
-               + ("Blue/orange now show the next-token loss change when this feature is removed "
-                  "(orange: the feature helped predict that token)." if effects else ""))
+               + ("Green/purple now show the next-token loss change when this feature is removed "
+                  "(green: the feature helped predict that token; purple: it hurt)." if effects else ""))
     if effects is None:
         if st.button("Compute loss effect", key=f"loss_button_{feature}",
                      help="Runs the model on the top examples with this feature's contribution removed "
@@ -172,15 +175,29 @@ def _histogram(run, feature: int, meta: dict) -> None:
     if not rows or len(edges) < 2:
         st.caption("No histogram for this feature.")
         return
-    counts = np.asarray(as_list(rows[0].get("counts")), dtype=float)
-    n = min(len(counts), len(edges) - 1)
-    bars = pd.DataFrame({"lo": edges[:n], "hi": edges[1:n + 1], "tokens": counts[:n]})
-    log = bool((edges > 0).all())
+    bars = histogram_bars(as_list(rows[0].get("counts")), edges)
+    if bars is None:
+        st.caption("This feature never fired on the analysed tokens: no histogram.")
+        return
+    log = bool((bars["lo"] > 0).all())
     chart = alt.Chart(bars).mark_bar(color="#ff8000").encode(
-        x=alt.X("lo:Q", bin="binned", scale=alt.Scale(type="log" if log else "linear"),
+        x=alt.X("lo:Q", bin="binned", scale=alt.Scale(type="log" if log else "linear", domain=[
+            float(bars["lo"].iloc[0]), float(bars["hi"].iloc[-1])], nice=False),
                 title=str(meta.get("histogram_of") or "activation")),
         x2="hi:Q", y=alt.Y("tokens:Q", title="tokens"), tooltip=["lo", "hi", "tokens"]).properties(height=200)
     st.altair_chart(chart, width="stretch")
+
+
+def histogram_bars(counts, edges) -> pd.DataFrame | None:
+    """The bins from the first to the last non-empty one (the axis fits the data); None when all are empty."""
+    counts = np.asarray(counts, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    n = min(len(counts), len(edges) - 1)
+    nonzero = np.flatnonzero(counts[:n] > 0)
+    if not len(nonzero):
+        return None
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    return pd.DataFrame({"lo": edges[lo:hi], "hi": edges[lo + 1:hi + 1], "tokens": counts[lo:hi]})
 
 
 def _logit_effects(run, feature: int) -> None:
@@ -212,7 +229,7 @@ def _nearest(record: dict, frame: pd.DataFrame, run_index: int) -> None:
 def _labels(record: dict, meta: dict) -> None:
     means = as_list(record.get("label_means"))
     names = meta.get("label_names") or [str(i) for i in range(len(means))]
-    if not means:
+    if not means or not any(np.isfinite(m) and m != 0 for m in means):   # a dead feature: no empty chart
         return
     st.subheader("Mean activation by label")
     bars = pd.DataFrame({"label": [str(n) for n in names[:len(means)]], "mean activation": means[:len(names)]})

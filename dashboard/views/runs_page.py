@@ -61,11 +61,20 @@ def _figures(run) -> None:
     probing = figures.get("sparse_probing")
     if isinstance(probing, dict) and probing:
         st.caption("Sparse probing (mean balanced accuracy over one-vs-rest label tasks)")
-        st.dataframe(pd.DataFrame([{f"k={k}" if k != "full" else "full": v for k, v in probing.items()
-                                    if isinstance(v, (int, float))}]), hide_index=True)
+        st.table(pd.DataFrame([probing_row(probing)], index=["accuracy"]))
     for key in ("note", "downstream_note", "why_no_downstream"):
         if isinstance(figures.get(key), str):
             st.caption(figures[key])
+
+
+def probing_row(probing: dict) -> dict:
+    """Only the accuracies: k latents (keys "1", "2", "5", …) and "full"; counts such as n_tasks or
+    n_train_docs are not k values and stay out of the row."""
+    row = {f"k={k}": v for k, v in sorted(((k, v) for k, v in probing.items() if str(k).isdigit()),
+                                           key=lambda kv: int(kv[0])) if isinstance(v, (int, float))}
+    if isinstance(probing.get("full"), (int, float)):
+        row["full"] = probing["full"]
+    return {k: f"{v:.3f}" for k, v in row.items()}
 
 
 def _curves(run, index: int) -> None:

@@ -7,7 +7,27 @@ import streamlit as st
 
 from dashboard import nav
 from dashboard.render import md
-from dashboard.runs import DataProblem
+from dashboard.runs import DataProblem, features
+
+STRENGTH_MULTIPLE = 2.0    # the default strength / clamp value: this many times the feature's max activation
+FALLBACK_STRENGTH = 8.0    # without an analysis
+
+
+def scale_of(run, feature: int) -> tuple[float | None, float | None]:
+    """(typical, max) activation of the feature from the analysis (mean when firing, max), or (None, None)."""
+    try:
+        frame = features(run)
+    except DataProblem:
+        return None, None
+    if feature not in frame.index:
+        return None, None
+    record = frame.loc[feature]
+    typical, top = float(record.get("mean_activation", 0) or 0), float(record.get("max_activation", 0) or 0)
+    return (typical if typical > 0 else None), (top if top > 0 else None)
+
+
+def default_strength(top: float | None) -> float:
+    return float(f"{STRENGTH_MULTIPLE * top:.3g}") if top else FALLBACK_STRENGTH
 
 PROMPT = "I think that"
 
@@ -33,16 +53,25 @@ def show(runs, place) -> None:
                           "so it cannot steer")
     d_sae = int(cfg.get("d_sae") or 1)
     feature = min(max(place.feature or 0, 0), d_sae - 1)
+    typical, max_act = scale_of(run, feature)
     if st.session_state.get("steer_synced") != feature:  # the URL changed: it wins over the box
         st.session_state["steer_feature"] = feature
         st.session_state["steer_synced"] = feature
+        st.session_state["steer_value"] = default_strength(max_act)   # a new feature: a strength on its scale
     st.caption(f"{md(run.describe())} · generation at {md(cfg['site'])}, layer {md(cfg['layer'])}")
+    if max_act:
+        st.info(f"Feature {feature}: typical activation {typical or 0:.3g} (mean when firing), "
+                f"max {max_act:.3g}. The default strength is {STRENGTH_MULTIPLE:g} × max.")
+    else:
+        st.caption(f"Feature {feature} has no analysed activations (run `sae analyze`, or it never fired): "
+                   "no scale to suggest a strength from.")
     with st.form("steer_form"):
         top = st.columns([1, 1, 1])
         top[0].number_input("Feature", 0, d_sae - 1, step=1, key="steer_feature")
         mode = top[1].radio("Mode", ["add", "clamp"], horizontal=True, key="steer_mode",
                             help="add: x + s·W_dec[j] at every position; clamp: x + (c − f_j(x))·W_dec[j]")
-        value = top[2].number_input("Strength s / clamp value c", value=8.0, step=1.0, key="steer_value")
+        value = top[2].number_input("Strength s / clamp value c", step=1.0, key="steer_value",
+                                    help="In activation units: the feature's max activation is shown above")
         prompt = st.text_area("Prompt", PROMPT, key="steer_prompt", height=80)
         row = st.columns(3)
         seed = row[0].number_input("Seed", 0, 2**31 - 1, 0, step=1, key="steer_seed")

@@ -76,13 +76,14 @@ def token_strings(tokenizer, ids) -> dict[int, str]:
     return strings
 
 
-def try_load_tokenizer(model_name):
-    """The store's tokenizer, or (None, reason) when it cannot be loaded offline."""
+def try_load_tokenizer(model_name, local_only: bool = True):
+    """The store's tokenizer, or (None, reason) when it cannot be loaded offline (never from the hub unless
+    local_only is False: `analyze --no-model` promises not to fetch the model)."""
     if not model_name:
         return None, "the store names no model"
     try:
         from sae.lm import load_tokenizer
-        return load_tokenizer(model_name), None
+        return load_tokenizer(model_name, local_only=local_only), None
     except Exception as error:  # missing module, no local copy, ...  # noqa: BLE001
         return None, f"tokenizer for {model_name} not available ({type(error).__name__}: {error})"
 

@@ -1,6 +1,6 @@
 """The one streaming pass of `sae analyze`: read the store in window order, encode a batch, and fold
-its codes into per-latent statistics, top-N examples and a reservoir sample, holding no more than one
-batch of codes at a time.
+its codes into per-latent statistics, top-N examples, a reservoir sample and per-band samples
+(sae.analyze.bands), holding no more than one batch of codes at a time.
 
 Per batch only one dense pass (torch.nonzero) finds the firing entries (code > τ; |code| > 0 for
 signed codes); everything else works on that sparse list, in row chunks of about max_entries/2 entries.
@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from sae.analyze.bands import BandSampler
 from sae.analyze.topk_stream import BatchContext, TopKeeper, hash_keys
 
 
@@ -86,11 +87,11 @@ def iter_window_batches(store, layer, batch_size: int) -> Iterator[WindowBatch]:
 
 
 class FeatureStats:
-    """Running per-latent statistics plus the top-N keeper and the reservoir keeper."""
+    """Running per-latent statistics plus the top-N keeper, the reservoir keeper and the per-band sampler."""
 
     def __init__(self, d_sae: int, *, n_top: int, reservoir: int, radius: int | None, signed: bool,
                  threshold: float, n_labels: int = 0, edges: torch.Tensor | None = None, device="cpu",
-                 seed: int = 0, max_entries: int = 4_000_000):
+                 seed: int = 0, max_entries: int = 4_000_000, n_bands: int = 5, per_band: int = 5):
         self.d_sae, self.signed, self.seed, self.max_entries = d_sae, signed, seed, max_entries
         self.floor = 0.0 if signed else float(threshold)   # a code "fires" when its score exceeds this
         self.entries_per_row = float(d_sae)                 # running estimate, sizes the row chunks
@@ -108,6 +109,7 @@ class FeatureStats:
             if n_labels else None                                                           # [d_sae * L * bins]
         self.top = TopKeeper(n_top, d_sae, radius, device, floor=self.floor)
         self.reservoir = TopKeeper(reservoir, d_sae, radius, device, floor=float("-inf"))
+        self.bands = BandSampler(d_sae, n_bands, per_band, radius, device, seed)
 
     @torch.no_grad()
     def update(self, codes: torch.Tensor, batch: WindowBatch) -> None:
@@ -160,6 +162,7 @@ class FeatureStats:
         self.top.offer(latents, scores, acts, rows, context)
         keys = hash_keys(context.global_rows[rows], latents, self.seed)
         self.reservoir.offer(latents, 1.0 - keys, acts, rows, context)
+        self.bands.offer(latents, scores, acts, rows, context)
 
     # ---- results ---------------------------------------------------------------------------
     def histograms(self) -> torch.Tensor:

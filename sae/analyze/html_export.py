@@ -1,10 +1,13 @@
 """Static, self-contained HTML pages of an analysed run (`sae export RUN --format html OUT`).
 
     from sae.analyze.html_export import write_html
-    write_html(RUN, OUT)      # OUT/index.html + OUT/features/<N>.html, from RUN/analysis/
+    write_html(RUN, OUT)      # OUT/index.html, OUT/style.css, OUT/features/<N>.html, from RUN/analysis/
 
-No server, no JavaScript, no external resources: inline CSS and SVG only. Every string from the
-data (tokens, labels, names) is escaped by sae.render before it is wrapped in markup.
+No server and nothing outside OUT: one shared stylesheet (style.css), inline SVG; feature pages have no
+JavaScript, the index one small fixed script (filter and sort its table). Pages stay small: a context
+token that does not fire is bare text, a firing one a span whose shade is one of ten shared classes
+(not an inline style), so 4,608 features take tens of MB, not hundreds. Every string from the data
+(tokens, labels, names) is escaped by sae.analyze.render before it is wrapped in markup.
 """
 from __future__ import annotations
 
@@ -13,12 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from sae.errors import UserError
-from sae.analyze.render import TOKEN_CSS, escape, histogram_svg, shade_tokens, value_table
+from sae.analyze.render import (ACTIVATION_PALETTE, TOKEN_CSS, escape, finite, histogram_svg, token_label,
+                                value_table, visible_token)
 from sae.files import read_json
+from sae.progress import progress_bar
 
+LEVELS = 10          # shading steps: |act| / max rounded to tenths
+STYLESHEET = "style.css"
 PAGE_CSS = TOKEN_CSS + """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:1.5rem auto;padding:0 1rem;
 color:#222}
@@ -26,14 +32,51 @@ h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:1.6rem;border-bottom:1px soli
 table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eee;font-size:.9rem}
 .muted{color:#777}.val{display:inline-block;min-width:4.5rem;color:#555;font:12px ui-monospace,monospace}
 .cols{display:flex;gap:2rem;flex-wrap:wrap}.stat td:first-child{color:#666}
+.ctx{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85rem}
+.ctx span{border-radius:2px}.ctx .c{outline:1.5px solid #222;font-weight:bold}
+th{cursor:pointer;user-select:none}#q{width:22rem;padding:4px 6px;margin:.5rem 0}
+.vals td:last-child{color:var(--v);text-align:right}
+""" + "".join(f".p{i}{{background:rgba({ACTIVATION_PALETTE[0][0]},{ACTIVATION_PALETTE[0][1]},{ACTIVATION_PALETTE[0][2]},"
+              f"{i / LEVELS:.1f})}}.q{i}{{background:rgba({ACTIVATION_PALETTE[1][0]},{ACTIVATION_PALETTE[1][1]},"
+              f"{ACTIVATION_PALETTE[1][2]},{i / LEVELS:.1f})}}" for i in range(1, LEVELS + 1)) + "\n"
+
+# the index's one script: filter rows by the text box, sort by a clicked header (numbers by data-v)
+INDEX_JS = """
+const q=document.getElementById('q'),t=document.getElementById('f'),b=t.tBodies[0],n=document.getElementById('n');
+function count(){n.textContent=[...b.rows].filter(r=>!r.hidden).length+' shown';}
+q.addEventListener('input',()=>{const s=q.value.toLowerCase();
+  for(const r of b.rows)r.hidden=!!s&&!r.textContent.toLowerCase().includes(s);count();});
+t.tHead.addEventListener('click',e=>{const h=e.target.closest('th');if(!h)return;
+  const i=h.cellIndex,num='v'in h.dataset,d=h.dataset.d=h.dataset.d==='1'?'-1':'1';
+  const key=c=>num?parseFloat(c.dataset.v):c.textContent;
+  const rows=[...b.rows].sort((x,y)=>{const a=key(x.cells[i]),c=key(y.cells[i]);
+    return (num?a-c:a.localeCompare(c))*d;});b.append(...rows);});
+count();
 """
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, css: str = STYLESHEET, script: str = "") -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{PAGE_CSS}</style></head>"
-            f"<body>{body}</body></html>\n")
+            f'<title>{escape(title)}</title><link rel="stylesheet" href="{css}"></head>'
+            f"<body>{body}{f'<script>{script}</script>' if script else ''}</body></html>\n")
+
+
+def compact_tokens(tokens, acts, max_act: float, center=None) -> str:
+    """An example's tokens: bare escaped text where the code is 0, else a span with a shared shade class
+    (p1..p10 above 0, q1..q10 below) and the value on hover; the ranked token outlined (class c)."""
+    top = abs(finite(max_act))
+    parts = []
+    for i, (token, act) in enumerate(zip(tokens, acts)):
+        value, text = finite(act), visible_token(token)
+        level = 0 if top <= 0 else min(LEVELS, int(round(abs(value) / top * LEVELS)))
+        classes = ([("p" if value >= 0 else "q") + str(level)] if level else []) + (["c"] if i == center else [])
+        if value == 0 and not classes:
+            parts.append(text)
+            continue
+        title = f' title="{value:.3g}"' if value != 0 else ""
+        parts.append(f'<span class="{" ".join(classes)}"{title}>{text}</span>')
+    return "".join(parts)
 
 
 def _grouped(path: Path, features: set[int] | None) -> dict[int, list[dict]]:
@@ -56,7 +99,7 @@ def _grouped(path: Path, features: set[int] | None) -> dict[int, list[dict]]:
 
 def _example(row: dict, max_act: float) -> str:
     tokens, acts = row.get("tokens") or [], row.get("acts") or []
-    body = shade_tokens(tokens, acts, max_act, center=row.get("center")) if tokens else \
+    body = compact_tokens(tokens, acts, max_act, center=row.get("center")) if tokens else \
         '<span class="muted">(no context stored)</span>'
     return f'<div class="ctx"><span class="val">{float(row["activation"]):.3g}</span>{body}</div>'
 
@@ -72,12 +115,12 @@ def feature_page(feature: dict, meta: dict, top: list, interval: list, hist: dic
     f = int(feature["feature"])
     max_act = float(feature.get("max_activation") or 0.0)
     label = feature.get("auto_label") or ""
-    parts = [f'<p><a href="../index.html">&larr; all features</a></p>',
+    parts = ['<p><a href="../index.html">&larr; all features</a></p>',
              f"<h1>Feature {f}{' — ' + escape(label) if label else ''}</h1>",
              f'<p class="muted">{summary}</p>']
     stats = [("density", _fmt(feature.get("density"), ".3e")), ("max activation", _fmt(max_act)),
              ("mean activation", _fmt(feature.get("mean_activation"))), ("tokens fired", _fmt(feature.get("n_fired"), "d")),
-             ("top tokens", escape(", ".join(json.loads(feature.get("top_tokens") or "[]"))))]
+             ("top tokens", " \u00b7 ".join(token_label(t) for t in json.loads(feature.get("top_tokens") or "[]")))]
     if feature.get("best_label") is not None:
         stats.append(("best-separated label", f'{escape(feature["best_label"])} (F1 {_fmt(feature.get("best_label_f1"), ".2f")})'))
     stat_rows = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in stats)
@@ -108,7 +151,31 @@ def feature_page(feature: dict, meta: dict, top: list, interval: list, hist: dic
         links = ", ".join(f'<a href="{int(n)}.html">{int(n)}</a> ({_fmt(c, ".2f")})'
                           for n, c in zip(nearest, feature.get("nearest_cos") or []))
         parts.append(f"<h2>Nearest features (decoder cosine)</h2><p>{links}</p>")
-    return _page(f"Feature {f}", "".join(parts))
+    return _page(f"Feature {f}", "".join(parts), css=f"../{STYLESHEET}")
+
+
+def _number_cell(value, spec: str) -> str:
+    number = finite(value)
+    return f'<td data-v="{number!r}">{_fmt(value, spec)}</td>'
+
+
+def index_body(feature_rows: list, summary: str, notes: list) -> str:
+    """The index: a filter box and a table (densest first) that sorts on a header click; all data escaped."""
+    order = sorted(feature_rows, key=lambda r: -(r.get("density") or 0.0))
+    rows = "".join(
+        f'<tr><td data-v="{int(r["feature"])}"><a href="features/{int(r["feature"])}.html">{int(r["feature"])}</a></td>'
+        f'<td>{escape(r.get("auto_label") or "")}</td>'
+        f'<td>{" ".join(token_label(t) for t in json.loads(r.get("top_tokens") or "[]"))}</td>'
+        + _number_cell(r.get("density"), ".2e") + _number_cell(r.get("max_activation"), ".3g")
+        + f'<td>{escape(r.get("best_label") or "")}</td></tr>' for r in order)
+    notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    return (f"<h1>SAE features</h1><p class=\"muted\">{summary}</p>"
+            + (f"<ul class=\"muted\">{notes_html}</ul>" if notes_html else "")
+            + '<input id="q" type="search" placeholder="filter by label or token…" aria-label="filter">'
+            + ' <span id="n" class="muted"></span>'
+            + '<table id="f"><thead><tr><th data-v>feature</th><th>auto label</th><th>top tokens</th>'
+            + "<th data-v>density</th><th data-v>max</th><th>best label</th></tr></thead><tbody>"
+            + rows + "</tbody></table><p class=\"muted\">Click a header to sort.</p>")
 
 
 def write_html(run_dir, out_dir, features=None, force: bool = False, log=None) -> Path:
@@ -136,22 +203,14 @@ def write_html(run_dir, out_dir, features=None, force: bool = False, log=None) -
     (out_dir / "features").mkdir(parents=True, exist_ok=True)
     for stale in (out_dir / "features").glob("*.html"):   # force: pages of an earlier export go
         stale.unlink()
-    for feature in tqdm(feature_rows, desc="html", unit="page", disable=None):
+    for feature in progress_bar(iterable=feature_rows, desc="html", unit="page"):
         f = int(feature["feature"])
         page = feature_page(feature, meta, top.get(f, []), interval.get(f, []), hists.get(f), logits.get(f), summary)
         (out_dir / "features" / f"{f}.html").write_text(page, encoding="utf-8")
-    order = sorted(feature_rows, key=lambda r: -(r.get("density") or 0.0))
-    rows = "".join(
-        f'<tr><td><a href="features/{int(r["feature"])}.html">{int(r["feature"])}</a></td>'
-        f'<td>{escape(r.get("auto_label") or "")}</td><td>{_fmt(r.get("density"), ".2e")}</td>'
-        f'<td>{_fmt(r.get("max_activation"))}</td><td>{escape(r.get("best_label") or "")}</td></tr>' for r in order)
-    notes = "".join(f"<li>{escape(n)}</li>" for n in meta.get("notes") or [])
-    body = (f"<h1>SAE features</h1><p class=\"muted\">{summary}</p>"
-            + (f"<ul class=\"muted\">{notes}</ul>" if notes else "")
-            + "<table><tr><th>feature</th><th>auto label</th><th>density</th><th>max</th><th>best label</th></tr>"
-            + rows + "</table>")
+    (out_dir / STYLESHEET).write_text(PAGE_CSS, encoding="utf-8")
+    body = index_body(feature_rows, summary, meta.get("notes") or [])
     index = out_dir / "index.html"
-    index.write_text(_page("SAE features", body), encoding="utf-8")
+    index.write_text(_page("SAE features", body, script=INDEX_JS), encoding="utf-8")
     if log is not None:
         log(f"wrote {index} and {len(feature_rows)} feature pages")
     return index

@@ -4,8 +4,8 @@
     meta = analyze(RUN, STORE)          # writes RUN/analysis/ (file contract in docs/DESIGN.md)
 
 The pass (sae.feature_pass) keeps per-latent statistics, the exact top-N examples with the latent's
-codes on ±radius context tokens, and a bounded reservoir sample that is binned at the end into
-equal-width activation bands ("interval examples"). Tables are assembled here (sae.analysis_tables).
+codes on ±radius context tokens, and a bounded reservoir sample, and per-band samples of each
+equal-width activation band of [0, max] ("interval examples", sae.analyze.bands). Tables are assembled here (sae.analysis_tables).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from sae.errors import UserError
 from sae.files import MARKER, FolderLock, check_output_folder, mark_output, remove_stale_temporaries
@@ -29,7 +28,7 @@ class AnalyzeOptions:
     context_radius: int = 10      # tokens either side of an example
     n_bands: int = 5              # equal-width activation bands of [0, max] for interval examples
     per_band: int = 5             # interval examples per band
-    reservoir: int = 64           # per-feature reservoir sample size (interval examples come from it)
+    reservoir: int = 64           # per-feature reservoir sample size (band 0 of the interval examples, top tokens)
     n_nearest: int = 10
     n_logits: int = 10
     batch_size: int = 4096
@@ -162,12 +161,17 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
     stats = FeatureStats(model.d_sae, n_top=options.n_top, reservoir=options.reservoir,
                          radius=options.context_radius if has_contexts else None, signed=signed,
                          threshold=threshold, n_labels=len(label_names), edges=edges, device=device,
-                         seed=options.seed, max_entries=options.max_entries)
+                         seed=options.seed, max_entries=options.max_entries, n_bands=options.n_bands,
+                         per_band=options.per_band)
+    from sae.analyze.latent_pass import LatentStats      # token search, anomalies, code-space retrieval
+    latent = LatentStats(store, model.d_sae, device, floor=0.0 if signed else threshold, signed=signed)
     started = time.perf_counter()
-    with tqdm(total=len(store), desc="analyze", unit="tok", unit_scale=True, disable=None) as bar:
+    from sae.progress import progress_bar     # a bar in a terminal, a line every 30 s in a log
+    with progress_bar(total=len(store), desc="analyze", unit="tok", unit_scale=True) as bar:
         for batch in iter_window_batches(store, layer, options.batch_size):
             codes = model.encode(batch.x.to(device))                                       # [B, d_sae]
             stats.update(codes, batch)
+            latent.update(batch, codes, model.decode(codes))
             del codes
             bar.update(len(batch.global_rows))
     pass_seconds = time.perf_counter() - started
@@ -193,6 +197,7 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
     tmp_dir.mkdir(parents=True)
     try:
         write_tables(tmp_dir, stats, model, store, meta, options, notes)
+        latent.write(tmp_dir, stats, model, meta, notes)
         meta["notes"] = notes
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         mark_output(tmp_dir, ANALYSIS_KIND)

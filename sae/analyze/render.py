@@ -15,6 +15,10 @@ from typing import Sequence
 # shading colours (r, g, b): positive codes orange, negative codes blue (signed variants)
 POSITIVE_RGB = (255, 120, 0)
 NEGATIVE_RGB = (40, 110, 255)
+ACTIVATION_PALETTE = (POSITIVE_RGB, NEGATIVE_RGB)
+# the loss effect of removing a feature: green where the feature helped (loss rises without it), purple
+# where it hurt; never the activation colours, so the two shadings cannot be confused
+LOSS_PALETTE = ((0, 160, 80), (150, 60, 210))
 
 TOKEN_CSS = """
 .tok{white-space:pre;border-radius:2px;padding:0 1px;font-family:ui-monospace,Menlo,Consolas,monospace}
@@ -35,6 +39,16 @@ def visible_token(token) -> str:
     return escape(text)
 
 
+def token_label(token) -> str:
+    """A token shown on its own (a chip, a list): spaces as ␣, line breaks and tabs as arrows, the empty
+    token as ∅, so that ' the', 'the' and a whitespace-only token look different; escaped."""
+    text = "" if token is None else str(token)
+    if text == "":
+        return "∅"
+    text = text.replace(" ", "␣").replace("\r", "\\r").replace("\n", "↵").replace("\t", "⇥")
+    return escape(text)
+
+
 def finite(value) -> float:
     """float(value), or 0.0 where it is not a finite number."""
     try:
@@ -44,16 +58,18 @@ def finite(value) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def shade_colour(act: float, max_act: float) -> str:
-    """CSS background colour for one code: opacity |act| / max_act, orange above 0, blue below."""
+def shade_colour(act: float, max_act: float, palette=ACTIVATION_PALETTE) -> str:
+    """CSS background colour for one value: opacity |act| / max_act, palette[0] above 0, palette[1] below
+    (activations: orange / blue; LOSS_PALETTE for loss effects)."""
     act, max_act = finite(act), abs(finite(max_act))
     strength = 0.0 if max_act <= 0 else min(1.0, abs(act) / max_act)
-    r, g, b = POSITIVE_RGB if act >= 0 else NEGATIVE_RGB
+    r, g, b = palette[0] if act >= 0 else palette[1]
     return f"rgba({r},{g},{b},{strength:.2f})"
 
 
 def shade_tokens(tokens: Sequence, acts: Sequence, max_act: float, center: int | None = None,
-                 show_values: bool = True, css_class: str = "tok", titles: Sequence | None = None) -> str:
+                 show_values: bool = True, css_class: str = "tok", titles: Sequence | None = None,
+                 palette=ACTIVATION_PALETTE) -> str:
     """Tokens as <span>s shaded by activation. tokens and acts have the same length.
 
     tokens: decoded token strings (escaped here); acts: this feature's code on each token;
@@ -68,7 +84,7 @@ def shade_tokens(tokens: Sequence, acts: Sequence, max_act: float, center: int |
         classes = css_class + (" center" if center is not None and i == center else "")
         title = f' title="{escape(titles[i])}"' if titles is not None else \
             (f' title="{value:.3g}"' if show_values else "")
-        pieces.append(f'<span class="{classes}" style="background:{shade_colour(value, max_act)}"{title}>'
+        pieces.append(f'<span class="{classes}" style="background:{shade_colour(value, max_act, palette)}"{title}>'
                       f"{visible_token(token)}</span>")
     return "".join(pieces)
 
@@ -101,8 +117,7 @@ def histogram_svg(counts: Sequence[int], edges: Sequence[float], width: int = 42
 
 def value_table(tokens: Sequence, values: Sequence[float], positive: bool = True) -> str:
     """A two-column table of (token, value), e.g. promoted or suppressed logits; all text escaped."""
-    colour = "#1a7f37" if positive else "#c4302b"
-    rows = "".join(f'<tr><td><code class="tok">{visible_token(t)}</code></td>'
-                   f'<td style="color:{colour};text-align:right">{finite(v):+.3f}</td></tr>'
+    colour = "#1a7f37" if positive else "#c4302b"          # one rule for the table, not a style per cell
+    rows = "".join(f'<tr><td><code class="tok">{token_label(t)}</code></td><td>{finite(v):+.3f}</td></tr>'
                    for t, v in zip(tokens, values))
-    return f'<table class="vals">{rows}</table>'
+    return f'<table class="vals" style="--v:{colour}">{rows}</table>'

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sae.analyze.bands import interval_entries
 from sae.analyze.extras import (logit_effects, nearest_features, token_strings, try_load_tokenizer,
                                 try_unembedding)
 
@@ -110,26 +111,6 @@ def _decoder(tokenizer):
     return decode
 
 
-def interval_entries(stats, n_bands: int, per_band: int):
-    """Pick up to per_band reservoir entries per equal-width band of [0, max] for every feature."""
-    feature, slot, act, rows, contexts = kept_entries(stats.reservoir)
-    top = stats.max_score.cpu().double()[feature]
-    magnitude = act.double().abs()
-    band = torch.where(top > 0, (magnitude / top.clamp_min(1e-30) * n_bands).floor(), torch.zeros_like(top))
-    band = band.long().clamp(0, n_bands - 1)
-    key = (feature * n_bands + band) * stats.reservoir.n_keep + slot                     # random order in a band
-    order = torch.argsort(key)
-    group = (feature * n_bands + band)[order]
-    _, counts = torch.unique_consecutive(group, return_counts=True)
-    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    rank = torch.arange(len(order)) - first
-    chosen = order[rank < per_band]
-    pick = lambda t: None if t is None else t[chosen]  # noqa: E731
-    width = top[chosen] / n_bands
-    return (feature[chosen], act[chosen], rows[chosen], pick(contexts), band[chosen],
-            (band[chosen] * width).float(), ((band[chosen] + 1) * width).float(), rank[rank < per_band])
-
-
 def _top_tokens(entries, k: int = 5):
     """Per feature: the k token ids with the largest activation-weighted count over its top examples and
     reservoir sample (center tokens, each (feature, row) counted once). Returns {feature: [(id, weight)]}"""
@@ -153,7 +134,7 @@ def _top_tokens(entries, k: int = 5):
 
 def write_tables(out_dir: Path, stats, model, store, meta: dict, options, notes: list) -> None:
     d_sae, radius = stats.d_sae, options.context_radius
-    tokenizer, why = try_load_tokenizer(meta.get("model"))
+    tokenizer, why = try_load_tokenizer(meta.get("model"), local_only=not options.with_model)
     if tokenizer is None:
         notes.append(f"tokens are shown as ids: {why}")
     decode = _decoder(tokenizer)

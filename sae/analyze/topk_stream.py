@@ -83,21 +83,26 @@ class TopKeeper:
         self.floor = float(floor)
 
     def offer(self, latents: torch.Tensor, scores: torch.Tensor, acts: torch.Tensor, rows: torch.Tensor,
-              batch: BatchContext) -> int:
+              batch: BatchContext, code_latents: torch.Tensor | None = None) -> int:
         """Merge candidates (all [m]: latent, score, activation, batch-local row) into the kept sets.
 
-        Returns how many candidates entered. Contexts are captured from `batch` for entries that enter.
+        Returns how many candidates entered. Contexts are captured from `batch` for entries that enter,
+        from the codes of `code_latents` ([m]) when the kept sets are not the code's latents themselves
+        (e.g. one set per latent and activation band); by default from `latents`.
         """
         scores = scores.double()
         keep = scores > self.threshold[latents]
         if not bool(keep.any()):
             return 0
+        code_latents = latents if code_latents is None else code_latents
         latents, scores, acts, rows = latents[keep], scores[keep], acts[keep], rows[keep]
+        code_latents = code_latents[keep]
         n_keep, device = self.n_keep, latents.device
         # sort by (latent asc, score desc); rank each candidate within its latent
         order = torch.argsort(scores, descending=True, stable=True)
         order = order[torch.argsort(latents[order], stable=True)]
         latents, scores, acts, rows = latents[order], scores[order], acts[order], rows[order]
+        code_latents = code_latents[order]
         touched, counts = torch.unique_consecutive(latents, return_counts=True)          # [T]
         group = torch.repeat_interleave(torch.arange(len(touched), device=device), counts)
         rank = torch.arange(len(latents), device=device) - (torch.cumsum(counts, 0) - counts)[group]
@@ -123,7 +128,7 @@ class TopKeeper:
         if self.radius is not None:
             new_pointer = torch.where(from_old, self.pointer[touched].gather(1, old_pick), -1)
             if len(chosen):
-                captured = capture_contexts(batch, rows[chosen], latents[chosen], self.radius)  # [n_new, W]
+                captured = capture_contexts(batch, rows[chosen], code_latents[chosen], self.radius)  # [n_new, W]
                 new_pointer[from_cand] = self._store(captured, new_pointer, touched)
             self.pointer[touched] = new_pointer
         self.scores[touched] = new_scores
@@ -131,6 +136,14 @@ class TopKeeper:
         self.rows[touched] = new_rows
         self.threshold[touched] = new_scores[:, -1].clamp(min=self.floor)
         return len(chosen)
+
+    def clear(self, latents: torch.Tensor) -> None:
+        """Empty the kept sets of `latents` ([n] int64): they start again from nothing."""
+        self.scores[latents] = float("-inf")
+        self.acts[latents] = 0.0
+        self.rows[latents] = -1
+        self.pointer[latents] = -1
+        self.threshold[latents] = self.floor
 
     def contexts_of(self, latents: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
         """[n, W] contexts of kept entries (latent, slot) (zeros where empty); None without contexts."""

@@ -3,7 +3,9 @@ activations at several layers to an activation store.
 
     loop.py   the collection loop: options, resume bookkeeping, shards, the manifest, norm statistics
     rows.py   the rows one batch contributes, and a shard's tensors
+    early.py  what is settled before the model loads: an already complete store, the layers; the empty
+              folder a failed run leaves
 
-May import: sae.errors, sae.files, sae.distributed, sae.devices, sae.data, sae.lm, sae.store.
+May import: sae.errors, sae.files, sae.progress, sae.distributed, sae.devices, sae.data, sae.lm, sae.store.
 """
 from sae.collect.loop import CollectOptions, CollectResult, collect  # noqa: F401

@@ -22,11 +22,14 @@ import torch
 
 from sae import distributed
 from sae import store as store_lib
+from sae.collect import progress
+from sae.collect.norms import NormSketch, merged, read_back
 from sae.collect.rows import BatchRows, batch_rows, shard_tensors
+from sae.collect.targets import capture_sites, check_complete, check_target_site
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
 from sae.files import FolderLock, read_json, write_json
-from sae.lm import (LoadedModel, capture, check_context_size, layer_index, load_model,
+from sae.lm import (LoadedModel, check_context_size, layer_index, load_model,
                     run_until_captured, site_point, site_width)
 from sae.lm.loading import loaded_dtype
 from sae.lm.source import SourceOptions
@@ -36,8 +39,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FORMAT = "sae-activation-store/1"
 # options that must match when a collection is resumed
 RECIPE_KEYS = ("model", "layers", "site", "dataset", "text_column", "split", "context_size", "model_dtype",
-               "dtype", "special_tokens_kept", "max_norm_ratio", "world_size")
-OPTIONAL_RECIPE_KEYS = ("model_dtype",)   # absent from stores written before it was recorded
+               "dtype", "special_tokens_kept", "max_norm_ratio", "world_size", "target_site")
+OPTIONAL_RECIPE_KEYS = ("model_dtype", "target_site")   # absent from stores written before it was recorded
 
 
 @dataclass(kw_only=True)
@@ -74,12 +77,14 @@ class CollectResult:
     size_bytes: int
     exhausted: bool                    # the dataset ran out before --tokens rows
     manifest: dict = field(default_factory=dict)
+    bytes_written: int = 0             # by this run, every file counted (shards, index, manifests; all ranks)
+    already_complete: bool = False     # --resume of a finished store: nothing was collected
 
 
 # ---- the output folder --------------------------------------------------------------------------
 
 def _store_files(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name == store_lib.MANIFEST or p.name.startswith(("shard_", ".shard_", "progress_", ".manifest", ".progress_"))]
+    return [p for p in out.iterdir() if p.name == store_lib.MANIFEST or p.name.startswith(("shard_", ".shard_", "index", ".index", "progress_", ".manifest", ".progress_"))]
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> dict | None:
@@ -143,34 +148,12 @@ def _rank_budget(tokens: int | None, d: distributed.DistInfo) -> int | None:
     return tokens // d.world_size + (1 if d.rank < tokens % d.world_size else 0)
 
 
-def _norm_stats(out: Path, manifest: dict, first: int) -> tuple[dict, dict]:
-    """({layer: {median, p99, p999, max}} of the stored rows' norms, read back from the shards;
-    {layer: median norm of the first `first` rows})."""
-    import numpy as np
-    from safetensors import safe_open
-    stats, first_median = {}, {}
-    for layer in manifest["layers"]:
-        norms = []
-        for name in manifest["shards"]:
-            with safe_open(str(out / name), framework="pt") as handle:
-                block = handle.get_slice(f"activations.{layer}")
-                n = block.get_shape()[0]
-                for lo in range(0, n, 65536):
-                    norms.append(block[lo:min(n, lo + 65536)].float().norm(dim=-1).numpy())
-        values = np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32)
-        if len(values):
-            first_median[str(layer)] = float(torch.from_numpy(values[:first]).median())
-            median, p99, p999 = np.percentile(values, [50, 99, 99.9]).tolist()
-            stats[str(layer)] = {"median": median, "p99": p99, "p999": p999,
-                                 "max": float(values.max()), "p999_over_median": p999 / median if median else None}
-    return stats, first_median
-
-
 def _recipe(options: CollectOptions, d: distributed.DistInfo, model_dtype: str) -> dict:
     return {"model": options.model, "layers": list(options.layers), "site": options.site, "dataset": options.dataset,
             "text_column": options.text_column, "split": options.split, "context_size": options.context_size,
             "dtype": options.dtype, "special_tokens_kept": options.keep_special_tokens,
-            "max_norm_ratio": options.max_norm_ratio, "world_size": d.world_size, "model_dtype": model_dtype}
+            "max_norm_ratio": options.max_norm_ratio, "world_size": d.world_size, "model_dtype": model_dtype,
+            "target_site": options.target_site}
 
 
 def _check_recipe(old: dict, new: dict) -> None:
@@ -182,18 +165,24 @@ def _check_recipe(old: dict, new: dict) -> None:
                             f"not {new.get(key)!r}: use the same options (or --force to start over)")
 
 
-def _progress_path(out: Path, rank: int) -> Path:
-    return out / f"progress_r{rank:03d}.json"
-
-
-
-
 def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> CollectResult:
     """Run a collection (see the module docstring). Returns where the store is and what it holds.
     The store folder is locked while it is written (rank 0 holds the lock): a second writer is refused."""
     import contextlib
-    with FolderLock(options.out, "sae collect") if distributed.is_main_process() else contextlib.nullcontext():
-        return _collect(options, loaded)
+    from sae.collect.early import already_complete, check_before_loading, remove_if_left_empty
+    out = Path(options.out)
+    if options.resume and (done := already_complete(out, options.tokens)) is not None:
+        return done
+    created = not out.exists()
+    if loaded is None and distributed.is_main_process():
+        check_before_loading(options)        # from the model's config: seconds, before any folder or weights
+    try:
+        with FolderLock(out, "sae collect") if distributed.is_main_process() else contextlib.nullcontext():
+            return _collect(options, loaded)
+    except BaseException:
+        if created and distributed.is_main_process():
+            remove_if_left_empty(out)            # a failed collect leaves no empty folder behind
+        raise
 
 
 def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResult:
@@ -213,6 +202,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     check_context_size(loaded, options.context_size)
     for layer in options.layers:
         site_point(loaded.model, options.site, layer)  # validates site and layer range
+    check_target_site(loaded, options.site, options.target_site, options.layers)
     layers = sorted(options.layers, key=lambda layer: layer_index(loaded.model, options.site, layer))
     options.layers = layers
     recipe = _recipe(options, d, model_dtype)
@@ -222,17 +212,9 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
              "batch_size": options.batch_size or 8, "exhausted": False}
     if old_manifest is not None:
         _check_recipe(old_manifest, recipe)
-        saved = old_manifest.get("progress", {}).get(str(d.rank)) if not d.enabled else read_json(_progress_path(out, d.rank), missing_ok=True)
-        if saved:
-            state.update(saved)
+        progress.restore(out, d, old_manifest, state, layers)   # from the per-shard index (or an old manifest)
         if options.batch_size is None:
             state["batch_size"] = old_manifest.get("batch_size", state["batch_size"])
-        if d.enabled and state["norm_median"] is None:
-            for rank in range(d.world_size):
-                other = read_json(_progress_path(out, rank), missing_ok=True)
-                if other and other.get("norm_median") is not None:
-                    state["norm_median"] = other["norm_median"]
-                    break
         _remove_temporaries(out)
     batch_size = state["batch_size"]
 
@@ -241,7 +223,8 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     stored_dtype = DTYPES[options.dtype]
     element = torch.tensor([], dtype=stored_dtype).element_size()
     d_site = site_width(loaded, options.site, layers)      # the rows' width: d_model, or n_heads·d_head for attn_z
-    shard_tokens = options.shard_tokens or max(1024, (256 << 20) // (d_site * element * len(layers)))
+    per_row = d_site * element * len(layers) * (2 if options.target_site else 1)    # bytes a row takes
+    shard_tokens = options.shard_tokens or max(1024, (256 << 20) // per_row)
     budget = _rank_budget(options.tokens, d)
     special = torch.tensor(sorted(loaded.special_ids), dtype=torch.int64)
     labelled = label_names is not None
@@ -255,15 +238,16 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
         body.update(extra or {})
         return body
 
-    def save_state():
-        if d.enabled:
-            write_json(_progress_path(out, d.rank), state)
-        else:
-            write_json(out / store_lib.MANIFEST, manifest(
-                False, state["shards"], state["shard_rows"], state["rows"], {"progress": {"0": state}}))
+    sketch = NormSketch(layers)          # norm statistics kept while collecting: no read-back at the end
+    read_back(sketch, out, state["shards"], layers)    # a resumed run: the shards written before it, once
+    written = [0]                        # bytes this run wrote (shards, index lines, manifests)
 
-    if d.enabled and d.rank == 0 and old_manifest is None:
-        write_json(out / store_lib.MANIFEST, manifest(False, [], [], 0))
+    def save_manifest(body):
+        write_json(out / store_lib.MANIFEST, body)
+        written[0] += (out / store_lib.MANIFEST).stat().st_size
+
+    if d.rank == 0 and old_manifest is None:   # written at the start and the end; progress goes to the index
+        save_manifest(manifest(False, [], [], 0))
     distributed.barrier()
 
     pending: list[BatchRows] = []    # rows waiting for the next shard
@@ -282,12 +266,14 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
         tensors = shard_tensors(pending, layers, labelled)
         n_rows = len(tensors["doc_id"])
         store_lib.write_shard(out / name, tensors, {"rank": d.rank, "index": index})
+        norms = torch.stack([tensors[f"activations.{layer}"].float().norm(dim=-1) for layer in layers], dim=1)  # [n, L]
+        sketch.add(norms, MEDIAN_TOKENS)
         state["shards"].append(name)
         state["shard_rows"].append(n_rows)
         state["rows"] += n_rows
         state["next_window"] = next_window
         pending.clear()
-        save_state()
+        written[0] += (out / name).stat().st_size + progress.record(out, d, name, tensors, layers, norms, state)
 
     def accept(rows: BatchRows) -> bool:
         """Filter by norm, cut to the budget, queue for a shard. False once the budget is met."""
@@ -323,7 +309,8 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     hf = loaded.model
     forward_kwargs = {"use_cache": False} if getattr(hf.config, "use_cache", None) is not None else {}
     try:
-        with torch.inference_mode(), capture(hf, options.site, layers, stop=True) as captured:
+        with torch.inference_mode(), capture_sites(hf, options.site, options.target_site, layers) as (
+                captured, captured_targets):
             for group in ([] if done else _batches(windows, d, batch_size, state["next_window"], seen)):
                 input_ids = torch.stack([w.input_ids for w in group]).to(device)   # [B, T]
                 inputs = {"input_ids": input_ids, **forward_kwargs}
@@ -331,9 +318,12 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
                 if bool(padding.any()) and not loaded.is_causal:
                     inputs["attention_mask"] = (~padding).long().to(device)
                 captured.clear()
+                if captured_targets is not None:
+                    captured_targets.clear()
                 run_until_captured(hf, **inputs)
+                check_complete(captured, layers, options.site, options.target_site)
                 rows = batch_rows(group, captured, layers, special, options.keep_special_tokens, stored_dtype,
-                                  next_window=group[-1].index + 1)
+                                  next_window=group[-1].index + 1, captured_targets=captured_targets)
                 if state["norm_median"] is None and options.max_norm_ratio is not None:
                     prelude.append(rows)
                     if sum(len(p) for p in prelude) < median_tokens:
@@ -358,8 +348,11 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
                     break
             flush()
     except KeyboardInterrupt:
-        # the shard in flight is discarded; the manifest still describes every shard on disk
+        # the shard in flight is discarded; the manifest (and the index) describe every shard on disk
         _remove_temporaries(out)
+        if not d.enabled:
+            save_manifest(manifest(False, state["shards"], state["shard_rows"], state["rows"],
+                                   {"progress": {"0": progress.small_state(state)}}))
         print(f"\ninterrupted: {out} keeps {state['rows']:,} rows in {len(state['shards'])} shards; "
               f"continue with --resume", file=sys.stderr)
         raise
@@ -369,40 +362,46 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     elapsed = time.perf_counter() - start_time
     exhausted = finished_data and (budget is None or state["rows"] < budget)
     state["exhausted"] = bool(exhausted)
-    save_state()
-    return _finish(out, d, state, manifest, options, exhausted, elapsed)
+    return _finish(out, d, state, manifest, exhausted, elapsed, sketch, save_manifest, written)
 
 
-def _finish(out: Path, d: distributed.DistInfo, state: dict, manifest, options: CollectOptions, exhausted: bool,
-            elapsed: float) -> CollectResult:
+def _finish(out: Path, d: distributed.DistInfo, state: dict, manifest, exhausted: bool, elapsed: float,
+            sketch: NormSketch, save_manifest, written: list) -> CollectResult:
+    if d.enabled:
+        write_json(progress.progress_path(out, d.rank), progress.small_state(state))
+    sketch = merged(sketch, distributed.all_gather_cat)        # every rank's norms (a collective)
     distributed.barrier()
     body = None
     if d.rank == 0:
         if d.enabled:
-            ranks = [read_json(_progress_path(out, rank), missing_ok=True) for rank in range(d.world_size)]
-            shards = [name for r in ranks for name in r["shards"]]
-            shard_rows = [n for r in ranks for n in r["shard_rows"]]
+            metas = progress.merge_ranks(out, d.world_size)      # the ranks' indexes as one index.jsonl
+            ranks = [read_json(progress.progress_path(out, rank), missing_ok=True) or {} for rank in range(d.world_size)]
+            shards, shard_rows = [m.name for m in metas], [m.rows for m in metas]
             exhausted = any(r.get("exhausted") for r in ranks)
             extra = {"progress": {str(rank): r for rank, r in enumerate(ranks)}}
         else:
-            shards, shard_rows, extra = state["shards"], state["shard_rows"], {"progress": {"0": state}}
+            shards, shard_rows = state["shards"], state["shard_rows"]
+            extra = {"progress": {"0": progress.small_state(state)}}
         body = manifest(True, shards, shard_rows, sum(shard_rows), extra)
-        body["norm_stats"], first_median = _norm_stats(out, body, MEDIAN_TOKENS)
+        body["norm_stats"] = sketch.stats()
         if body.get("norm_median") is None:  # no --max-norm-ratio: recorded from the store's first rows
-            body["norm_median"] = first_median
+            body["norm_median"] = sketch.first_median()
         body["collect_seconds"] = round(elapsed, 3)
-        write_json(out / store_lib.MANIFEST, body)
+        save_manifest(body)
+    total_written = int(distributed.reduce_sum(torch.tensor([written[0]], dtype=torch.float64))[0]) \
+        if d.enabled else written[0]
     distributed.barrier()
     if body is None:
         body = read_json(out / store_lib.MANIFEST, missing_ok=True)
     size = sum((out / name).stat().st_size for name in body["shards"])
-    return CollectResult(out, int(body["n_tokens"]), len(body["shards"]), size, bool(exhausted), body)
+    return CollectResult(out, int(body["n_tokens"]), len(body["shards"]), size, bool(exhausted), body,
+                         bytes_written=total_written)
 
 
 def _progress(options: CollectOptions, budget: int | None, initial: int, d: distributed.DistInfo):
     if not options.progress:
         return None
-    from tqdm import tqdm
-    return tqdm(total=budget, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True,
+    from sae.progress import progress_bar     # a bar in a terminal, a line every 30 s in a log
+    return progress_bar(total=budget, initial=initial, unit="tok", unit_scale=True, dynamic_ncols=True,
                 desc=f"collect{f' rank {d.rank}' if d.enabled else ''}", disable=None if d.rank == 0 else True,
                 file=sys.stderr)

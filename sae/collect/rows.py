@@ -21,6 +21,7 @@ class BatchRows:
     acts: dict                    # layer -> [n, d] stored dtype
     norms: torch.Tensor           # [n, L] float32
     next_window: int              # the rank's next window number after this batch
+    targets: dict = None          # layer -> [n, d] stored dtype: the --target-site rows (None: no target site)
 
     def __len__(self) -> int:
         return len(self.doc_id)
@@ -28,7 +29,8 @@ class BatchRows:
     def select(self, keep: torch.Tensor) -> "BatchRows":
         return BatchRows(self.window_tokens, self.window_ids, self.window_in_batch[keep], self.position[keep],
                          self.token_ids[keep], self.doc_id[keep], self.label[keep],
-                         {k: v[keep] for k, v in self.acts.items()}, self.norms[keep], self.next_window)
+                         {k: v[keep] for k, v in self.acts.items()}, self.norms[keep], self.next_window,
+                         None if self.targets is None else {k: v[keep] for k, v in self.targets.items()})
 
     def head(self, n: int) -> "BatchRows":
         """The first n rows, and only the windows they come from."""
@@ -39,7 +41,7 @@ class BatchRows:
 
 
 def batch_rows(windows, captured: dict, layers, special: torch.Tensor, keep_special: bool,
-               stored_dtype: torch.dtype, next_window: int) -> BatchRows:
+               stored_dtype: torch.dtype, next_window: int, captured_targets: dict | None = None) -> BatchRows:
     ids = torch.stack([w.input_ids for w in windows])      # [B, T]
     docs = torch.stack([w.doc_ids for w in windows])       # [B, T]
     labels = torch.stack([w.labels for w in windows])      # [B, T]
@@ -53,11 +55,14 @@ def batch_rows(windows, captured: dict, layers, special: torch.Tensor, keep_spec
         rows = site_acts[keep.to(site_acts.device)]         # [n, d]
         norms.append(rows.float().norm(dim=-1).cpu())
         acts[layer] = rows.to(stored_dtype).cpu()
+    targets = None if captured_targets is None else {                 # layer -> [n, d]: same rows, target site
+        layer: captured_targets[layer][keep.to(captured_targets[layer].device)].to(stored_dtype).cpu()
+        for layer in layers}
     return BatchRows(
         window_tokens=ids.to(torch.int32), window_ids=torch.tensor([w.index for w in windows], dtype=torch.int64),
         window_in_batch=batch_index, position=position.to(torch.int32), token_ids=ids[keep].to(torch.int32),
         doc_id=docs[keep], label=labels[keep], acts=acts,
-        norms=torch.stack(norms, dim=1) if norms else torch.empty(0, 0), next_window=next_window)
+        norms=torch.stack(norms, dim=1) if norms else torch.empty(0, 0), next_window=next_window, targets=targets)
 
 
 def shard_tensors(parts: list[BatchRows], layers, labelled: bool) -> dict:
@@ -66,6 +71,8 @@ def shard_tensors(parts: list[BatchRows], layers, labelled: bool) -> dict:
         offsets.append(total)
         total += len(part.window_tokens)
     tensors = {f"activations.{layer}": torch.cat([p.acts[layer] for p in parts]) for layer in layers}
+    if parts and parts[0].targets is not None:
+        tensors.update({f"targets.{layer}": torch.cat([p.targets[layer] for p in parts]) for layer in layers})
     tensors.update(
         token_ids=torch.cat([p.token_ids for p in parts]),
         window_tokens=torch.cat([p.window_tokens for p in parts]),

@@ -5,6 +5,8 @@ HELP = "builds the per-feature data that the dashboard shows (RUN/analysis/)"
 def add_arguments(parser):
     from sae.cli import add_common_arguments, add_model_dtype_argument, add_run_store_arguments
     add_run_store_arguments(parser, "the store's layer (required when it holds several)")
+    from sae.cli import add_max_tokens_argument
+    add_max_tokens_argument(parser, "analyse the store's first N rows only")
     parser.add_argument("--out", default=None, help="output folder (default RUN/analysis)")
     parser.add_argument("--top-k", type=int, default=20, help="top-activating examples kept per feature (default 20)")
     parser.add_argument("--context", type=int, default=10, help="context tokens either side of an example (default 10)")
@@ -17,7 +19,7 @@ def add_arguments(parser):
     parser.add_argument("--no-model", action="store_true", help="do not load the model (skips logit effects)")
     parser.add_argument("--force", action="store_true", help="replace an existing analysis")
     add_model_dtype_argument(parser)
-    add_common_arguments(parser)
+    add_common_arguments(parser, batch="rows")
 
 
 def run(args):
@@ -27,11 +29,15 @@ def run(args):
     args.run = resolve_run(args.run)   # RELEASE:SAE_ID -> a run folder under the cache
 
     options = AnalyzeOptions(n_top=args.top_k, context_radius=args.context, n_bands=args.bands,
-                             per_band=args.per_band, reservoir=max(args.reservoir, args.per_band),
-                             n_nearest=args.nearest, n_logits=args.logits, batch_size=args.batch_size or 4096,
+                             per_band=args.per_band, reservoir=max(args.reservoir, args.per_band) if args.reservoir > 0 else args.reservoir,
+                             n_nearest=args.nearest, n_logits=args.logits, batch_size=4096 if args.batch_size is None else args.batch_size,
                              device=args.device, with_model=not args.no_model, seed=args.seed,
                              model_dtype=args.model_dtype, allow_incomplete=args.allow_incomplete)
-    meta = analyze(args.run, args.activations, layer=args.layer, options=options, out_dir=args.out,
+    store = args.activations
+    if args.max_tokens is not None:
+        from sae.store import ActivationStore
+        store = ActivationStore(store).head(rows=args.max_tokens)
+    meta = analyze(args.run, store, layer=args.layer, options=options, out_dir=args.out,
                    force=args.force)
     dead = meta.get("n_dead")
     print(f"analysed {meta['n_features']} features over {meta['n_tokens']} tokens in {meta['pass_seconds']:.1f} s"

@@ -15,7 +15,7 @@ def add_arguments(parser):
                         help="rows per shard (default: about 256 MB of activations)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
     parser.add_argument("--force", action="store_true", help="replace the store in a non-empty --out")
-    add_common_arguments(parser)
+    add_common_arguments(parser, batch="windows")
 
 
 def run(args):
@@ -27,7 +27,7 @@ def run(args):
     from sae.collect import CollectOptions, collect
     from sae.files import human_bytes
     options = CollectOptions(
-        model=args.model, layers=args.layers, site=args.site, dataset=args.dataset,
+        model=args.model, layers=args.layers, site=args.site, target_site=args.target_site, dataset=args.dataset,
         out=args.out, tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
         dtype=args.dtype, device=args.device, text_column=args.text_column, split=args.split,
         keep_special_tokens=args.keep_special_tokens, max_norm_ratio=args.max_norm_ratio,
@@ -39,11 +39,17 @@ def run(args):
         distributed.teardown(clean=sys.exc_info()[0] is None)
     if not distributed.is_main_process():
         return 0
+    if result.already_complete:
+        print(f"{result.path} is already complete: {result.n_tokens:,} rows in {result.n_shards} "
+              f"shard{'s' if result.n_shards != 1 else ''} ({human_bytes(result.size_bytes)}); nothing to collect")
+        return 0
     if result.exhausted and args.tokens is not None:
         print(f"warning: the dataset ran out after {result.n_tokens:,} rows (asked for {args.tokens:,}); "
               f"the store holds what there is", file=sys.stderr)
     layers = result.manifest.get("layers")
+    target = result.manifest.get("target_site")
     print(f"wrote {result.n_tokens:,} rows x {len(layers)} layer{'s' if len(layers) != 1 else ''} {layers} "
-          f"of {result.manifest.get('site')} to {result.path} ({human_bytes(result.size_bytes)}, "
+          f"of {result.manifest.get('site')}{f' and {target}' if target else ''} to {result.path} "
+          f"({human_bytes(result.size_bytes)}, "
           f"{result.n_shards} shard{'s' if result.n_shards != 1 else ''})")
     return 0

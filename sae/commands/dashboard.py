@@ -74,6 +74,33 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
 
 
+def analyze_command(run_path, config: dict | None) -> str:
+    """The command that analyses a run, with the store its config.json records (else STORE)."""
+    store = (config or {}).get("store") or "STORE"
+    return f"sae analyze --run {run_path} --activations {store}"
+
+
+def unanalysed(paths) -> list[str]:
+    """One warning per run (a given folder, or the runs inside it) that has no analysis yet."""
+    from sae.errors import UserError
+    from sae.files import read_json
+    warnings = []
+    for given in paths:
+        folder = Path(given)
+        runs = [folder] if (folder / "config.json").exists() else \
+            sorted(child for child in folder.iterdir() if (child / "config.json").exists())
+        for run_dir in runs:
+            if (run_dir / "analysis" / "meta.json").exists():
+                continue
+            try:
+                config = read_json(run_dir / "config.json")
+            except UserError:
+                continue          # the page says what is wrong with it
+            warnings.append(f"warning: {run_dir} has not been analysed: its feature pages stay empty until "
+                            f"`{analyze_command(run_dir, config)}`")
+    return warnings
+
+
 def run(args):
     import os
     import subprocess
@@ -87,10 +114,17 @@ def run(args):
             raise UserError(f"{run_path} does not exist")
         if not Path(run_path).is_dir():
             raise UserError(f"{run_path} is a file: give run folders (or folders holding runs)")
+        if (Path(run_path) / "manifest.json").is_file() and not (Path(run_path) / "config.json").exists():
+            raise UserError(f"{run_path} is an activation store, not a run: give the run folder trained on it")
+        from sae.interop import detect_format
+        if detect_format(run_path) is None and next(Path(run_path).rglob("config.json"), None) is None:
+            raise UserError(f"{run_path} holds no run (no config.json in it or below it)")
     app = app_path()
     if not app.is_file():
         raise UserError(f"the dashboard app is missing ({app}); reinstall the sae package")
     check_port(args.host, args.port)
+    for warning in unanalysed(args.runs):
+        print(warning, file=sys.stderr)
     shown = "localhost" if args.host in ("localhost", "127.0.0.1", "::1") else args.host
     print(f"sae dashboard: http://{shown}:{args.port}/   (feature N: http://{shown}:{args.port}/?feature=N; "
           "Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -14,8 +14,11 @@ def add_arguments(parser):
     parser.add_argument("--probe-rows", type=int, default=200_000,
                         help="at most this many rows (whole documents) are pooled for sparse probing")
     parser.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+    from sae.cli import add_max_tokens_argument
+    add_max_tokens_argument(parser, "score at most N held-out tokens: the store's first shards up to its N-th "
+                                    "held-out row (probing and the model replay read the same shards)")
     add_model_dtype_argument(parser)
-    add_common_arguments(parser)
+    add_common_arguments(parser, batch="rows")
 
 
 def run(args):
@@ -33,7 +36,11 @@ def run(args):
         raise UserError(f"--probe-rows must be at least 1, got {args.probe_rows}")
     from sae.runs import resolve_run
     args.run = resolve_run(args.run)   # RELEASE:SAE_ID -> a run folder under the cache
-    result = evaluate(args.run, args.activations, layer=args.layer, with_model=not args.no_model,
+    store = args.activations
+    if args.max_tokens is not None:
+        from sae.store import ActivationStore
+        store = ActivationStore(store).head(held_out=args.max_tokens)
+    result = evaluate(args.run, store, layer=args.layer, with_model=not args.no_model,
                       device=resolve(args.device), batch_size=args.batch_size or 4096, max_windows=args.windows,
                       lm_batch_size=args.lm_batch_size, probe=not args.no_probing, probe_max_rows=args.probe_rows,
                       seed=args.seed, model_dtype=args.model_dtype, allow_incomplete=args.allow_incomplete)

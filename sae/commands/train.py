@@ -54,9 +54,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="training budget in tokens (default 524,288)")
     parser.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (default: scaled with d_sae)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--init-from", metavar="RUN", default=None, help="fine-tune this SAE (a run, a SAELens or "
+                        "sparsify folder, a release) on the store instead of starting from scratch")
     from sae.cli import add_allow_incomplete_argument
     add_allow_incomplete_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--transcoder", action="store_true",
+                        help="train a transcoder: read the store's site (mlp_in), predict its target site (mlp_out); "
+                             "live: --site mlp_in --target-site mlp_out")
+    parser.add_argument("--skip", action="store_true",
+                        help="with --transcoder: add a learned linear skip connection (skip transcoder)")
     parser.add_argument("--noise-std", type=float, default=None,
                         help="Gaussian input corruption (std per dimension of the scaled input); any variant")
     parser.add_argument("--mask-prob", type=float, default=None, help="mask input dimensions with this probability")
@@ -74,7 +81,8 @@ def add_arguments(parser) -> None:
                              "CPUs with bf16 units (AVX512-BF16, AMX), slower on CPUs without them; CUDA always "
                              "trains under bf16 autocast")
     parser.add_argument("--eval-rows", type=int, default=None, help="held-out tokens scored at the end (16,384)")
-    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
+    from sae.cli import add_log_arguments
+    add_log_arguments(parser)
     parser.add_argument("--shard-latents", action="store_true",
                         help="under torchrun: split the latents across ranks (very wide topk SAEs; sae.sharded)")
     parser.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
@@ -93,6 +101,7 @@ def add_arguments(parser) -> None:
         _add_knob_arguments(parser)
         return parse(args, namespace)
     parser.parse_known_args = parse_with_knobs
+    parser._sae_add_lazy_arguments = lambda: _add_knob_arguments(parser)   # for sae.config's key table
 
 
 def _add_knob_arguments(parser) -> None:
@@ -154,37 +163,56 @@ def run(args) -> int:
     options = options_from_args(args)
     if args.resume and args.force:
         raise UserError("--resume and --force contradict each other: pick one")
+    from sae.train.transcoding import check_options
+    check_options(args.transcoder, args.skip)
+    if args.model is None and args.target_site is not None:
+        raise UserError("--target-site is for `sae collect` and live training (--model): a store records its own")
+    if args.init_from is not None and (args.model is not None or args.shard_latents):
+        raise UserError("--init-from fine-tunes on a store (--activations), without --shard-latents")
     if args.model is not None:
         if args.activations is not None:
             raise UserError("give either --activations (train on a store) or --model (train live), not both")
-        return _run_live(args, options, knobs)
+        from sae.train import loggers
+        with loggers.from_args(args) as log:       # --log: one logged run per layer, grouped under --out
+            status = _run_live(args, options, knobs)
+            if log is not None:
+                log.exit_code = status
+        return status
     if args.activations is None:
         raise UserError("--activations STORE (or --model for live training) is required")
     device = resolve(args.device)
     dist = distributed.setup(device.type, args.dist_backend)
     try:
-        from sae.train.trainer import train_on_store
-        from sae.interop import open_store
-        store = open_store(args.activations)  # this project's store or a SAELens activation cache
-        if args.shard_latents:
-            if options.cpu_bf16:
-                raise UserError("--bf16 does not apply to --shard-latents (sharded training runs on GPUs, "
-                                "under bf16 autocast)")
-            from sae.train.sharded import train_sharded_on_store
-            train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
-                                   d_sae=args.d_sae, expansion=args.expansion, force=args.force)
-            return 0
-        logger = _wandb(args, dist) if args.wandb else None
-        summary = train_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
-                                 allow_incomplete=args.allow_incomplete,
-                                 d_sae=args.d_sae, expansion=args.expansion, resume=args.resume, force=args.force,
-                                 progress=True, on_log=(lambda m: logger.log(_numbers(m), step=m["step"]))
-                                 if logger is not None else None)
-        if logger is not None:
-            logger.finish()
-        return 130 if summary.get("interrupted") else 0
+        from sae.train import loggers
+        with loggers.from_args(args, enabled=dist.is_main) as log:   # --log: closed on success, error and Ctrl-C
+            status = _run_store(args, options, knobs)
+            if log is not None:
+                log.exit_code = status
+        return status
     finally:
         distributed.teardown(clean=sys.exc_info()[0] is None)
+
+
+def _run_store(args, options, knobs) -> int:
+    """`sae train --activations STORE`: one SAE (its latents split across ranks with --shard-latents)."""
+    from sae.train.trainer import train_on_store
+    from sae.interop import open_store
+    store = open_store(args.activations)  # this project's store or a SAELens activation cache
+    if args.shard_latents:
+        if args.transcoder:
+            raise UserError("--shard-latents trains plain topk SAEs only, not --transcoder")
+        if options.cpu_bf16:
+            raise UserError("--bf16 does not apply to --shard-latents (sharded training runs on GPUs, "
+                            "under bf16 autocast)")
+        from sae.train.sharded import train_sharded_on_store
+        train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
+                               d_sae=args.d_sae, expansion=args.expansion, force=args.force)
+        return 0
+    summary = train_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
+                             allow_incomplete=args.allow_incomplete,
+                             d_sae=args.d_sae, expansion=args.expansion, resume=args.resume, force=args.force,
+                             progress=True, transcoder=args.transcoder, skip=args.skip, init_from=args.init_from)
+    return 130 if summary.get("interrupted") else 0
 
 
 def _run_live(args, options, knobs) -> int:
@@ -199,7 +227,8 @@ def _run_live(args, options, knobs) -> int:
         raise UserError("live training (--model) needs --layers (e.g. --layers 6 or --layers 3,6,9)")
     if args.layer is not None:
         raise UserError("live training takes --layers, not --layer")
-    source = LiveOptions(model=args.model, layers=args.layers, site=args.site, dataset=args.dataset,
+    source = LiveOptions(model=args.model, layers=args.layers, site=args.site, target_site=args.target_site,
+                         dataset=args.dataset,
                          text_column=args.text_column, split=args.split, context_size=args.context_size,
                          model_batch=args.model_batch, buffer_size=args.buffer_size,
                          max_norm_ratio=args.max_norm_ratio, keep_special_tokens=args.keep_special_tokens,
@@ -211,7 +240,7 @@ def _run_live(args, options, knobs) -> int:
     loaded = load_model(source.model, device=resolve(options.device), dtype=source.model_dtype)
     metrics = train_live(loaded, lambda: documents()[0], source, variant=args.variant, out=args.out, options=options,
                          knobs=knobs, d_sae=args.d_sae, expansion=args.expansion, label_names=label_names,
-                         resume=args.resume, force=args.force)
+                         resume=args.resume, force=args.force, transcoder=args.transcoder, skip=args.skip)
     for layer, last in metrics.items():
         held = last.get("held_out") or {}
         figures = ", ".join(f"{name} {value:.4g}" for name, value in
@@ -220,18 +249,3 @@ def _run_live(args, options, knobs) -> int:
         print(f"{Path(args.out) / f'layer_{layer}'}: step {last.get('step')}" + (f", {figures}" if figures else ""))
     return 130 if any(last.get("interrupted") for last in metrics.values()) else 0
 
-
-def _wandb(args, dist):
-    """wandb is optional (not a dependency): refuse clearly when it is missing."""
-    if not dist.is_main:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package (pip install wandb)") from None
-    return wandb.init(project=args.wandb, name=str(args.out), config={k: v for k, v in vars(args).items()
-                                                                  if isinstance(v, (str, int, float, bool))})
-
-
-def _numbers(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

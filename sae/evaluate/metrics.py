@@ -46,7 +46,8 @@ def open_run(run, device="cpu"):
 @torch.no_grad()
 def probing_metrics(sae, store: ActivationStore, layer, special_ids: set[int], batch_size: int = 4096,
                     device="cpu", max_rows: int = 200_000, seed: int = 0, progress: bool = True) -> dict | None:
-    """Mean-pool codes and raw activations per labelled document, then sae.probing.sparse_probing.
+    """Mean-pool codes and raw activations per labelled document, then sae.probing.sparse_probing; the
+    targeted probe perturbation figures (sae.evaluate.tpp) on the same documents under the key "tpp".
     Whole documents are drawn (fixed order) until max_rows rows."""
     doc_ids, labels = store.column("doc_id"), store.column("label")
     usable = labels >= 0
@@ -72,7 +73,12 @@ def probing_metrics(sae, store: ActivationStore, layer, special_ids: set[int], b
     for doc, label in zip(doc_ids[rows].tolist(), labels[rows].tolist()):
         first_row.setdefault(doc, label)
     doc_labels = np.array([first_row[int(d)] for d in pooled_docs], dtype=np.int64)
-    return sparse_probing(pooled_docs, doc_labels, codes, raw, seed=seed)
+    probing = sparse_probing(pooled_docs, doc_labels, codes, raw, seed=seed)
+    if probing is not None and hasattr(sae, "W_dec") and not getattr(sae, "is_transcoder", False):
+        from sae.evaluate.tpp import tpp_score
+        W_dec = sae.W_dec_raw if hasattr(sae, "W_dec_raw") else sae.W_dec       # [d_sae, d_in] raw units
+        probing["tpp"] = tpp_score(pooled_docs, doc_labels, codes, raw, W_dec, seed=seed)
+    return probing
 
 
 # ---- downstream --------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ def downstream_many(saes: dict, loaded, site: str, layer, windows, batch_size: i
                     progress: bool = True) -> dict[str, dict]:
     """Clean, spliced and zero-ablated next-token CE (and KL from clean) on the same windows and batches,
     for several SAEs at once: each batch's clean and zero-ablated runs are shared by all of them."""
-    from sae.evaluate.splice import splice, zero_ablate
+    from sae.evaluate.splice import zero_ablate
 
     lm = loaded.model
     input_ids, loss_mask, keep_mask = windows
@@ -145,10 +151,14 @@ def downstream_many(saes: dict, loaded, site: str, layer, windows, batch_size: i
         shared["zero"] += ce
         shared["kl_zero"] += kl
         for name, sae in saes.items():
-            with splice(lm, sae, site, layer, keep_mask=keep):
+            with _splice(lm, sae, site, layer, keep):
                 ce, kl, _ = _next_token_stats(lm(input_ids=ids, use_cache=False).logits, clean_logp, ids, mask)
             spliced[name]["ce"] += ce
             spliced[name]["kl"] += kl
+            if getattr(sae, "is_transcoder", False):   # with its error term: the clean loss, exactly
+                with _splice(lm, sae, site, layer, keep, error_term=True):
+                    ce, _, _ = _next_token_stats(lm(input_ids=ids, use_cache=False).logits, None, ids, mask)
+                spliced[name]["ce_error_term"] = spliced[name].get("ce_error_term", 0.0) + ce
     clean, zero, kl_zero = (shared[key] / n_positions for key in ("clean", "zero", "kl_zero"))
     results = {}
     for name, totals in spliced.items():
@@ -163,8 +173,19 @@ def downstream_many(saes: dict, loaded, site: str, layer, windows, batch_size: i
             "kl_div_score": (kl_zero - kl) / kl_zero if kl_zero > 1e-12 else None,
             "downstream_windows": len(input_ids),
             "downstream_tokens": n_positions,
+            **({"ce_loss_error_term": totals["ce_error_term"] / n_positions} if "ce_error_term" in totals else {}),
         }
     return results
+
+
+def _splice(lm, sae, site: str, layer, keep, error_term: bool = False):
+    """The SAE's reconstruction at the site; a transcoder's prediction from its input site at `site`, its
+    target site (sae.evaluate.transcode)."""
+    if getattr(sae, "is_transcoder", False):
+        from sae.evaluate.transcode import splice_transcoder
+        return splice_transcoder(lm, sae, layer, keep_mask=keep, target_site=site, error_term=error_term)
+    from sae.evaluate.splice import splice
+    return splice(lm, sae, site, layer, keep_mask=keep)
 
 
 def downstream_metrics(sae, loaded, site: str, layer, windows, batch_size: int = 4, device="cpu",
@@ -191,7 +212,7 @@ def load_store_model(store: ActivationStore, device="cpu", model_dtype="auto"):
 def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batch_size: int = 4096,
              loaded_model=None, max_windows: int = 64, lm_batch_size: int = 4, probe: bool = True,
              probe_max_rows: int = 200_000, seed: int = 0, write: bool = True, progress: bool = True,
-             model_dtype: str = "auto", allow_incomplete: bool = False) -> dict:
+             model_dtype: str = "auto", allow_incomplete: bool = False, absorption: bool = True) -> dict:
     """Score a run (folder or SAE module) on a store's held-out documents; write RUN/eval.json.
 
     loaded_model: a sae.models.LoadedModel to use instead of loading the store's model.
@@ -203,10 +224,13 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
     sae, config, run_dir = open_run(run, device)
     sae = sae.to(device).eval()
     layer = check_run_store(config, store, layer, allow_incomplete)
-    if not bool(store.held_out_mask().any()):
+    if store.split_size("held_out") == 0:
         raise UserError(f"the store {store.path} has no held-out documents (rule: "
                         f"{store.manifest.get('held_out', {}).get('rule', 'doc_id based')}); collect more documents")
     site = config.get("site") or store.manifest.get("site")
+    transcoder = bool(getattr(sae, "is_transcoder", False))
+    if transcoder:   # scored on the target site's rows; downstream, that site is zero-ablated and replaced
+        site = config.get("target_site") or store.target_site
     loaded, reason = (loaded_model if with_model else None), None
     if with_model and loaded is None:
         if not store.has_windows:
@@ -218,23 +242,32 @@ def evaluate(run, store, layer=None, with_model: bool = True, device="cpu", batc
     special_ids = special_token_ids(store, loaded)
     threshold = None if getattr(sae, "signed_codes", False) else sae.fire_threshold
     result = {"variant": config.get("variant", getattr(sae, "name", None)), "layer": layer, "site": site,
+              **({"transcoder": True, "input_site": config.get("site") or store.manifest.get("site"),
+                  "skip": bool(getattr(sae, "skip", False))} if transcoder else {}),
               "store": str(store.path), "store_digest": store.digest, "d_sae": sae.d_sae,
               "fire_threshold": threshold}
     if run_dir is not None:
         from sae.runs import weights_digest
         result["weights_digest"] = weights_digest(run_dir)
-    scores = score(sae, held_out_batches(store, layer, special_ids, batch_size), device,
-                   total=int(store.held_out_mask().sum()), progress=progress)
+    scores = score(sae, held_out_batches(store, layer, special_ids, batch_size, targets=transcoder), device,
+                   total=store.split_size("held_out"), progress=progress)
     if scores is None:
         raise UserError("the store has no held-out tokens to evaluate on (all rows are special tokens)")
     result.update(scores)
     if probe and store.has_labels:
         probing = probing_metrics(sae, store, layer, special_ids, batch_size, device, probe_max_rows, seed, progress)
         if probing is not None:
+            tpp = probing.pop("tpp", None)
+            result.update(tpp or {})
             result["sparse_probing"] = probing
         else:
             result["sparse_probing_skipped"] = ("too few labelled documents: each label needs positive and "
                                                 "negative documents on both sides of the fixed 4/5–1/5 split")
+    if absorption and not transcoder:     # first-letter absorption (sae.evaluate.absorption)
+        from sae.evaluate.absorption import store_absorption
+        figures, why = store_absorption(sae, store, layer, special_ids, getattr(loaded, "tokenizer", None), device,
+                                        seed)
+        result.update(figures or {"absorption_skipped": why})
     if loaded is not None:
         if not getattr(loaded, "is_causal", True):
             reason = f"{getattr(loaded, 'family', 'this')} is an encoder-only model: it has no next-token loss"
@@ -274,9 +307,10 @@ def format_table(result: dict) -> str:
     """A readable two-column table of the headline figures."""
     rows = [("variant", result.get("variant")), ("layer", result.get("layer")), ("site", result.get("site")),
             ("held-out tokens", result.get("n_tokens"))]
-    for key in ("mse", "fvu", "explained_variance", "cosine_similarity", "l2_ratio", "l0", "dead_fraction",
-                "perplexity", "usage", "active_dims", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated",
-                "ce_loss_recovered", "kl_div_spliced", "kl_div_zero_ablated", "kl_div_score"):
+    for key in ("mse", "fvu", "fvu_sparse", "explained_variance", "cosine_similarity", "l2_ratio", "l0", "dead_fraction",
+                "perplexity", "usage", "active_dims", "active_units", "absorption", "absorption_full_rate",
+                "absorption_split_features", "tpp", "tpp_raw", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated",
+                "ce_loss_recovered", "ce_loss_error_term", "kl_div_spliced", "kl_div_zero_ablated", "kl_div_score"):
         if key in result:
             rows.append((key, result[key]))
     probing = result.get("sparse_probing")

@@ -46,21 +46,24 @@ def is_special(token_ids: torch.Tensor, special_ids: set[int]) -> torch.Tensor:
 
 
 def held_out_batches(store, layer, special_ids: set[int], batch_size: int = 4096,
-                     max_rows: int | None = None) -> Iterator[torch.Tensor]:
-    """The store's held-out rows that are not special tokens, as [b, d_model] batches in store order."""
-    token_ids = store.column("token_ids") if "token_ids" in store.tensor_names(0) else None
+                     max_rows: int | None = None, targets: bool = False) -> Iterator[torch.Tensor]:
+    """The store's held-out rows that are not special tokens, as [b, d_model] batches in store order;
+    targets=True: pairs (input rows, the same rows of the store's target site), what a transcoder is scored on."""
+    has_tokens = "token_ids" in store.tensor_names(0)   # read beside each batch: no whole-store column
     left = max_rows
     for x, indices in store.iter_rows(layer, batch_size, split="held_out"):
         if not bool(torch.isfinite(x).all()):
             from sae.errors import UserError
             raise UserError(f"{store.path} is damaged: it holds NaN or Inf activations among its held-out rows")
-        if token_ids is not None and special_ids:
-            x = x[~is_special(token_ids[indices], special_ids)]
+        y = store.rows(layer, indices, "targets") if targets else None             # [b, d_model]
+        if has_tokens and special_ids:
+            keep = ~is_special(store.take("token_ids", indices), special_ids)
+            x, y = x[keep], (None if y is None else y[keep])
         if left is not None:
-            x = x[:left]
+            x, y = x[:left], (None if y is None else y[:left])
             left -= len(x)
         if len(x):
-            yield x
+            yield x if y is None else (x, y)
         if left is not None and left <= 0:
             return
 
@@ -70,21 +73,34 @@ def score(model, batches: Iterable[torch.Tensor], device="cpu", total: int | Non
           progress: bool = False) -> dict | None:
     """FVU, explained variance, MSE (per element), cosine similarity, L2 ratio, L0, dead fraction and the
     log10-density histogram of `model` (raw units in and out) over the rows of `batches`; None without rows.
-    Signed-code variants (linear, vae) get null L0 / dead fraction. Plus the variant's extra metrics."""
+    Signed-code variants (linear, vae) get null L0 / dead fraction. Plus the variant's extra metrics.
+    A batch may be a pair (input, target): a transcoder's prediction from the input is scored against the target.
+    Variants whose codes are not exactly zero below their firing threshold τ > 0 (kl) also get fvu_sparse:
+    the FVU of decode(codes · 1[codes > τ]), the reconstruction their L0 describes."""
     model.eval()
     n = 0
     sq_err = x_sq = cos_sum = ratio_sum = 0.0
+    tau = None if getattr(model, "signed_codes", False) else getattr(model, "fire_threshold", None)
+    sparse_err = 0.0 if tau is not None and float(tau) > 0 else None
     x_sum = fire_counts = None
     extra_sample, extra_rows = [], 0
     wants_extra = hasattr(model, "extra_metrics")
     bar = tqdm(total=total, desc="eval", unit="tok", disable=None if progress else True, leave=False)
     for x in batches:
+        x, target = x if isinstance(x, tuple) else (x, None)
         bar.update(len(x))
         x = x.to(device).float()                       # [b, d_in]
         x_hat, counts = _reconstruct(model, x)         # [b, d_in], [d_sae] (None for signed codes)
+        if sparse_err is not None:
+            codes = model.encode(x)                    # [b, d_sae]
+            x_sparse = model.decode(codes * (codes > tau)).double()           # [b, d_in]
+        if target is not None:                         # a transcoder: its prediction against the target rows
+            x = target.to(device).float()              # [b, d_in]
         x64, x_hat64 = x.double(), x_hat.double()
         n += len(x)
         sq_err += float((x64 - x_hat64).pow(2).sum())
+        if sparse_err is not None:
+            sparse_err += float((x64 - x_sparse).pow(2).sum())
         x_sum = x64.sum(dim=0) if x_sum is None else x_sum + x64.sum(dim=0)
         x_sq += float(x64.pow(2).sum())
         cos_sum += float(torch.nn.functional.cosine_similarity(x_hat64, x64, dim=1, eps=1e-12).sum())
@@ -102,6 +118,8 @@ def score(model, batches: Iterable[torch.Tensor], device="cpu", total: int | Non
     result = {"n_tokens": n, "mse": sq_err / (n * x_sum.numel()), "fvu": fvu, "explained_variance": 1.0 - fvu,
               "cosine_similarity": cos_sum / n, "l2_ratio": ratio_sum / n,
               "l0": None, "dead_fraction": None, "density_histogram": None}
+    if sparse_err is not None:
+        result["fvu_sparse"] = sparse_err / total_var if total_var > 0 else float("nan")
     if fire_counts is not None:
         fire_counts = fire_counts.cpu()                # [d_sae]
         density = fire_counts / n
@@ -131,4 +149,5 @@ def summary_scores(result: dict | None) -> dict | None:
     """The figures a training summary keeps (rows, fvu, mse, l0, dead_fraction) of a score() result."""
     if result is None:
         return None
-    return {"rows": result["n_tokens"], **{k: result[k] for k in ("fvu", "mse", "l0", "dead_fraction")}}
+    return {"rows": result["n_tokens"], **{k: result[k] for k in ("fvu", "mse", "l0", "dead_fraction")},
+            **({"fvu_sparse": result["fvu_sparse"]} if "fvu_sparse" in result else {})}

@@ -26,13 +26,13 @@ import torch
 from tqdm import tqdm
 
 from sae.errors import UserError
+from sae.evaluate import DEFAULT_TOKENS  # the default budget, defined where `sae sweep --help` can read it
 
 MODERN = ("topk", "batchtopk", "gated", "jumprelu", "matryoshka")
 CLASSIC = ("linear", "relu", "l1", "kl", "denoising", "contractive", "vae", "vq")
 K_GRID = (16, 32, 64)
 PENALTY_FACTORS = (4.0, 1.0, 0.25)  # × the variant's default coefficient: sparse → dense
 PENALTY_KNOBS = ("l1_coefficient", "l0_coefficient", "sparsity_coefficient")
-DEFAULT_TOKENS = 65_536  # the default grid (23 SAEs at 8×) trains in about 10 minutes on 2 CPU cores
 TABLE_COLUMNS = ["name", "variant", "knobs", "d_sae", "l0", "fvu", "explained_variance", "mse", "dead_fraction",
                  "cosine_similarity", "l2_ratio", "ce_loss_recovered", "kl_div_score", "ce_loss_spliced",
                  "probe_top1", "train_seconds", "rank"]
@@ -42,11 +42,18 @@ TABLE_COLUMNS = ["name", "variant", "knobs", "d_sae", "l0", "fvu", "explained_va
 class GridPoint:
     variant: str
     knobs: dict = field(default_factory=dict)
+    d_sae: int | None = None          # a grid file's own width / learning rate (None: the sweep's)
+    expansion: float | None = None
+    lr: float | None = None
+    label: str | None = None          # a grid file's own name for the entry
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         parts = [self.variant] + [f"{short_knob(k)}{format_value(v)}" for k, v in sorted(self.knobs.items())]
-        return "_".join(parts)
+        own = (("d", self.d_sae), ("x", self.expansion), ("lr", self.lr))
+        return "_".join(parts + [f"{tag}{format_value(v)}" for tag, v in own if v is not None])
 
 
 def short_knob(name: str) -> str:
@@ -116,7 +123,7 @@ def widths(points: list[GridPoint], d_in: int, expansion: float) -> dict[str, in
     from sae import variants
     result = {}
     for point in points:
-        d_sae = variants.get(point.variant).default_d_sae(d_in, expansion)
+        d_sae = point.d_sae or variants.get(point.variant).default_d_sae(d_in, point.expansion or expansion)
         if "k" in point.knobs and point.knobs["k"] >= d_sae:
             raise UserError(f"{point.name}: k={point.knobs['k']} must be smaller than d_sae={d_sae}: "
                             f"raise --expansion or lower k")
@@ -155,13 +162,20 @@ def assign_ranks(costs: dict[str, int], world_size: int) -> dict[str, int]:
 
 
 # ---- output folder -----------------------------------------------------------------------------------
-def prepare_out(out: Path, names: list[str], force: bool, resume: bool) -> None:
-    """Refuse a non-empty DIR without --force/--resume; --force removes the previous sweep's run folders
-    and tables (and this grid's names), nothing else."""
+def is_sweep_folder(out: Path) -> bool:
+    """A folder a sweep wrote: its settings file or a run folder with a sweep entry."""
+    return (out / SETTINGS).is_file() or any((p / "sweep_entry.json").is_file() for p in out.iterdir() if p.is_dir())
+
+
+def prepare_out(out: Path, names: list[str], force: bool, resume: bool, store_path=None) -> None:
+    """Refuse a non-empty DIR without --force/--resume, and any folder that holds the store or files a sweep did
+    not write; --force removes the previous sweep's run folders and tables (and this grid's names), nothing else."""
+    from sae.files import check_output_folder
+    if resume and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) \
+            and not is_sweep_folder(out):
+        raise UserError(f"{out} holds no sweep to resume (no {SETTINGS}): give the sweep's folder")
+    check_output_folder(out, "sweep", force or resume, inputs=(store_path,), owned=is_sweep_folder)
     out.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in out.iterdir() if not p.name.startswith(".")]
-    if existing and not (force or resume):
-        raise UserError(f"{out} is not empty: pass --resume to finish the sweep there or --force to replace it")
     if force:
         previous = [p.name for p in out.iterdir() if (p / "sweep_entry.json").is_file()]
         for name in set(names) | set(previous):
@@ -193,12 +207,17 @@ def is_done(run_dir: Path) -> bool:
 
 
 # ---- training and evaluation of one rank's share -------------------------------------------------
-def train_all(models, store, layer, options, out: Path, config_extra: dict, progress: bool = True) -> dict[str, float]:
-    """One pass over the store's training batches feeds every model's Trainer. Returns seconds per model."""
+def train_all(models, store, layer, options, out: Path, config_extra: dict, progress: bool = True,
+              lrs: dict | None = None) -> dict[str, float]:
+    """One pass over the store's training batches feeds every model's Trainer (lrs: a grid entry's own
+    learning rate by name). Returns seconds per model."""
+    from dataclasses import replace
+
     from sae.train.trainer import Trainer
     if not models:
         return {}
-    trainers = {name: Trainer(model, options, out / name, config_extra={**config_extra, "run_name": name})
+    trainers = {name: Trainer(model, replace(options, lr=(lrs or {}).get(name) or options.lr), out / name,
+                              config_extra={**config_extra, "run_name": name})
                 for name, model in models.items()}
     train_rows = store.split_indices("train")
     sample_at = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(options.seed))
@@ -373,8 +392,10 @@ def meet(world_size: int) -> None:
 def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tokens: int = DEFAULT_TOKENS,
               batch_size: int = 1024, expansion: float = 8.0, lr: float | None = None, seed: int = 0,
               device: str = "auto", with_model: bool = True, windows: int = 8, probe_rows: int = 50_000,
-              force: bool = False, resume: bool = False, progress: bool = True, model_dtype: str = "auto"):
-    """Train, evaluate and tabulate a grid. Returns the table (pandas DataFrame) on rank 0, else None."""
+              force: bool = False, resume: bool = False, progress: bool = True, model_dtype: str = "auto",
+              grid: list[GridPoint] | None = None):
+    """Train, evaluate and tabulate a grid (`grid`: a grid file's points, sae.evaluate.grid; else
+    variants_spec). Returns the table (pandas DataFrame) on rank 0, else None."""
     from sae.devices import resolve
     from sae.evaluate.metrics import load_store_model
     from sae.files import read_json, write_json
@@ -392,8 +413,8 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     device = resolve(device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
-    points = parse_grid(variants_spec)
-    if not variants_spec:  # the default grid leaves out k values wider than a small store's dictionaries
+    points = grid or parse_grid(variants_spec)
+    if not variants_spec and not grid:  # the default grid leaves out k values wider than a small store's dictionaries
         from sae import variants
         points = [p for p in points
                   if p.knobs.get("k", 0) < variants.get(p.variant).default_d_sae(store.d_model, expansion)]
@@ -406,7 +427,7 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
                 "layer": str(layer), "store_digest": store.digest}
 
     def prepare():
-        prepare_out(out, list(d_saes), force, resume)
+        prepare_out(out, list(d_saes), force, resume, store.path)
         check_settings(out, settings, resume)
     agree(world_size, rank, prepare)
     mine = build_models(points, store.d_model, expansion, seed,
@@ -418,7 +439,8 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
                     "dataset": store.manifest.get("dataset"), "store": str(store.path), "store_digest": store.digest,
                     "sweep": str(out), "model_dtype": store.manifest.get("model_dtype")}
     with distributed.local():  # each rank trains its own SAEs: nothing is reduced across ranks
-        seconds = train_all(mine, store, layer, options, out, config_extra, progress)
+        seconds = train_all(mine, store, layer, options, out, config_extra, progress,
+                            lrs={p.name: p.lr for p in points if p.lr})
         train_done = time.perf_counter()
         loaded, reason = None, "skipped (--no-model)"
         if with_model and not store.has_windows:

@@ -11,6 +11,7 @@ SITE_TO_HOOK = {
     "attn_out": "hook_attn_out",
     "mlp_out": "hook_mlp_out",
     "mlp_hidden": "mlp.hook_post",
+    "mlp_in": "ln2.hook_normalized",      # what the MLP reads (a transcoder's input)
 }
 HOOK_TO_SITE = {hook: site for site, hook in SITE_TO_HOOK.items()}
 

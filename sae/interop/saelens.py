@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from sae.errors import UserError
 from sae.files import read_json
 from sae.interop.naming import MODEL_IDS, hook_name, parse_hook
+from sae.interop.transcoders import SAELENS_ARCHITECTURES, describe_saelens_transcoder, load_saelens_transcoder
 from sae.interop.variant_params import (assign_params, centres_input, encoder_values, gated_values,
                                         read_encoder, read_gated, threshold_of)
 
@@ -66,6 +67,8 @@ def describe_saelens(path: Path) -> dict:
     """The config.json-like description of a SAELens folder (no weights read)."""
     cfg = normalised_cfg(path)
     arch = cfg["architecture"]
+    if arch in SAELENS_ARCHITECTURES:         # a transcoder (sae.interop.transcoders)
+        return describe_saelens_transcoder(path, cfg)
     if arch in ("batchtopk", "matryoshka_batchtopk"):
         raise UserError(f"{path} is a SAELens {arch} training checkpoint (its codes depend on the batch); SAELens "
                         f"saves these for inference as jumprelu (save_inference_model): load that folder")
@@ -88,6 +91,8 @@ def load_saelens(path, device="cpu"):
     from sae import variants
     path = Path(path)
     cfg = normalised_cfg(path)
+    if cfg["architecture"] in SAELENS_ARCHITECTURES:
+        return load_saelens_transcoder(path, cfg, path / WEIGHTS, device).eval()
     config = describe_saelens(path)
     if cfg["normalize_activations"] in ("constant_norm_rescale", "layer_norm"):
         raise UserError(f"{path}: normalize_activations={cfg['normalize_activations']!r} rescales each token at "
@@ -139,6 +144,10 @@ def _check_shapes(path, tensors, arch, d_in, d_sae):
 @torch.no_grad()
 def to_saelens(model, run_config: dict | None = None, store_manifest: dict | None = None) -> tuple[dict, dict]:
     """(cfg dict, tensors) of `model` in SAELens's layout, the input scale folded into the weights."""
+    if getattr(model, "is_transcoder", False):   # SAELens's transcoder layouts (sae.interop.transcoders)
+        from sae.interop.transcoders import to_saelens as transcoder_to_saelens
+        return transcoder_to_saelens(model, saelens_cfg(model, "standard", False, run_config or getattr(
+            model, "run_config", {}) or {}, store_manifest or {}))
     name = model.name
     if name not in EXPORTABLE:
         raise UserError(f"variant {name} has no SAELens equivalent; exportable variants: "

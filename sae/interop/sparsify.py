@@ -30,16 +30,18 @@ def describe_sparsify(path: Path) -> dict:
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise UserError(f"{path}: sparsify activation {activation!r} is not supported (only topk)")
-    if cfg.get("transcode"):
-        raise UserError(f"{path} is a sparsify transcoder (it predicts another site's output); only autoencoders load")
-    if cfg.get("skip_connection") or cfg.get("embed_skip"):
+    if cfg.get("embed_skip"):
         raise UserError(f"{path} has a skip connection, which this tool's SAEs do not have")
     d_in = cfg["d_in"]
     d_sae = int(cfg.get("num_latents") or 0) or int(d_in * cfg.get("expansion_factor", 32))
     # sparsify saves one folder per hookpoint, named after it (layers.6, layers.6.mlp, h.6 ...)
     layer, site = parse_module_path(path.name)
+    if not cfg.get("transcode") and cfg.get("skip_connection"):
+        raise UserError(f"{path} is an autoencoder with a skip connection, which this tool's SAEs do not have")
+    transcoder = {"transcoder": True, "skip": bool(cfg.get("skip_connection")), "site": "mlp_in",
+                  "target_site": "mlp_out"} if cfg.get("transcode") else {}   # sparsify hooks the MLP module
     return {"variant": "topk", "d_in": d_in, "d_sae": d_sae, "knobs": {"k": int(cfg.get("k", 32))},
-            "layer": layer, "site": site, "model": None, "fire_threshold": 0.0, "signed_codes": False,
+            "layer": layer, "site": site, **transcoder, "model": None, "fire_threshold": 0.0, "signed_codes": False,
             "source": {"format": "sparsify", "path": str(path), "hookpoint": path.name,
                        "multi_topk": bool(cfg.get("multi_topk", False))}}
 
@@ -48,6 +50,9 @@ def load_sparsify(path, device="cpu"):
     from sae import variants
     path = Path(path)
     config = describe_sparsify(path)
+    if config.get("transcoder"):
+        from sae.interop.transcoders import load_sparsify_transcoder
+        return load_sparsify_transcoder(path / WEIGHTS, config, device).eval()
     d_in, d_sae = config["d_in"], config["d_sae"]
     tensors = {k: v.float() for k, v in load_file(str(path / WEIGHTS)).items()}
     need = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
@@ -73,6 +78,9 @@ def load_sparsify(path, device="cpu"):
 @torch.no_grad()
 def to_sparsify(model) -> tuple[dict, dict]:
     """(cfg, tensors) of a topk model in sparsify's layout, the input scale folded in."""
+    if getattr(model, "is_transcoder", False):
+        from sae.interop.transcoders import to_sparsify as transcoder_to_sparsify
+        return transcoder_to_sparsify(model)
     if model.name != "topk":
         raise UserError(f"sparsify holds TopK SAEs only; variant {model.name} cannot be written in its layout")
     scale = float(model.input_scale)

@@ -74,6 +74,8 @@ def _source(name: str) -> tuple[str, str]:
         return str(Path(name).expanduser()), ""
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         raise UserError(f"model {name!r} is not a model folder (expected a directory with config.json)")
+    from sae.lm.hub import check_hub_model
+    check_hub_model(name)        # offline or unreachable: one line now, not half a minute of retries
     return name, ""
 
 
@@ -95,17 +97,39 @@ def _refuse_pickled_weights(source: str, name: str) -> None:
 
 
 def _unknown_model(name: str, error: Exception) -> UserError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    hint = " (HF_HUB_OFFLINE=1 is set and it is not in the local cache)" if offline else ""
-    return UserError(f"unknown model {name!r}: not 'smollm2', a local model folder, or a loadable "
-                     f"Hugging Face model id{hint} [{type(error).__name__}]")
+    from sae.lm.hub import hub_problem
+    return hub_problem(name, error)
 
 
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+def model_config(name: str):
+    """The model's transformers config alone (seconds before its weights would load), for early checks."""
+    from transformers import AutoConfig
     source, _ = _source(name)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001
+        raise _unknown_model(name, error) from None
+
+
+def check_layers_early(name: str, layers) -> None:
+    """Refuse a --layers index beyond the model's layers from its config, before the weights are loaded."""
+    config = model_config(name)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if not isinstance(n_layers, int):
+        return                          # the model check after loading decides
+    for layer in layers:
+        if isinstance(layer, int) and not 0 <= layer < n_layers:
+            raise UserError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+
+
+def load_tokenizer(name: str, local_only: bool = False):
+    """The tokenizer of model `name`; local_only: from a folder or the local Hugging Face cache, never the hub."""
+    from transformers import AutoTokenizer
+    cached_hub_id = local_only and name != SMOLLM2 and not Path(name).expanduser().exists()
+    source = name if cached_hub_id else _source(name)[0]      # a cached hub id needs no check of the hub
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as error:  # noqa: BLE001 - any failure here means the name does not resolve
         raise _unknown_model(name, error) from None
 

@@ -14,6 +14,7 @@ class SourceOptions:
     model: str
     layers: list                          # '3,6,9' or [3, 6, 9]
     site: str = "resid_post"
+    target_site: str | None = None        # a second site stored beside it (a transcoder's target: mlp_out)
     dataset: str = "bbc"
     text_column: str | None = None
     split: str | None = None
@@ -26,6 +27,9 @@ class SourceOptions:
         """Refuse bad options in one line, for Python callers as for the command line."""
         self.layers = parse_layers(self.layers)
         parse_model_dtype(self.model_dtype)
+        if self.target_site is not None and self.target_site == self.site:
+            raise UserError(f"--target-site must differ from --site (both are {self.site}): a transcoder "
+                            f"predicts one site from another")
         if self.context_size < 2:
             raise UserError(f"--context-size must be at least 2, got {self.context_size}")
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:

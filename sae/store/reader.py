@@ -20,8 +20,13 @@ import torch
 from safetensors import safe_open
 
 from sae.errors import UserError
-from sae.store.layout import MANIFEST, is_held_out, manifest_digest
+from sae.store.layout import MANIFEST, manifest_digest
+from sae.store import index as store_index
+from sae.store.split import BatchPlan, Segments
 from sae.files import read_json
+
+
+ROW_COLUMNS = ("doc_id", "token_ids", "position", "window_index", "label")   # one value a row
 
 
 @dataclass
@@ -49,16 +54,21 @@ class ActivationStore:
         self.d_model: int = int(self.manifest["d_model"])
         self.shards: list[ShardInfo] = []
         start = 0
-        shard_rows = self.manifest.get("shard_rows")
-        names = list(self.manifest.get("shards") or [])
+        # per-shard metadata (sae/store/index.py): an unfinished store lists its shards there, not in the manifest
+        names, shard_rows, self.metas = store_index.resolve(self.path, self.manifest)
         if shard_rows is not None and len(shard_rows) != len(names):
             raise UserError(f"{manifest_path} is damaged: {len(names)} shards but {len(shard_rows)} row counts")
         for i, name in enumerate(names):
+            meta = None if self.metas is None else self.metas[i]
             n_rows = self._check_shard(name, None if shard_rows is None else int(shard_rows[i]))
+            if meta is not None:
+                store_index.check(self.path, meta, n_rows)
             self.shards.append(ShardInfo(name, n_rows, start))
             start += n_rows
         self.n_rows = start
-        if self.manifest.get("n_tokens") is not None and int(self.manifest["n_tokens"]) != self.n_rows:
+        self._segments: dict = {}
+        if names == list(self.manifest.get("shards") or []) and self.manifest.get("n_tokens") is not None \
+                and int(self.manifest["n_tokens"]) != self.n_rows:
             raise UserError(f"{manifest_path} is damaged: n_tokens is {self.manifest['n_tokens']}, its shards hold "
                             f"{self.n_rows} rows")
         self._handles: dict[str, object] = {}
@@ -85,6 +95,9 @@ class ActivationStore:
             if list(shape) != [rows, self.d_model]:
                 raise UserError(f"{damaged} holds activations.{layer} of shape {list(shape)}, the manifest says "
                                 f"[{rows}, {self.d_model}]")
+            if self.target_site is not None and list(shapes.get(f"targets.{layer}") or []) != [rows, self.d_model]:
+                raise UserError(f"{damaged} lacks targets.{layer} of shape [{rows}, {self.d_model}] "
+                                f"(the manifest's target_site is {self.target_site})")
         for column in ("doc_id", "token_ids", "position", "window_index", "label"):
             if column in shapes and shapes[column][0] != rows:
                 raise UserError(f"{damaged} holds {shapes[column][0]} {column} values for {rows} rows")
@@ -111,6 +124,11 @@ class ActivationStore:
     @property
     def has_windows(self) -> bool:
         return bool(self.shards) and "window_tokens" in self.tensor_names(0)
+
+    @property
+    def target_site(self) -> str | None:
+        """The site stored beside the activations as `targets.<layer>` (a transcoder's target), or None."""
+        return self.manifest.get("target_site")
 
     @property
     def has_labels(self) -> bool:
@@ -140,11 +158,17 @@ class ActivationStore:
     def read(self, shard_index: int, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` in one shard, read through the memory map."""
         tensor_slice = self._handle(shard_index).get_slice(name)
+        if stop is None and (name.startswith(("activations.", "targets.")) or name in ROW_COLUMNS):
+            stop = self.shards[shard_index].n_rows         # a head() view may end inside the shard
         stop = tensor_slice.get_shape()[0] if stop is None else stop
         return tensor_slice[start:stop]
 
     def read_shard(self, shard_index: int, name: str) -> torch.Tensor:
-        return self._handle(shard_index).get_tensor(name)
+        tensor = self.read(shard_index, name)
+        if name == "doc_id" and self.metas is not None and self.metas[shard_index] is not None \
+                and len(tensor) == self.metas[shard_index].rows:
+            store_index.check_doc_ids(self.path, self.metas[shard_index], tensor)
+        return tensor
 
     def column(self, name: str) -> torch.Tensor:
         """A per-row column (doc_id, label, token_ids, position, window_index) over the whole store."""
@@ -153,15 +177,88 @@ class ActivationStore:
                 if self.shards else torch.empty(0, dtype=torch.int64)
         return self._columns[name]
 
-    def held_out_mask(self) -> torch.Tensor:
-        """[n] bool: rows whose document is held out by the manifest's rule."""
-        return is_held_out(self.column("doc_id"))
+    def take(self, name: str, global_indices: torch.Tensor) -> torch.Tensor:
+        """A per-row column's values at sorted global rows, read shard by shard (no whole-store column)."""
+        global_indices = torch.as_tensor(global_indices, dtype=torch.int64)
+        bounds = torch.tensor([s.start for s in self.shards] + [self.n_rows])
+        cuts = torch.searchsorted(global_indices, bounds).tolist()
+        pieces = []
+        for shard_index, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            if a < b:
+                local = global_indices[a:b] - self.shards[shard_index].start
+                lo = int(local[0])
+                pieces.append(self.read(shard_index, name, lo, int(local[-1]) + 1)[local - lo])
+        return torch.cat(pieces) if pieces else self.read(0, name, 0, 0)
 
-    def rows(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
+    def held_out_mask(self) -> torch.Tensor:
+        """[n] bool: rows whose document is held out by the manifest's rule (O(rows): small stores only;
+        big ones go through split_size / iter_rows(split=...) / train_batches)."""
+        mask = torch.zeros(self.n_rows, dtype=torch.bool)
+        for start, length in self.segments("held_out").pieces():
+            mask[start:start + length] = True
+        return mask
+
+    def meta(self, shard_index: int) -> "store_index.ShardMeta":
+        """A shard's metadata: from the store's index, or (a store written before it) computed once from
+        the shard's doc_id column and kept in memory."""
+        if self.metas is None:
+            self.metas = [None] * len(self.shards)
+        if self.metas[shard_index] is None:
+            shard = self.shards[shard_index]
+            self.metas[shard_index] = store_index.ShardMeta(
+                shard.name, shard.n_rows, store_index.held_out_runs(self.read_shard(shard_index, "doc_id")))
+        return self.metas[shard_index]
+
+    def segments(self, split: str) -> Segments:
+        """The rows of split "train" or "held_out" as runs of contiguous rows (a few per shard)."""
+        if split not in ("train", "held_out"):
+            raise ValueError(f"split must be 'train' or 'held_out', not {split!r}")
+        if split not in self._segments:
+            starts, lengths = [], []
+            for i, shard in enumerate(self.shards):
+                runs = self.meta(i).held_out_runs
+                if split == "held_out":
+                    starts += [shard.start + lo for lo, _ in runs]
+                    lengths += [hi - lo for lo, hi in runs]
+                else:
+                    edges = [0] + [x for run in runs for x in run] + [shard.n_rows]
+                    starts += [shard.start + lo for lo in edges[0::2]]
+                    lengths += [hi - lo for lo, hi in zip(edges[0::2], edges[1::2])]
+            self._segments[split] = Segments(starts, lengths)
+        return self._segments[split]
+
+    def split_size(self, split: str) -> int:
+        """Rows in split "train" or "held_out", from the per-shard metadata (no row is read)."""
+        return len(self.segments(split))
+
+    def head(self, rows: int | None = None, held_out: int | None = None) -> "ActivationStore":
+        """A view of the store's first shards, cut to its first `rows` rows, or to the rows up to the
+        `held_out`-th held-out row (eval and analyze --max-tokens). Same manifest and shard names."""
+        import copy
+        if held_out is not None:
+            segments = self.segments("held_out")
+            rows = self.n_rows if held_out >= len(segments) else int(segments.rows_of(torch.tensor([held_out]))[0])
+        if rows is None or rows >= self.n_rows:
+            return self
+        view = copy.copy(self)
+        view.shards, view.metas, view._segments, view._columns = [], [], {}, {}
+        for i, shard in enumerate(self.shards):
+            if shard.start >= rows:
+                break
+            n = min(shard.n_rows, rows - shard.start)
+            meta = self.meta(i)
+            runs = [[lo, min(hi, n)] for lo, hi in meta.held_out_runs if lo < n]
+            view.shards.append(ShardInfo(shard.name, n, shard.start))
+            view.metas.append(store_index.ShardMeta(shard.name, n, runs))
+        view.n_rows = rows
+        return view
+
+    def rows(self, layer, global_indices: torch.Tensor, tensor: str = "activations") -> torch.Tensor:
         """Activations of the given sorted global row indices, as float32. [len(idx), d_model].
-        Sorted indices fall into each shard as one contiguous run: one gather per shard touched."""
+        Sorted indices fall into each shard as one contiguous run: one gather per shard touched.
+        tensor="targets": the same rows of the target site."""
         layer = self.resolve_layer(layer)
-        name = f"activations.{layer}"
+        name = f"{self._tensor(tensor)}.{layer}"
         global_indices = torch.as_tensor(global_indices, dtype=torch.int64)
         n = len(global_indices)
         if n == 0:
@@ -184,10 +281,11 @@ class ActivationStore:
             out[a:b] = block
         return out
 
-    def gather(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
+    def gather(self, layer, global_indices: torch.Tensor, tensor: str = "activations") -> torch.Tensor:
         """Activations of global row indices in any order, as float32 [len(idx), d_model]: one index_select
-        per shard touched, straight from the memory map into place (no sort, no scatter)."""
-        name = f"activations.{self.resolve_layer(layer)}"
+        per shard touched, straight from the memory map into place (no sort, no scatter). tensor="targets":
+        the same rows of the target site (a transcoder's target)."""
+        name = f"{self._tensor(tensor)}.{self.resolve_layer(layer)}"
         global_indices = torch.as_tensor(global_indices, dtype=torch.int64)
         starts = torch.tensor([s.start for s in self.shards])                       # [n_shards]
         shard_of = torch.searchsorted(starts, global_indices, right=True) - 1      # [n]
@@ -215,9 +313,17 @@ class ActivationStore:
         """Like activations(), but yields (batch, global_row_indices). With a split, the batches hold
         batch_size of the split's rows each (the last fewer), gathered across shards."""
         layer = self.resolve_layer(layer)
-        if split is not None:
-            for indices in self.split_indices(split).split(batch_size):   # sorted: one run per shard
-                yield self.rows(layer, indices).to(dtype), indices
+        if split is not None:   # contiguous pieces of the split, read straight from each shard's memory map
+            segments, name = self.segments(split), f"activations.{layer}"
+            starts = torch.tensor([s.start for s in self.shards])
+            for lo in range(0, len(segments), batch_size):
+                blocks, indices = [], []
+                for start, length in segments.pieces(lo, lo + batch_size):
+                    shard_index = int(torch.searchsorted(starts, torch.tensor(start), right=True)) - 1
+                    local = start - self.shards[shard_index].start
+                    blocks.append(self.read(shard_index, name, local, local + length).to(dtype))
+                    indices.append(torch.arange(start, start + length))
+                yield (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), torch.cat(indices)
             return
         name = f"activations.{layer}"
         for shard_index, shard in enumerate(self.shards):
@@ -226,71 +332,51 @@ class ActivationStore:
                 yield self.read(shard_index, name, lo, hi).to(dtype), torch.arange(shard.start + lo, shard.start + hi)
 
     def split_indices(self, split: str) -> torch.Tensor:
-        held = self.held_out_mask()
-        mask = held if split == "held_out" else ~held
-        return mask.nonzero().squeeze(1)
+        """[n_split] sorted global rows of a split (O(rows): small stores and old callers)."""
+        return self.segments(split).all_rows()
+
+    def _tensor(self, tensor: str) -> str:
+        if tensor == "targets" and self.target_site is None:
+            raise UserError(f"the store {self.path} holds no target site: collect it with --target-site "
+                            f"(e.g. --site mlp_in --target-site mlp_out)")
+        return tensor
 
     def train_batches(self, layer=None, batch_size: int = 1024, seed: int = 0, start_step: int = 0,
                       rank: int = 0, world_size: int = 1, chunk_rows: int = 2048, buffer_chunks: int = 32,
-                      prefetch: int = 0) -> Iterator[torch.Tensor]:
+                      prefetch: int = 0, targets: bool = False) -> Iterator[torch.Tensor]:
         """Endless shuffled training batches ([batch_size // world_size, d_model] float32).
 
         Batch `step` is a pure function of (seed, step): a resumed run passes start_step and sees
         exactly the batches it would have seen. Under torch.distributed each rank gets its own
         contiguous slice of the same global batch. Memory is bounded by buffer_chunks × chunk_rows rows.
+        targets=True: each batch is a pair (input rows, the same rows' target site), for transcoders.
         With prefetch > 0 a background thread produces batches that many ahead: worth it when a GPU does the
         training; on the CPU the thread competes with the training for the same cores (measured on 2 cores:
         56 ms a TopK step with it, 48.5 without), so the default reads each batch in line (about 0.3 ms at 1,024 × 576).
         """
         if batch_size % world_size:
             raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
-        train_rows = self.split_indices("train")  # [n_train] sorted global indices
-        if len(train_rows) < batch_size:
-            raise UserError(f"the store has {len(train_rows)} training rows, fewer than one batch of {batch_size}")
+        segments = self.segments("train")      # runs of training rows: memory in shards, not rows
+        if len(segments) < batch_size:
+            raise UserError(f"the store has {len(segments)} training rows, fewer than one batch of {batch_size}")
         layer = self.resolve_layer(layer)
-        generator = _BatchPlan(train_rows, batch_size, seed, chunk_rows, buffer_chunks)
+        plan = BatchPlan(len(segments), batch_size, seed, chunk_rows, buffer_chunks)
         per_rank = batch_size // world_size
 
+        if targets:
+            self._tensor("targets")
+
+        def load(idx):
+            if not targets:
+                return self.gather(layer, idx)
+            return torch.stack([self.gather(layer, idx), self.gather(layer, idx, "targets")])  # [2, batch, d]
+
         def produce(step):
-            batch = generator.batch(step, lambda idx: self.gather(layer, idx))
-            return batch[rank * per_rank:(rank + 1) * per_rank]
+            positions = plan.positions(step)[rank * per_rank:(rank + 1) * per_rank]   # this rank's share
+            batch = load(segments.rows_of(positions))
+            return tuple(batch) if targets else batch
 
         yield from _prefetched(produce, start_step, prefetch)
-
-
-class _BatchPlan:
-    """Maps a step to the global row indices of its batch; loads buffers of chunks lazily."""
-
-    def __init__(self, train_rows: torch.Tensor, batch_size: int, seed: int, chunk_rows: int, buffer_chunks: int):
-        self.train_rows = train_rows
-        self.batch_size = batch_size
-        self.seed = seed
-        n = len(train_rows)
-        self.chunk_rows = max(1, min(chunk_rows, n))
-        self.n_chunks = (n + self.chunk_rows - 1) // self.chunk_rows
-        self.buffer_chunks = max(1, buffer_chunks)
-        self.batches_per_epoch = n // batch_size
-        self._cache_key = None
-        self._cache_rows = None
-
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """[n_train] permutation of positions into train_rows for one epoch."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        chunk_order = torch.randperm(self.n_chunks, generator=gen)
-        pieces = []
-        for g in range(0, self.n_chunks, self.buffer_chunks):
-            chunks = chunk_order[g:g + self.buffer_chunks]
-            positions = torch.cat([torch.arange(c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.train_rows)))
-                                   for c in chunks.tolist()])
-            pieces.append(positions[torch.randperm(len(positions), generator=gen)])
-        return torch.cat(pieces)
-
-    def batch(self, step: int, load) -> torch.Tensor:
-        epoch, within = divmod(step, self.batches_per_epoch)
-        if self._cache_key != epoch:
-            self._cache_key, self._cache_rows = epoch, self._epoch_order(epoch)
-        positions = self._cache_rows[within * self.batch_size:(within + 1) * self.batch_size]
-        return load(self.train_rows[positions])
 
 
 def _prefetched(produce, start_step: int, depth: int):

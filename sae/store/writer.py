@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from sae.errors import UserError
 from sae.files import replace_durably, write_json
+from sae.store import index as store_index
 from sae.store.layout import FORMAT, HELD_OUT_MODULUS, HELD_OUT_RULE, MANIFEST, shard_name
 
 
@@ -24,10 +25,11 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | N
 
 def write_from_tensors(path, activations: torch.Tensor, layer=0, overwrite: bool = False, shard_rows: int = 65536,
                  model: str | None = None, site: str | None = None, dataset: str | None = None,
-                 **optional_columns) -> Path:
+                 targets: torch.Tensor | None = None, target_site: str | None = None, **optional_columns) -> Path:
     """Write a store from activations a user already has ([n, d] tensor) plus optional per-row columns
     (doc_id, label, token_ids, position, window_index; window_tokens is per shard and not accepted here).
-    Rows without doc_id get doc_id = row index // 128 (pseudo-documents for the held-out rule)."""
+    Rows without doc_id get doc_id = row index // 128 (pseudo-documents for the held-out rule).
+    targets ([n, d], with target_site naming it): each row's transcoder target, stored as targets.<layer>."""
     path = Path(path)
     activations = torch.as_tensor(activations)
     if activations.ndim != 2 or activations.shape[0] == 0:
@@ -44,26 +46,33 @@ def write_from_tensors(path, activations: torch.Tensor, layer=0, overwrite: bool
         if column.shape[0] != n:
             raise UserError(f"column {name} has {column.shape[0]} rows, activations have {n}")
     columns.setdefault("doc_id", torch.arange(n, dtype=torch.int64) // 128)
+    if (targets is None) != (target_site is None) or (targets is not None and tuple(targets.shape) != (n, d_model)):
+        raise UserError(f"targets need a target_site and the activations' shape {(n, d_model)}")
     dtypes = {"doc_id": torch.int64, "label": torch.int64, "window_index": torch.int64,
               "token_ids": torch.int32, "position": torch.int32}
-    shards, shard_rows_list = [], []
+    shards, shard_rows_list, metas = [], [], []
     for i, lo in enumerate(range(0, n, shard_rows)):
         hi = min(lo + shard_rows, n)
         tensors = {f"activations.{layer}": activations[lo:hi]}
+        if targets is not None:
+            tensors[f"targets.{layer}"] = torch.as_tensor(targets)[lo:hi].to(activations.dtype)
         for name, column in columns.items():
             tensors[name] = column[lo:hi].to(dtypes.get(name, column.dtype))
         name = shard_name(i)
         write_shard(path / name, tensors)
+        metas.append(store_index.shard_meta(name, tensors, [layer], path / name))
         shards.append(name)
         shard_rows_list.append(hi - lo)
     manifest = {
         "format": FORMAT,
         "model": model, "layers": [layer], "site": site, "d_model": int(d_model), "n_tokens": int(n),
+        **({"target_site": target_site} if target_site is not None else {}),
         "context_size": None, "dataset": dataset, "dtype": str(activations.dtype).replace("torch.", ""),
         "shards": shards, "shard_rows": shard_rows_list,
         "held_out": {"rule": HELD_OUT_RULE, "modulus": HELD_OUT_MODULUS},
         "source": "from_tensors",
     }
+    store_index.write(path, metas)     # per-shard metadata first: the manifest names a finished store
     write_json(path / MANIFEST, manifest)
     return path
 

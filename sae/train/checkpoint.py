@@ -137,7 +137,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 # what a training run writes, and what is derived from its weights (replaced with them by --force)
 RUN_ARTEFACTS = ("config.json", "sae.safetensors", "metrics.jsonl", "train_summary.json", "eval.json", CHECKPOINTS,
-                 "analysis", "README.md")
+                 "analysis", "README.md", "tensorboard")
 
 
 def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path | None:

@@ -114,25 +114,29 @@ class LiveState:
 def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, out, options,
                knobs: dict | None = None, d_sae: int | None = None, expansion: float | None = None,
                label_names=None, resume: bool = False, force: bool = False, max_steps: int | None = None,
-               progress: bool | None = None) -> dict:
+               progress: bool | None = None, transcoder: bool = False, skip: bool = False) -> dict:
     """Train one SAE per layer on `loaded`'s activations; returns {layer: last metrics}.
 
     source: the model's side (LiveOptions); options: a sae.train.TrainOptions (tokens, batch_size, seed,
     device, ...). max_steps stops early as an interruption would (checkpoints saved; a later resume continues).
+    transcoder=True: one transcoder per layer, source.site -> source.target_site (skip: skip transcoders).
     The output folder is locked while it is written: a second writer is refused in one line."""
     with FolderLock(out, "sae train --model"):
         return _train_live(loaded, documents_factory, source, variant, out, options, knobs, d_sae, expansion,
-                           label_names, resume, force, max_steps, progress)
+                           label_names, resume, force, max_steps, progress, transcoder, skip)
 
 
 def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, out, options, knobs, d_sae,
-                expansion, label_names, resume: bool, force: bool, max_steps, progress) -> dict:
+                expansion, label_names, resume: bool, force: bool, max_steps, progress, transcoder=False,
+                skip=False) -> dict:
     from tqdm import tqdm
     from sae import distributed, variants
     from sae.train import checkpoint
     from sae.devices import resolve
     from sae.distributed import StopFlag
+    from sae.train import transcoding
     from sae.train.trainer import Trainer
+    target_site = transcoding.check_live(source.target_site, transcoder, skip)
     if distributed.launched_by_torchrun():
         raise UserError("live training runs in one process: use `sae collect` under torchrun, then train on the store")
     if resume and force:
@@ -150,18 +154,22 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     from sae.lm import check_context_size, site_width
     check_context_size(loaded, context_size)
     d_site = site_width(loaded, site, layers)   # the SAEs' d_in: d_model, or n_heads·d_head for attn_z
+    from sae.collect.targets import check_target_site
+    check_target_site(loaded, site, target_site, layers)
     buffer_bytes = source.buffer_bytes
     from sae.lm.loading import loaded_dtype
     model_dtype = loaded_dtype(loaded)      # activations reach the SAEs as float32 whatever the model's dtype
     spec = LiveSpec(site=site, layers=layers, batch_size=options.batch_size, seed=options.seed,
-                    generation_rows=generation_rows_for(buffer_bytes, len(layers), d_site, options.batch_size),
-                    d_site=d_site,
+                    generation_rows=generation_rows_for(buffer_bytes, len(layers) * (2 if target_site else 1),
+                                                        d_site, options.batch_size),
+                    d_site=d_site, target_site=target_site,
                     context_size=context_size, model_batch=model_batch, max_norm_ratio=max_norm_ratio,
                     keep_special=keep_special)
     settings = {"model": loaded.name, "dataset": dataset, "layers": layers, "site": site, "variant": variant,
                 "context_size": context_size, "model_batch": model_batch, "generation_rows": spec.generation_rows,
                 "batch_size": options.batch_size, "seed": options.seed, "max_norm_ratio": max_norm_ratio,
-                "keep_special": keep_special, "model_dtype": model_dtype}
+                "keep_special": keep_special, "model_dtype": model_dtype,
+                **({"target_site": target_site, "skip": skip} if transcoder else {})}
     state = LiveState.read(out) if resume else None
     if state is not None:
         differing = [k for k in settings if state.settings.get(k) != settings[k]
@@ -176,12 +184,12 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     trainers = {}
     torch.manual_seed(options.seed)  # the initial weights are a function of the seed
     for layer in layers:
-        model = variants.create(variant, d_site, d_sae, expansion=8.0 if expansion is None else expansion,
-                                **(knobs or {}))
+        model = transcoding.create(variants.get(variant), d_site, d_sae, expansion, knobs or {}, transcoder, skip)
         run_dir = out / f"layer_{layer}"
         run_dir.mkdir(parents=True, exist_ok=True)
         extra = {"layer": layer, "site": site, "model": loaded.name, "dataset": dataset, "store": None,
-                 "store_digest": None, "context_size": context_size, "live": True, "model_dtype": model_dtype}
+                 "store_digest": None, "context_size": context_size, "live": True, "model_dtype": model_dtype,
+                 **transcoding.config_extra(target_site, transcoder)}
         trainer = Trainer(model, options, run_dir, config_extra=extra, device=device)
         latest = checkpoint.latest(run_dir) if resume else None
         if latest is not None:
@@ -217,14 +225,16 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
             if generation.index == 0:
                 for layer, trainer in trainers.items():
                     if trainer.step_count == 0:
-                        trainer.init_from_sample(generation.acts[layer][:options.init_rows])
+                        trainer.init_from_sample(*(generation.acts[key][:options.init_rows]
+                                                   for key in transcoding.row_keys(layer, target_site)))
             for j in range(max(0, step - gen_step), generation.n_batches):
                 if step >= stop_at or stop_flag.requested:
                     break
                 begin = time.perf_counter()
                 for layer, trainer in trainers.items():
                     if trainer.step_count == step:
-                        trainer.step(generation.acts[layer][j * spec.batch_size:(j + 1) * spec.batch_size])
+                        trainer.step(*(generation.acts[key][j * spec.batch_size:(j + 1) * spec.batch_size]
+                                       for key in transcoding.row_keys(layer, target_site)))
                         if options.checkpoint_every and trainer.step_count % options.checkpoint_every == 0 \
                                 and trainer.step_count < total:
                             trainer.save_checkpoint()
@@ -265,7 +275,7 @@ def score_held_out(loaded, documents_factory, spec: LiveSpec, device, trainers: 
     from sae.evaluate.scores import score, summary_scores
     from sae.train.trainer import SUMMARY
     producer = Producer(loaded, documents_factory, spec, device)
-    rows, count = {layer: [] for layer in spec.layers}, 0
+    rows, count = {key: [] for key in spec.row_keys}, 0
     for _, numbered in producer._batches(0, held_out=True):
         if any(window.index != number for number, window in numbered):
             break                                   # the dataset's first pass is over
@@ -274,16 +284,20 @@ def score_held_out(loaded, documents_factory, spec: LiveSpec, device, trainers: 
             continue
         acts = producer.forward(windows)
         ids, docs = torch.stack([w.input_ids for w in windows]), torch.stack([w.doc_ids for w in windows])
-        flat = {layer: acts[layer].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
-        keep = keep_rows(ids, docs, flat, loaded.special_ids, spec.keep_special, spec.max_norm_ratio, spec.norm_median)
-        for layer in spec.layers:
-            rows[layer].append(flat[layer][keep.to(flat[layer].device)])
+        flat = {key: acts[key].reshape(-1, acts[key].shape[-1]) for key in spec.row_keys}
+        keep = keep_rows(ids, docs, {layer: flat[layer] for layer in spec.layers}, loaded.special_ids,
+                         spec.keep_special, spec.max_norm_ratio, spec.norm_median)
+        for key in spec.row_keys:
+            rows[key].append(flat[key][keep.to(flat[key].device)])
         count += int(keep.sum())
         if count >= n_rows:
             break
     for layer, trainer in trainers.items():
         held = torch.cat(rows[layer])[:n_rows] if count else torch.empty(0)      # [n, d_model]
-        scores = summary_scores(score(trainer.model, held.split(4096), trainer.device)) if count else None
+        batches = held.split(4096)
+        if spec.target_site is not None and count:   # a transcoder: (input, target) pairs
+            batches = list(zip(batches, torch.cat(rows[f"targets.{layer}"])[:n_rows].split(4096)))
+        scores = summary_scores(score(trainer.model, batches, trainer.device)) if count else None
         results[layer]["held_out"] = scores
         write_json(trainer.run_dir / SUMMARY, {"variant": trainer.model.name, "layer": layer, "live": True,
                                                "steps": trainer.step_count, "tokens": trainer.tokens_seen,

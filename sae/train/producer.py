@@ -35,6 +35,12 @@ class LiveSpec:
     keep_special: bool = False
     norm_median: dict | None = None  # {layer: float}; measured on the first model batch when None
     d_site: int | None = None       # the rows' width (d_model, or n_heads·d_head for attn_z)
+    target_site: str | None = None  # transcoders: a second site taken in the same pass (rows "targets.<layer>")
+
+    @property
+    def row_keys(self) -> list:
+        """The keys of a generation's rows: each layer, and with a target site each "targets.<layer>"."""
+        return list(self.layers) + ([f"targets.{layer}" for layer in self.layers] if self.target_site else [])
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Generation:
     index: int
     start_window: int               # windows (pack order, counting across epochs) before this generation
     end_window: int
-    acts: dict                      # {layer: [n_batches * batch_size, d_model] float32, shuffled}
+    acts: dict                      # {row key: [n_batches * batch_size, d_model] float32, shuffled}
     n_batches: int
     model_tokens: int = 0
     model_seconds: float = 0.0
@@ -121,8 +127,9 @@ class Producer:
     def forward(self, windows) -> dict:
         """{layer: [b, ctx, d] float32} for a list of Windows, the forward stopped after the deepest layer
         (inputs as in collection: no KV cache; an attention mask over padding for bidirectional models)."""
+        from sae.collect.targets import capture_sites, check_complete
         from sae.data import PAD_DOC
-        from sae.lm import capture, run_until_captured
+        from sae.lm import run_until_captured
         hf = self.loaded.model
         inputs = {"input_ids": torch.stack([w.input_ids for w in windows]).to(self.device)}   # [b, ctx]
         if getattr(hf.config, "use_cache", None) is not None:
@@ -130,12 +137,15 @@ class Producer:
         padding = torch.stack([w.doc_ids for w in windows]) == PAD_DOC
         if bool(padding.any()) and not self.loaded.is_causal:
             inputs["attention_mask"] = (~padding).long().to(self.device)
-        with torch.inference_mode(), capture(hf, self.spec.site, self.spec.layers, stop=True) as acts:
+        spec = self.spec
+        with torch.inference_mode(), capture_sites(hf, spec.site, spec.target_site, spec.layers) as (acts, targets):
             run_until_captured(hf, **inputs)
-        missing = [layer for layer in self.spec.layers if layer not in acts]
+        check_complete(acts, spec.layers, spec.site, spec.target_site)
+        missing = [layer for layer in spec.layers if layer not in acts]
         if missing:
-            raise UserError(f"site {self.spec.site} at layer {missing[0]} produced no activation")
-        return {layer: acts[layer].float() for layer in self.spec.layers}
+            raise UserError(f"site {spec.site} at layer {missing[0]} produced no activation")
+        return {layer: acts[layer].float() for layer in spec.layers} | \
+            {f"targets.{layer}": targets[layer].float() for layer in (spec.layers if targets is not None else [])}
 
     def measure_norm_median(self) -> None:
         """The collection rule's median norm per layer: over the first MEDIAN_TOKENS kept training tokens."""
@@ -161,12 +171,12 @@ class Producer:
         spec = self.spec
         train = [i for i, w in enumerate(windows) if not w.held_out]
         if not train:
-            return {layer: acts[layer][:0].reshape(0, acts[layer].shape[-1]) for layer in spec.layers}
+            return {key: acts[key][:0].reshape(0, acts[key].shape[-1]) for key in spec.row_keys}
         ids = torch.stack([windows[i].input_ids for i in train])
         docs = torch.stack([windows[i].doc_ids for i in train])
-        flat = {layer: acts[layer][train].reshape(-1, acts[layer].shape[-1]) for layer in spec.layers}
-        keep = keep_rows(ids, docs, flat, self.loaded.special_ids, spec.keep_special, spec.max_norm_ratio,
-                         spec.norm_median)
+        flat = {key: acts[key][train].reshape(-1, acts[key].shape[-1]) for key in spec.row_keys}
+        keep = keep_rows(ids, docs, {layer: flat[layer] for layer in spec.layers}, self.loaded.special_ids,
+                         spec.keep_special, spec.max_norm_ratio, spec.norm_median)
         from sae.store import is_held_out
         assert not bool(is_held_out(docs.reshape(-1)[keep]).any()), "a held-out document reached training"
         return {layer: rows[keep.to(rows.device)] for layer, rows in flat.items()}
@@ -210,7 +220,7 @@ class Producer:
         """Consume model batches until the generation holds generation_rows rows (or max_rows, when fewer
         are left to train on); shuffle it."""
         spec = self.spec
-        pieces = {layer: [] for layer in spec.layers}
+        pieces = {key: [] for key in spec.row_keys}
         rows, tokens, seconds = 0, 0, 0.0
         start_window = end_window = None
         target = spec.generation_rows if max_rows is None else min(spec.generation_rows, max_rows)
@@ -341,7 +351,8 @@ class StoreWriter:
         else:
             self.manifest = {
                 "format": FORMAT, "model": loaded.name, "layers": self.layers,
-                "site": spec.site, "d_model": spec.d_site or loaded.d_model, "n_tokens": 0,
+                "site": spec.site, "target_site": spec.target_site, "d_model": spec.d_site or loaded.d_model,
+                "n_tokens": 0,
                 "context_size": spec.context_size,
                 "dataset": dataset, "dtype": str(dtype).replace("torch.", ""), "shards": [], "shard_rows": [],
                 "held_out": {"rule": HELD_OUT_RULE, "modulus": HELD_OUT_MODULUS},
@@ -361,8 +372,9 @@ class StoreWriter:
         if not fresh:
             return
         special = torch.tensor(sorted(self.special_ids), dtype=torch.int64)
+        targets = {layer: acts[f"targets.{layer}"][fresh] for layer in self.layers} if spec.target_site else None
         rows = batch_rows([windows[i] for i in fresh], {layer: acts[layer][fresh] for layer in self.layers},
-                          self.layers, special, spec.keep_special, self.dtype, numbers[-1] + 1)
+                          self.layers, special, spec.keep_special, self.dtype, numbers[-1] + 1, targets)
         if spec.max_norm_ratio is not None:
             limit = torch.tensor([spec.norm_median[str(layer)] for layer in self.layers]) * spec.max_norm_ratio
             rows = rows.select((rows.norms <= limit).all(dim=1))

@@ -15,6 +15,13 @@ def progress_postfix(m: dict) -> str:
 
 def format_summary(s: dict) -> str:
     train, held = s.get("train") or {}, s.get("held_out") or {}
+    if s.get("tokens_this_run") == 0:       # --resume of a finished run: nothing was trained now
+        lines = [f"{s['run_dir']} is already complete: {s['steps']} steps, {s['tokens']:,} tokens, trained "
+                 f"before; nothing to do (to train longer, give a larger --tokens to a new run)"]
+        if held:
+            lines.append(f"  held-out ({held['rows']:,} tokens): FVU {_fmt(held['fvu'], '.4f')}, "
+                         f"L0 {_fmt(held['l0'], '.1f')}, dead {_fmt(held['dead_fraction'], '.2%')}")
+        return "\n".join(lines)
     lines = [f"trained {s['variant']} (d_in {s['d_in']}, d_sae {s['d_sae']}, layer {s['layer']}): "
              f"{s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f} s"
              + (f" ({s['tokens_per_s']:,.0f} tokens/s)" if s.get("tokens_per_s") else ""),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae.errors import UserError
-from sae.train import checkpoint
+from sae.train import checkpoint, loggers
 from sae.variants.base import LossOutput, StepContext, geometric_median
 
 SHARDED_VARIANTS = ("topk",)
@@ -328,7 +328,7 @@ def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | 
     model = ShardedTopK.from_full(full).to(device)
     del full
     trainer = ShardedTrainer(model, options)
-    init_rows = min(options.init_rows, len(store.split_indices("train")))  # the rows train_on_store uses
+    init_rows = min(options.init_rows, store.split_size("train"))  # the rows train_on_store uses
     samples = store.train_batches(layer, init_rows, options.seed + 1)
     trainer.init_from_sample(next(samples))
     samples.close()
@@ -343,9 +343,10 @@ def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | 
             bar.update(1)
             if info.is_main and (trainer.step_count % options.log_every == 0
                                  or trainer.step_count == trainer.total_steps):
+                line = {"step": trainer.step_count, "tokens": trainer.step_count * options.batch_size, **last}
                 with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps({"step": trainer.step_count,
-                                             "tokens": trainer.step_count * options.batch_size, **last}) + "\n")
+                    handle.write(json.dumps(line) + "\n")
+                loggers.log_metrics(run_dir, line)          # --log wandb|tensorboard (a no-op without it)
                 bar.set_postfix_str(f"loss {last['loss']:.4g}", refresh=False)
     finally:
         bar.close()

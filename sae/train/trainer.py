@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sae import distributed
-from sae.train import checkpoint
+from sae.train import checkpoint, loggers
 from sae.distributed import StopFlag
 from sae.errors import UserError
 from sae.train.optim import Adam
@@ -40,8 +40,9 @@ SUMMARY = "train_summary.json"
 def held_out_summary(model, store, layer, rows: int, device) -> dict | None:
     """The one held-out scorer (sae.evaluate.scores, as `sae eval`) on up to `rows` held-out tokens."""
     from sae.evaluate.scores import held_out_batches, score, special_token_ids, summary_scores
-    return summary_scores(score(model, held_out_batches(store, layer, special_token_ids(store), max_rows=rows),
-                                device))
+    batches = held_out_batches(store, layer, special_token_ids(store), max_rows=rows,
+                               targets=getattr(model, "is_transcoder", False))   # a transcoder: (input, target)
+    return summary_scores(score(model, batches, device))
 
 
 @torch.no_grad()
@@ -123,8 +124,12 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------
     @torch.no_grad()
-    def init_from_sample(self, x_raw: torch.Tensor) -> None:
-        """The data-dependent initialisation (init_from_sample) on every rank's sample gathered."""
+    def init_from_sample(self, x_raw: torch.Tensor, y_raw: torch.Tensor | None = None) -> None:
+        """The data-dependent initialisation (init_from_sample) on every rank's sample gathered; a transcoder's
+        from its (input, target) pairs."""
+        if y_raw is not None:
+            gathered = [distributed.all_gather_cat(t.to(self.device).float()) for t in (x_raw, y_raw)]
+            return self.model.init_from_pairs(*gathered)  # [n_total, d_in] each
         init_from_sample(self.model, distributed.all_gather_cat(x_raw.to(self.device).float()))  # [n_total, d_in]
 
     def _reset_window(self) -> None:
@@ -166,13 +171,15 @@ class Trainer:
         """[d_sae] bool: latents that have not fired for dead_after tokens (on device, no sync)."""
         return self.tokens_since_fired >= self.dead_after
 
-    def step(self, x_raw: torch.Tensor) -> dict:
-        """One optimiser step on this rank's raw batch [batch, d_in]. Returns the window's averaged metrics
-        on logging steps (every log_every steps and the last), else an empty dict."""
+    def step(self, x_raw: torch.Tensor, y_raw: torch.Tensor | None = None) -> dict:
+        """One optimiser step on this rank's raw batch [batch, d_in] (a transcoder's: and its target y_raw).
+        Returns the window's averaged metrics on logging steps (every log_every steps and the last), else {}."""
         model, options = self.model, self.options
         step = self.step_count
         x = x_raw.to(self.device, non_blocking=True).float() * model.input_scale  # [batch, d_in] clean target
         x_input = self.corrupt(x)
+        if y_raw is not None:   # a transcoder: the target is another site's rows, in its own scale
+            x = y_raw.to(self.device, non_blocking=True).float() * model.target_scale  # [batch, d_in]
         ctx = StepContext(step=step, progress=step / self.total_steps,
                           sparsity_scale=min(1.0, (step + 1) / max(1, int(self.total_steps * options.sparsity_warmup))),
                           dead_mask=self.dead_mask() if self.tracks_dead else None)
@@ -293,6 +300,7 @@ class Trainer:
         if self.run_dir is not None and self.dist.is_main:
             with open(self.run_dir / METRICS, "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+            loggers.log_metrics(self.run_dir, metrics)      # --log wandb|tensorboard (a no-op without it)
         return metrics
 
     # ---- state ----------------------------------------------------------------------------
@@ -368,8 +376,9 @@ class Trainer:
 # ---- `sae train --activations STORE`: the whole loop ----------------------------------------
 def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: dict | None = None, layer=None,
                    d_sae: int | None = None, expansion: float | None = None, resume: bool = False,
-                   force: bool = False, progress: bool = True, on_log=None, allow_incomplete: bool = False) -> dict:
-    """Train one SAE of `variant` on an ActivationStore into run_dir; returns the summary dict. The run
+                   force: bool = False, progress: bool = True, on_log=None, allow_incomplete: bool = False,
+                   transcoder: bool = False, skip: bool = False, init_from=None) -> dict:
+    """Train one SAE of `variant` on an ActivationStore into run_dir (--init-from: sae.train.finetune); returns the summary dict. The run
     folder is locked while it is written (rank 0 holds the lock): a second writer is refused in one line."""
     import contextlib
 
@@ -377,14 +386,17 @@ def train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs: d
     check_store_finished(store, allow_incomplete)
     with FolderLock(run_dir, "sae train") if distributed.is_main_process() else contextlib.nullcontext():
         return _train_on_store(store, variant, run_dir, options, knobs, layer, d_sae, expansion, resume, force,
-                               progress, on_log)
+                               progress, on_log, transcoder, skip, init_from)
 
 
 def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, layer, d_sae, expansion, resume,
-                    force, progress, on_log) -> dict:
-    from tqdm import tqdm
+                    force, progress, on_log, transcoder=False, skip=False, init_from=None) -> dict:
+    from sae.progress import progress_bar as tqdm   # a bar in a terminal, a line every 30 s in a log
 
     from sae import variants
+    from sae.train import finetune, transcoding
+    transcoding.check_options(transcoder, skip)
+    transcoding.check_store(store, transcoder)
     knobs = dict(knobs or {})
     cls = variants.get(variant)
     dist = distributed.info()
@@ -416,27 +428,30 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
         options = TrainOptions.from_json({**saved["training"], "device": options.device})
 
     torch.manual_seed(options.seed)
-    model = cls.create(store.d_model, d_sae, 8.0 if expansion is None else expansion, **knobs)
-    config_extra = {"layer": layer, "site": store.manifest.get("site"), "model": store.manifest.get("model"),
+    model = transcoding.create(cls, store.d_model, d_sae, expansion, knobs, transcoder, skip) if init_from is None \
+        else finetune.start_from(init_from, cls, store, layer, d_sae, knobs, transcoder)      # --init-from
+    config_extra = {**transcoding.config_extra(store.manifest.get("target_site"), transcoder),
+                    "layer": layer, "site": store.manifest.get("site"), "model": store.manifest.get("model"),
                     "dataset": store.manifest.get("dataset"), "store": str(store.path), "store_digest": store.digest,
-                    "model_dtype": store.manifest.get("model_dtype"), "store_dtype": store.manifest.get("dtype")}
+                    "model_dtype": store.manifest.get("model_dtype"), "store_dtype": store.manifest.get("dtype"), **finetune.provenance(init_from)}
     distributed.check_same_config({**model.config(), **config_extra, **options.to_json()})
     trainer = Trainer(model, options, run_dir, config_extra)
     if resume_from is not None:
         trainer.resume_from(resume_from)
-    else:
-        n_train = len(store.split_indices("train"))
+    elif init_from is None:     # --init-from keeps the source's weights and (function-preserving) scale
+        n_train = store.split_size("train")
         init_batch = min(options.init_rows, n_train) // dist.world_size * dist.world_size
         if init_batch < dist.world_size:
             raise UserError(f"the store has no training rows (all {len(store)} rows are held out)")
-        sample_stream = store.train_batches(layer, init_batch, options.seed + 1, 0, dist.rank, dist.world_size)
-        trainer.init_from_sample(next(sample_stream))
+        sample_stream = store.train_batches(layer, init_batch, options.seed + 1, 0, dist.rank, dist.world_size,
+                                            targets=transcoder)
+        trainer.init_from_sample(*transcoding.pair(next(sample_stream)))
         sample_stream.close()
 
-    total, batch = trainer.total_steps, options.batch_size
+    total, batch, tokens_before = trainer.total_steps, options.batch_size, trainer.tokens_seen   # before: resumed
     started = time.perf_counter()
     batches = store.train_batches(layer, batch, options.seed, trainer.step_count, dist.rank, dist.world_size,
-                                  prefetch=4 if trainer.device.type == "cuda" else 0)
+                                  prefetch=4 if trainer.device.type == "cuda" else 0, targets=transcoder)
     bar = tqdm(total=total * batch, initial=trainer.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc=f"train {variant}", disable=(not progress) or (not dist.is_main) or None, file=sys.stderr)
     pin = trainer.device.type == "cuda"
@@ -444,8 +459,8 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
     try:
         with StopFlag() as stop:
             while trainer.step_count < total:
-                x_raw = next(batches)  # [batch / world, d_in] raw activations, prefetched by the store
-                metrics = trainer.step(x_raw.pin_memory() if pin else x_raw)
+                x_raw = next(batches)  # [batch / world, d_in] raw activations (or input, target), prefetched
+                metrics = trainer.step(*(t.pin_memory() if pin else t for t in transcoding.pair(x_raw)))
                 bar.update(batch)
                 if metrics:
                     bar.set_postfix_str(progress_postfix(metrics), refresh=False)
@@ -470,10 +485,10 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
 
     last = trainer.finish()
     elapsed = time.perf_counter() - started
-    summary = {"variant": variant, "d_in": model.d_in, "d_sae": model.d_sae, "layer": layer,
+    summary = {"variant": variant, "d_in": model.d_in, "d_sae": model.d_sae, "layer": layer, "train": last,
                "steps": trainer.step_count, "tokens": trainer.tokens_seen, "seconds": round(elapsed, 2),
-               "tokens_per_s": round(trainer.tokens_seen / max(elapsed, 1e-9), 1) if trainer.step_count else None,
-               "train": last, "run_dir": str(run_dir)}
+               "tokens_this_run": trainer.tokens_seen - tokens_before, "run_dir": str(run_dir),
+               "tokens_per_s": round((trainer.tokens_seen - tokens_before) / max(elapsed, 1e-9), 1) or None}
     if dist.is_main:
         summary["held_out"] = held_out_summary(model, store, layer, options.eval_rows, trainer.device) \
             if options.eval_rows else None

@@ -167,10 +167,17 @@ class SAE(nn.Module):
         counts = None if self.fire_threshold is None else (codes > self.fire_threshold).sum(dim=0)
         return self.decode(codes), counts
 
+    def decoder_directions_raw(self) -> torch.Tensor:
+        """[d_sae, d_in] the decoder's directions in the activations' own (raw) units: decode(c) ==
+        c @ decoder_directions_raw() + decode(0), so a code of a on latent j adds a · row j to the
+        reconstruction (what sae.steer uses). `W_dec` is in the SAE's internal scaled units (raw ×
+        input_scale): `x + a * W_dec[j]` steers at a scale that is not a code of a."""
+        return self.W_dec / self.input_scale
+
     @property
     def W_dec_raw(self) -> torch.Tensor:
-        """[d_sae, d_in] decoder directions in raw units."""
-        return self.W_dec / self.input_scale
+        """[d_sae, d_in] decoder directions in raw units (= decoder_directions_raw())."""
+        return self.decoder_directions_raw()
 
     # ---- what a variant implements --------------------------------------------------------
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:

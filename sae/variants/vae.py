@@ -7,7 +7,11 @@ The likelihood is Gaussian with one shared variance v set to its optimum, the ba
 (a calibrated decoder, Rybkin et al. 2021's σ-VAE): NLL = ½ (‖x − x̂‖² / v + d_in log v) per token. A latent
 dimension is then worth keeping whenever it explains more than its KL costs; with a fixed unit variance,
 activations of small spread would collapse to the prior. Free bits (Kingma et al. 2016) keep a floor under each dimension's
-KL against posterior collapse. `encode` returns μ (signed, dense codes).
+KL against posterior collapse, and KL annealing (Bowman et al. 2016) beside it: with --kl-warmup w the KL weight
+rises linearly from 0 to β over the first share w of training (0: off), so the decoder learns to use the latents
+before their cost is felt. `encode` returns μ (signed, dense codes).
+Collapse is measured by active units (Burda et al. 2016): latent dimensions u with Cov_x(E_q[u | x]) > 0.01,
+i.e. whose posterior mean varies with the input (extra metric `active_units`, in eval.json).
 Width: default d_sae = d_in (expansion above 1 is capped: surplus dimensions of a VAE only collapse).
 """
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sae.errors import UserError
 from sae.kernels.matmul import addmm
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, kaiming_pair, register, squared_error
 
 ACTIVE_KL = 0.01   # nats: a latent dimension with a batch-mean KL above this is "active"
+ACTIVE_COVARIANCE = 0.01   # an active unit: its posterior mean's variance over inputs exceeds this (Burda et al.)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -33,8 +39,16 @@ class VariationalAutoencoder(SAE):
         "beta": Knob(1.0, "weight β of the KL term (β-VAE)", float, minimum=0.0),
         "free_bits": Knob(0.05, "per-dimension KL floor in nats (free bits) against posterior collapse", float,
                           minimum=0.0),
+        "kl_warmup": Knob(0.1, "share of training over which the KL weight rises linearly from 0 to β (KL "
+                          "annealing against posterior collapse), in [0, 1]; 0: off", float, minimum=0.0),
     }
     signed_codes = True
+
+    @classmethod
+    def check_knobs(cls, d_in, d_sae, knobs):
+        super().check_knobs(d_in, d_sae, knobs)
+        if knobs.get("kl_warmup") is not None and not 0 <= knobs["kl_warmup"] <= 1:
+            raise UserError(f"--kl-warmup must be in [0, 1] for vae, got {knobs['kl_warmup']:g}")
     unit_norm_decoder = False
 
     @classmethod
@@ -75,16 +89,25 @@ class VariationalAutoencoder(SAE):
         nll = 0.5 * (err / noise + self.d_in * noise.log())
         kl_dims = gaussian_kl(mu, logvar).mean(dim=0)                      # [d_sae]
         kl = kl_dims.clamp_min(self.knobs["free_bits"]).sum()
-        loss = nll + self.knobs["beta"] * kl
+        warmup = self.knobs.get("kl_warmup") or 0.0
+        anneal = min(1.0, ctx.progress / warmup) if warmup > 0 else 1.0
+        loss = nll + self.knobs["beta"] * anneal * kl
         with torch.no_grad():
             x_hat = self.decode_scaled(mu)                                 # the deterministic reconstruction
         return LossOutput(loss, x_hat, None,
                           {"recon": err.detach(), "kl": kl_dims.sum().detach(),
                            "active_dims": (kl_dims.detach() > ACTIVE_KL).sum(),
+                           "kl_weight": torch.tensor(self.knobs["beta"] * anneal),
                            "fvu": batch_fvu(x_hat, x_target)})
 
     @torch.no_grad()
     def extra_metrics(self, x: torch.Tensor) -> dict:
         mu, logvar = self.posterior(x)
         kl_dims = gaussian_kl(mu, logvar).mean(dim=0)
-        return {"active_dims": int((kl_dims > ACTIVE_KL).sum()), "kl": float(kl_dims.sum())}
+        return {"active_dims": int((kl_dims > ACTIVE_KL).sum()), "kl": float(kl_dims.sum()),
+                "active_units": active_units(mu)}
+
+
+def active_units(mu: torch.Tensor) -> int:
+    """[n, d_sae] posterior means over n inputs -> how many dimensions vary with the input (variance > 0.01)."""
+    return int((mu.double().var(dim=0) > ACTIVE_COVARIANCE).sum()) if len(mu) > 1 else 0
