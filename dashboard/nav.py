@@ -17,6 +17,7 @@ PAGE_TABLE = (
     ("probe", "Live probe", "probe"),
     ("steer", "Steer", "steer"),
     ("compare", "Compare", "compare"),
+    ("graph", "Attribution graph", "graph"),
     ("anomalies", "Poorly reconstructed", "anomalies"),
     ("similar", "Similar contexts", "similar"),
     ("interpolate", "Interpolate", "interpolate"),

@@ -215,6 +215,10 @@ def main(argv=None) -> None:
         _autocomplete(parser)
         argv, command = _with_config(parser, list(argv))
         args = parser.parse_args(argv)
+        if getattr(args, "config", None) is not None and command is not None:
+            from sae import config
+            if config.config_path(argv[argv.index(command) + 1:]) is None:     # e.g. --conf, abbreviated
+                raise UserError("write --config FILE in full (an abbreviated --config is not read)")
         if args.completion:
             import argcomplete
             print(argcomplete.shellcode(["sae"], shell=args.completion))
@@ -274,7 +278,7 @@ def entry() -> None:
     left_cleanly = sae_distributed is not None and sae_distributed.left_cleanly()
     loggers = sys.modules.get("sae.train.loggers")
     if loggers is not None:          # a logged run still open (it is normally closed by its command): close it
-        loggers.close_all(code or 1)
+        loggers.close_all(code)
     if grouped or (launched and not left_cleanly):   # torchrun without a clean teardown: the usual way
         sys.exit(code)
     sys.stdout.flush()

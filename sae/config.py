@@ -94,13 +94,17 @@ def from_run_config(data: dict, table: dict) -> dict:
         if data.get("layer") is not None:
             out["layer"] = data["layer"]
     elif data.get("live") or data.get("model"):
-        out.update({"model": data.get("model"), "dataset": data.get("dataset"), "site": data.get("site")})
+        out.update({"model": data.get("model"), "dataset": data.get("dataset"), "site": data.get("site"),
+                    "target_site": data.get("target_site")})       # a live transcoder's target (None: dropped)
         if data.get("layer") is not None:
             out["layers"] = data["layer"]
         if data.get("context_size"):
             out["context_size"] = data["context_size"]
     for name, value in (data.get("knobs") or {}).items():
         out[name] = value
+    for name in ("transcoder", "skip"):          # a transcoder run: the same kind of SAE again
+        if data.get(name) and name in table:
+            out[name] = True
     for name, value in data["training"].items():
         name = _RUN_RENAMED.get(name, name)
         if name in _RUN_SKIPPED or name == "device" or value is None or name not in table:
@@ -180,7 +184,10 @@ def to_tokens(config: dict, table: dict, given: set[str], parser) -> tuple[list[
             if value is False:
                 tokens.append(flag)
             continue
-        tokens += [flag, _text(value)]
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):    # several values: one token each
+            tokens += [flag, *(_text(v) for v in (value if isinstance(value, (list, tuple)) else [value]))]
+        else:
+            tokens += [flag, _text(value)]
     return tokens, positionals
 
 
@@ -228,7 +235,12 @@ def prepare(parser, command: str, argv: list[str], others: dict[str, dict]) -> l
     tokens, positionals = to_tokens(config, table, given_dests(parser, argv), parser)
     for action in parser._actions:
         if action.dest in positionals:
-            action.default, action.nargs, action.required = positionals[action.dest], "?", False
+            value = positionals[action.dest]
+            if action.nargs in ("+", "*"):      # RUN…: a list in the file; the command line's, when given, wins
+                action.default, action.nargs = list(value) if isinstance(value, (list, tuple)) else [value], "*"
+            else:
+                action.default, action.nargs = value, "?"
+            action.required = False
     return tokens + argv
 
 

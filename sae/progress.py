@@ -47,4 +47,5 @@ def progress_bar(*, disable: bool | None = None, file=None, **kwargs) -> tqdm:
     kwargs.pop("dynamic_ncols", None)
     kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.1)), LOG_EVERY_S)
     kwargs["maxinterval"] = max(float(kwargs.get("maxinterval", 10.0)), kwargs["mininterval"])
+    kwargs.setdefault("delay", LOG_EVERY_S)   # work shorter than that logs nothing (a refusal stays one line)
     return LineBar(file=file, ncols=100, **kwargs)

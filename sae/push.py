@@ -17,7 +17,8 @@ from pathlib import Path
 
 from sae.errors import UserError
 
-IGNORED = ["checkpoints/*", "checkpoints/**", "tensorboard/*", "tensorboard/**", ".*", "**/.*", "*.lock"]
+# fnmatch patterns on paths inside RUN ("*" also matches "/"): a live run's layer_L/checkpoints too
+IGNORED = ["checkpoints/*", "*/checkpoints/*", "tensorboard/*", "*/tensorboard/*", ".*", "*/.*", "*.lock"]
 FIGURES = (("fvu", "FVU (fraction of variance unexplained)"), ("explained_variance", "explained variance"),
            ("mse", "MSE"), ("l0", "L0 (mean active latents per token)"), ("dead_fraction", "dead latents"),
            ("ce_loss_clean", "CE loss, clean"), ("ce_loss_spliced", "CE loss, SAE spliced in"),
@@ -81,8 +82,9 @@ def _section(run: Path, root: Path) -> list[str]:
     return lines
 
 
-def model_card(run_dir, repo_id: str, saelens: bool = True) -> str:
-    """The README.md model card of a run folder (one section per layer for a multi-layer live run)."""
+def model_card(run_dir, repo_id: str, saelens: str | None = "") -> str:
+    """The README.md model card of a run folder (one section per layer for a multi-layer live run).
+    saelens: the SAELens folder to load inside the repo's saelens/ ("" itself; None: no SAELens layout)."""
     from sae.files import read_json
     run_dir = Path(run_dir)
     runs = _runs(run_dir)
@@ -101,11 +103,12 @@ def model_card(run_dir, repo_id: str, saelens: bool = True) -> str:
               f'folder = snapshot_download("{repo_id}")',
               f"model = sae.load(folder{inside})   # model.encode(x), model.decode(codes): raw activation units",
               "```", ""]
-    if saelens:
+    if saelens is not None:
         lines += ["With SAELens (its layout is in the `saelens/` folder of this repo):", "", "```python",
                   "from huggingface_hub import snapshot_download", "from sae_lens import SAE",
                   f'folder = snapshot_download("{repo_id}", allow_patterns=["saelens/*"])',
-                  f'sae_model = SAE.load_from_disk(folder + "/saelens"{inside})', "```", ""]
+                  f'sae_model = SAE.load_from_disk(folder + "/saelens{"/" + saelens if saelens else ""}")',
+                  "```", ""]
     else:
         lines += ["This variant has no SAELens equivalent; `sae export RUN --format saelens` says why.", ""]
     lines += ["Files: `config.json` (variant, knobs, widths, layer, site, training options), `sae.safetensors` "
@@ -144,7 +147,8 @@ def push(run_dir, repo_id: str, token: str | None = None, private: bool = False,
         raise UserError("HF_HUB_OFFLINE is set: unset it to push to the Hub")
     with tempfile.TemporaryDirectory(prefix="sae-push-") as tmp:
         saelens_dir = _saelens_export(run_dir, Path(tmp) / "saelens") if with_saelens else None
-        write_atomic_bytes(run_dir / "README.md", model_card(run_dir, repo_id, saelens_dir is not None).encode())
+        inner = None if saelens_dir is None else next((p.name for p in sorted(saelens_dir.iterdir()) if p.is_dir()), "")
+        write_atomic_bytes(run_dir / "README.md", model_card(run_dir, repo_id, inner).encode())
         api = HfApi(endpoint=endpoint, token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -164,5 +168,5 @@ def _saelens_export(run_dir: Path, out: Path) -> Path | None:
     from sae.export import export
     try:
         return export(run_dir, out, "saelens")
-    except UserError:
+    except (UserError, OSError):
         return None

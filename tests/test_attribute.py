@@ -251,3 +251,74 @@ def test_cli_refuses_runs_at_other_sites(tiny_llama_dir, tmp_path, capsys):
     code, _, err = _cli(["attribute", "--run", str(wrong), "--prompt", PROMPT, "--out", str(tmp_path / "g.json")],
                         capsys)
     assert code == 2 and "site resid_post" in err
+
+
+# ---- the dashboard page ------------------------------------------------------------------------
+def test_dashboard_draws_the_graph_with_links_and_edge_summaries(saved_runs, monkeypatch, capsys):
+    import os
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.runs import find_runs
+    from dashboard.views.graph import layout, run_index_of_layers
+    out = saved_runs / "graphs" / "cat.json"
+    out.parent.mkdir(exist_ok=True)
+    code, _, err = _cli(["attribute", "--run", str(saved_runs), "--prompt", PROMPT + " <b>", "--out", str(out),
+                         "--max-feature-nodes", "20"], capsys)
+    assert code == 0, err
+    graph = json.loads(out.read_text())
+    runs = find_runs([saved_runs])
+    links = run_index_of_layers(graph, runs)
+    assert links == {layer: i for i, run in enumerate(runs) for layer in [int(run.config["layer"])]}
+    nodes, edges, tokens = layout(graph, links)
+    assert len(nodes) == len(graph["nodes"]) and len(edges) == len(graph["edges"])
+    assert list(tokens["token"]) == graph["prompt_tokens"]
+    top = max(graph["edges"], key=lambda e: abs(e["weight"]))          # the widest edge is the heaviest
+    assert edges["width"].max() == edges.loc[edges["weight"].abs().idxmax(), "width"]
+    assert abs(edges["weight"].abs().max() - abs(top["weight"])) < 1e-12
+    feature = nodes[nodes["kind"] == "feature"].iloc[0]
+    assert feature["href"] == f"?feature={int(feature['feature'])}&run={links[int(feature['layer'])]}&page=feature" \
+        or (links[int(feature["layer"])] == 0 and feature["href"] == f"?feature={int(feature['feature'])}&page=feature")
+    logit = nodes[nodes["kind"] == "logit"].iloc[0]
+    assert logit["y"] == graph["n_layers"] and logit["top inputs"] != "—"
+    assert all(nodes[nodes["kind"] == "embedding"]["y"] == -1)
+    monkeypatch.setenv("SAE_DASHBOARD_RUNS", os.pathsep.join([str(saved_runs)]))
+    app_path = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    at = AppTest.from_file(str(app_path), default_timeout=60)
+    at.query_params["page"] = "graph"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.get("vega_lite_chart")) == 1
+    assert "Attribution graph" in at.title[0].value
+
+
+def test_an_sae_at_mlp_out_is_a_source_only_and_still_exact(tiny_lm):
+    from sae.variants import create
+    loaded = tiny_lm("llama", n_layers=2, hidden=HIDDEN)
+    loaded.model.double()
+    torch.manual_seed(7)
+    sae_model = create("topk", HIDDEN, D_SAE, k=K).double().eval()
+    rm = ReplacementModel(loaded, {0: Part(0, "sae", sae_model), 1: Part(1, "transcoder", random_transcoder(8))})
+    with torch.no_grad():
+        clean = rm.prepare(torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]]))
+    token = int(clean[-1].argmax())
+    rows = direct_effect_rows(rm, token, None, 32, progress=False)
+    n_sae = len(rm.parts[0].features)
+    assert n_sae > 0 and len(rows.visited) == rm.n_features - n_sae      # SAE features get no input rows
+    assert bool((rows.visited >= n_sae).all())
+    intact, removed = _remove_each(rm, token)
+    assert float(((intact - removed) - rows.logit).abs().max()) <= 1e-4 * float((intact - removed).abs().max())
+    assert rows.logit[:n_sae].abs().max() > 0
+
+
+@pytest.mark.parametrize("layer, width, message", [(9, HIDDEN, "not one of the model's layers 0..3"),
+                                                   (0, 16, "reads width 16")])
+def test_cli_refuses_runs_that_do_not_fit_the_model(tiny_llama_dir, tmp_path, capsys, layer, width, message):
+    from sae.runs import save_run
+    run = tmp_path / "tc"
+    save_run(make_transcoder("topk", width, D_SAE, k=K), run,
+             {"site": "mlp_in", "target_site": "mlp_out", "layer": layer, "model": str(tiny_llama_dir)})
+    code, _, err = _cli(["attribute", "--run", str(run), "--prompt", PROMPT, "--out", str(tmp_path / "g.json")],
+                        capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -72,6 +72,12 @@ def test_json_config_with_positionals(tmp_path):
                        "allow_incomplete": False, "force": True}
     status, err, out = cli("export", "--config", config, "other/run", "--print-config")
     assert status == 0 and json.loads(out)["run"] == "other/run"
+    dashboard = tmp_path / "dashboard.yaml"
+    dashboard.write_text("runs: [a, b]\nport: 9000\n")
+    status, err, out = cli("dashboard", "--config", dashboard, "--print-config")
+    assert status == 0 and yaml.safe_load(out)["runs"] == ["a", "b"] and yaml.safe_load(out)["port"] == 9000
+    status, err, out = cli("dashboard", "c", "--config", dashboard, "--print-config")
+    assert status == 0 and yaml.safe_load(out)["runs"] == ["c"]
 
 
 def test_a_runs_config_json_reproduces_the_run(store, tmp_path):
@@ -162,11 +168,10 @@ def test_shell_completion_completes_commands_and_variant_knobs(tmp_path):
     status, _, out = cli("--completion", "bash")
     assert status == 0 and "complete" in out and "sae" in out
     answers = {}
-    for line in ("sae tr", "sae train --l1-co", "sae export run --form"):
+    for line in ("sae tr", "sae train --l1-co"):
         target = tmp_path / "answer"
         env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line)),
                "_ARGCOMPLETE_STDOUT_FILENAME": str(target), "_ARGCOMPLETE_IFS": "\n"}
         subprocess.run([sys.executable, "-m", "sae"], env=env, check=True, timeout=120)
         answers[line] = target.read_text().split()
-    assert answers == {"sae tr": ["train"], "sae train --l1-co": ["--l1-coefficient"],
-                       "sae export run --form": ["--format"]}
+    assert answers == {"sae tr": ["train"], "sae train --l1-co": ["--l1-coefficient"]}

@@ -127,6 +127,12 @@ def test_feature_page_from_query_parameter(monkeypatch, runs):
     features = pq.read_table(runs["a"] / "analysis" / "features.parquet").to_pandas()
     nearest = list(features.loc[features.feature == 5, "nearest"].iloc[0])
     assert f'href="?feature={nearest[0]}"' in body
+    label = [m for m in at.metric if m.label == "best label (F1)"]
+    assert label and label[0].delta in (None, "")                    # a value, not a change arrow
+    # logit chips: each value printed beside its token (no hover needed), spaces visible
+    logits = pq.read_table(runs["a"] / "analysis" / "logit_effects.parquet").to_pandas()
+    row = logits[logits.feature == 5].iloc[0]
+    assert f'<span class="sae-chip-val">{float(row.promoted_values[0]):+.3g}</span>' in body
 
 
 def test_feature_number_box_updates_the_url(monkeypatch, runs):
@@ -162,6 +168,7 @@ def test_feature_list_filters_and_links(monkeypatch, runs):
     no_exception(at)
     table = at.dataframe[0].value
     assert len(table) == D_SAE and table["open"][0].startswith("?feature=")
+    assert not any(str(v).startswith("[") for v in table["top_tokens"])      # text, not a JSON string
     assert charts(at) >= 1
     features = pq.read_table(runs["a"] / "analysis" / "features.parquet").to_pandas()
     word = features.auto_label[3]
@@ -284,6 +291,8 @@ def test_compare_finds_closest_decoder_directions(monkeypatch, runs):
     assert table["feature"].tolist() == cos.topk(10).indices.tolist()
     np.testing.assert_allclose(table["cosine"], cos.topk(10).values.numpy(), atol=1e-5)
     assert table["open"][0] == f"?feature={table['feature'][0]}&run=1"
+    summary = at.table[0].value                                      # figures formatted, not raw floats
+    assert all(len(str(v)) <= 9 for v in summary.to_numpy().ravel() if str(v)[:1].isdigit())
     assert html_of(at).count('class="ctx sae-ex"') >= 2        # A's examples beside its match's in B
 
 

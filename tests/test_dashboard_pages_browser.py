@@ -22,6 +22,7 @@ from test_dashboard_browser import (browser, free_port, nothing_ran, pytestmark,
                                     wait_for, wait_healthy)
 
 N_BANDS = 5
+SERVER = {}          # the served process's pid, for the threading check
 FVU = 0.0791522612075985
 
 
@@ -69,13 +70,15 @@ def served(analysed):
     root, _ = analysed
     port = free_port()
     log = root / "dashboard.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "SAE_THREADS")},
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "sae", "dashboard", str(root / "a"), str(root / "b"),
                                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
                                    start_new_session=True)
     try:
         wait_healthy(port, process, log)
+        SERVER["pid"] = process.pid                    # `sae dashboard` became the server (exec)
         yield f"http://localhost:{port}"
     finally:
         if process.poll() is None:
@@ -153,3 +156,9 @@ def test_every_other_page_opens_without_error(served, browser):
         page_text(browser, needle)
         assert not browser.find_elements("css selector", '[data-testid="stException"]')
         nothing_ran(browser)
+
+
+def test_the_served_dashboard_never_spins(served):
+    """sae.threads: the server process runs with OMP_WAIT_POLICY=PASSIVE, though the test's environment had none."""
+    environ = open(f"/proc/{SERVER['pid']}/environ", "rb").read().split(b"\0")
+    assert b"OMP_WAIT_POLICY=PASSIVE" in environ

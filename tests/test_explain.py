@@ -197,7 +197,7 @@ def test_embedding_scorer_ranks_the_true_explanation(world):
     from sae.explain.scorers import Embedder, embedding_scores
     source = source_for(world)
     contexts = source.build(0).score
-    scores = embedding_scores(Embedder(), [(TRUE[0], contexts), (TRUE[1], contexts)])
+    scores = embedding_scores(Embedder.shared("cpu"), [(TRUE[0], contexts), (TRUE[1], contexts)])
     assert scores[0] >= 0.85, scores
     assert scores[1] <= 0.6, scores
 
@@ -220,7 +220,8 @@ def test_explain_writes_rows_with_scores_and_controls_and_resumes(world, tiny_ju
         assert not set(row["explain_contexts"]) & set(row["score_contexts"])
     # resumable: a second run keeps both rows and only adds the new feature
     before = {row["feature"]: row["explanation"] for row in table}
-    summary = explain(world / "run", world / "store", options(features="0,1,2"), judge=tiny_judge, log=None)
+    summary = explain(world / "run", world / "store", options(features="0,1,2", scorers=("detection",)),
+                      judge=tiny_judge, log=None)
     assert summary["n_new"] == 1 and summary["n_explained"] == 3
     after = {row["feature"]: row["explanation"] for row in pq.read_table(path).to_pylist()}
     assert {f: after[f] for f in before} == before

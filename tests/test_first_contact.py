@@ -307,7 +307,7 @@ def test_progress_is_logged_as_lines_without_a_terminal(tiny_setup):
     import io
     from sae.progress import progress_bar
     log = io.StringIO()                                       # not a terminal
-    with progress_bar(total=5, desc="work", file=log, mininterval=0) as bar:
+    with progress_bar(total=5, desc="work", file=log, mininterval=0, delay=0) as bar:
         for _ in range(5):
             bar.update(1)
     assert "\r" not in log.getvalue() and "5/5" in log.getvalue()
@@ -318,3 +318,23 @@ def test_progress_is_logged_as_lines_without_a_terminal(tiny_setup):
     assert status == 0, err
     lines = [line for line in err.splitlines() if line.startswith("collect") and "tok" in line]
     assert len(lines) >= 2 and "\r" not in err, err
+
+
+# ---- threading policy (sae.threads; figures: scripts/bench_threads.py) ---------------------------
+def test_thread_policy_by_command_and_load():
+    from sae.threads import policy
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert policy("dashboard", environ={}, load=0.0, cores=2) == passive          # interactive: never spins
+    assert policy("train", environ={}, load=0.1, cores=2) == {}                   # a machine of its own
+    assert policy("train", environ={}, load=6.0, cores=2) == passive              # a busy machine
+    assert policy("dashboard", environ={"OMP_WAIT_POLICY": "ACTIVE"}, load=0, cores=2) == {}   # the user's own
+    assert policy("dashboard", environ={"SAE_THREADS": "default"}, load=9, cores=2) == {}
+    assert policy("collect", environ={"SAE_THREADS": "passive"}, load=0, cores=2) == passive
+
+
+def test_the_policy_is_set_before_torch_loads():
+    code = ("import os, sys\nfrom sae.threads import apply\nsettings = apply(['dashboard', 'RUN'])\n"
+            "import torch\nprint(settings, os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "SAE_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    assert out.split() == ["{'OMP_WAIT_POLICY':", "'PASSIVE'}", "PASSIVE", "True"]

@@ -153,8 +153,8 @@ def test_saelens_unsupported_settings_are_refused(tmp_path):
     w = standard_tensors()
     with pytest.raises(UserError, match="layer_norm"):
         sae.load(write_saelens(tmp_path / "ln", v6_cfg("standard", normalize_activations="layer_norm"), w))
-    with pytest.raises(UserError, match="architecture 'transcoder'"):
-        sae.load(write_saelens(tmp_path / "tc", v6_cfg("transcoder"), w))
+    with pytest.raises(UserError, match="architecture 'temporal'"):
+        sae.load(write_saelens(tmp_path / "tc", v6_cfg("temporal"), w))
     bad = dict(w, W_enc=torch.zeros(D_IN + 1, D_SAE))
     with pytest.raises(UserError, match="W_enc has shape"):
         sae.load(write_saelens(tmp_path / "shape", v6_cfg("standard"), bad))
@@ -265,10 +265,9 @@ def test_sparsify_checkpoint_converts_to_saelens(tmp_path):
     assert json.loads((out / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
 
 
-def test_sparsify_transcoders_and_skips_are_refused(tmp_path):
-    sparsify_folder(tmp_path / "tc", transcode=True)
-    with pytest.raises(UserError, match="transcoder"):
-        sae.load(tmp_path / "tc")
+def test_sparsify_transcoders_load_and_autoencoder_skips_are_refused(tmp_path):
+    sparsify_folder(tmp_path / "tc", transcode=True)     # transcoders: tests/test_transcoder.py
+    assert sae.load(tmp_path / "tc").is_transcoder
     sparsify_folder(tmp_path / "skip", skip_connection=True)
     with pytest.raises(UserError, match="skip connection"):
         sae.load(tmp_path / "skip")

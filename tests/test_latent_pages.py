@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from test_explain import GROUPS, TRUE, documents, planted_sae, world, write_world_store, word_tokenizer  # noqa: F401
+from test_explain import GROUPS, TRUE, documents, world, write_world_store, word_tokenizer  # noqa: F401 - world: fixture
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
@@ -106,7 +106,7 @@ def test_documents_of_another_kind_are_found_by_reconstruction_error(tmp_path):
     news_ids = [i for i in range(len(tokenizer)) if i not in code_ids]
     vectors[news_ids, 10:] = 0                        # news words live in the first ten dimensions
     train_store, _ = write_world_store(tmp_path / "train", tokenizer, documents(300, seed=1), token_vectors=vectors)
-    train_on_store(train_store, "topk", tmp_path / "run", TrainOptions(tokens=60_000, batch_size=256, device="cpu",
+    train_on_store(train_store, "topk", tmp_path / "run", TrainOptions(tokens=30_000, batch_size=256, device="cpu",
                                                                         eval_rows=0, log_every=50),
                    knobs={"k": 4}, d_sae=32, progress=False)
     news, code = documents(180, seed=2), documents(20, seed=3, kind="code")
@@ -115,6 +115,7 @@ def test_documents_of_another_kind_are_found_by_reconstruction_error(tmp_path):
     table = pq.read_table(tmp_path / "run" / "analysis" / "anomalies.parquet").to_pandas()
     is_code = (table["doc_id"] >= len(news)).to_numpy()
     auc = roc_auc_score(is_code, table["error"].to_numpy())
+    print("anomaly ROC-AUC", auc)
     assert auc >= 0.9, auc
     # the error is the window's mean ‖x − x̂‖² over the store's mean ‖x‖², by a direct computation
     from sae.runs import load
@@ -151,10 +152,9 @@ def test_new_pages_render(explained, page, widgets):
         at.query_params["page"] = page
         at.query_params["feature"] = "2"
         at.run()
-        for key, value in widgets.items():
+        for key, value in widgets.items():      # one at a time: a widget may appear after the one before
             widget = next(w for w in list(at.radio) + list(at.text_input) if w.key == key)
             widget.set_value(value)
-        if widgets:
             at.run()
         assert not at.exception and not at.error, [e.value for e in at.exception] or [e.value for e in at.error]
         html = " ".join(str(h.proto) for h in at.get("html")) + " ".join(m.value for m in at.markdown)

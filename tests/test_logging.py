@@ -200,3 +200,30 @@ def test_log_wandb_without_wandb_says_how_to_install_it(store, tmp_path, monkeyp
     status, err = cli("train", "--activations", store.path, "--variant", "relu", "--out", tmp_path / "r", *SMALL,
                       "--log", "mlflow")
     assert status == 2 and "unknown logger; use one of: none, wandb, tensorboard" in err
+
+
+def test_ctrl_c_closes_the_logged_run_as_interrupted(store, tmp_path):
+    """`sae train` in its own process (the console entry, which ends with os._exit), SIGINT mid-run: the
+    TensorBoard run is closed and says so, and the metrics logged before the interruption are all there."""
+    import signal
+    import subprocess
+    import time
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sae", "train", "--activations", str(store.path), "--variant", "relu", "--d-sae", "32",
+         "--tokens", str(128 * 100_000), "--batch-size", "128", "--log-every", "1", "--device", "cpu",
+         "--out", str(run), "--log", "tensorboard"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    status = [event.tensor_proto.string_val[0].decode() for event in accumulator.Tensors("status/text_summary")]
+    assert status == ["interrupted"]
+    logged = [step for step, _ in event_scalars(run)["train/loss"]]
+    assert logged == [m["step"] for m in metrics_lines(run)]

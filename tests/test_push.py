@@ -105,8 +105,7 @@ def test_push_uploads_the_run_and_its_card(trained, monkeypatch):
     status, err, out = cli("push", trained, "me/tiny-topk", "--endpoint", hub.url)
     assert status == 0, err
     assert f"pushed {trained} to {hub.url}/me/tiny-topk" in out
-    assert hub.repos == [{"name": "tiny-topk", "organization": "me", "visibility": "public"}] \
-        or hub.repos[0]["name"] == "tiny-topk"
+    assert [(r["organization"], r["name"]) for r in hub.repos] == [("me", "tiny-topk")]
     assert all(call[2] == "Bearer hf_secret_for_tests" for call in hub.calls if call[0] == "POST")
     # every file of the run folder, byte for byte, and nothing of checkpoints/
     local = {str(p.relative_to(trained)): p.read_bytes() for p in trained.rglob("*")
@@ -124,6 +123,27 @@ def test_push_uploads_the_run_and_its_card(trained, monkeypatch):
     assert "Figures from eval.json" in card
     assert 'sae.load(folder)' in card and 'SAE.load_from_disk(folder + "/saelens")' in card
     assert "activation store `store`" in card and "1,024 tokens" in card
+
+
+def test_push_of_a_multi_layer_run(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    x = synthetic(n=2000, d_in=16)
+    for layer in (3, 5):       # a live run's layout: RUN/layer_L/ each
+        store = from_tensors(tmp_path / f"store{layer}", x, layer=layer, model="synthetic", site="resid_post")
+        status, err, _ = cli("train", "--activations", store.path, "--variant", "relu", "--d-sae", "24", "--tokens",
+                             "512", "--batch-size", "128", "--checkpoint-every", "2", "--eval-rows", "0",
+                             "--device", "cpu", "--out", tmp_path / "multi" / f"layer_{layer}")
+        assert status == 0, err
+    hub = LocalHub()
+    from sae.push import push
+    push(tmp_path / "multi", "me/multi", token="hf_x", endpoint=hub.url)
+    assert not [name for name in hub.files if "checkpoints" in name]
+    assert {f"layer_{n}/{f}" for n in (3, 5) for f in ("config.json", "sae.safetensors")} <= set(hub.files)
+    assert {"saelens/blocks.3.hook_resid_post/cfg.json", "saelens/blocks.5.hook_resid_post/cfg.json"} <= set(hub.files)
+    card = hub.files["README.md"].decode()
+    assert "## relu SAE, layer 3 (`layer_3/`)" in card and "## relu SAE, layer 5 (`layer_5/`)" in card
+    assert 'sae.load(folder + "/layer_3")' in card and '"/saelens/blocks.3.hook_resid_post"' in card
 
 
 def test_push_without_credentials_is_one_line(trained, tmp_path, monkeypatch):

@@ -389,6 +389,8 @@ def test_garbage_inside_a_shard_is_named_not_analysed(damaged_copy):
     refused(copy, ["eval", "--run", copy / "run", "--activations", copy / "store", "--no-model"], "NaN or Inf")
     refused(copy, ["analyze", "--run", copy / "run", "--activations", copy / "store", "--no-model", "--force"],
             "NaN or Inf")
+    refused(copy, ["train", "--activations", copy / "store", "--variant", "topk", "--out", copy / "new", "--tokens",
+                   1024, "--batch-size", 256], "NaN or Inf")
 
 
 def test_analyze_without_the_model_never_reaches_for_the_network(tmp_path, monkeypatch):

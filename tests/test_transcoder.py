@@ -284,3 +284,81 @@ def test_saelens_itself_loads_the_transcoder_export(tmp_path, variant, skip):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), model.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs(x), model.predict(x), rtol=1e-5, atol=1e-5)
+
+
+def test_steering_a_transcoder_feature_edits_the_mlp_output(llama):
+    """Clamping a feature to 0 removes f_j(x)·d_j from the MLP output (x its input): against a hook of our own."""
+    from sae.evaluate.transcode import steer_transcoder
+    torch.manual_seed(1)
+    tc = make_transcoder("topk", D, 64, k=4)
+    ids = torch.randint(4, 90, (1, 10))
+    j = int(torch.randint(0, 64, (1,)))
+    mlp = llama.model.get_submodule("model.layers.1.mlp")
+    with torch.no_grad():
+        handle = mlp.register_forward_hook(lambda module, args, output: output - tc.encode(
+            args[0].reshape(-1, D))[:, j:j + 1].reshape(*output.shape[:-1], 1) * tc.decoder_directions_raw()[j])
+        expected = llama.model(input_ids=ids).logits
+        handle.remove()
+        with steer_transcoder(llama.model, tc, 1, {j: 0.0}):
+            ablated = llama.model(input_ids=ids).logits
+    torch.testing.assert_close(ablated, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- live training and bad input ------------------------------------------------------------------
+def test_live_training_trains_one_transcoder_per_layer(llama, corpus, tmp_path):
+    import sae
+    from sae.data import load_documents
+    from sae.train.live import LiveOptions, train_live
+    from sae.train.trainer import TrainOptions
+    source = LiveOptions(model=llama.name, layers="0,2", site="mlp_in", target_site="mlp_out", dataset=str(corpus),
+                         context_size=24, model_batch=4, buffer_size=64 * 2 * 2 * D * 4 * 4)
+    options = TrainOptions(tokens=64 * 6, batch_size=64, seed=0, device="cpu", checkpoint_every=0, log_every=3,
+                           init_rows=64, eval_rows=64)
+    results = train_live(llama, lambda: load_documents(str(corpus))[0], source, variant="topk", out=tmp_path / "live",
+                         options=options, knobs={"k": 4}, d_sae=64, transcoder=True, skip=True, progress=False)
+    for layer in (0, 2):
+        model = sae.load(tmp_path / "live" / f"layer_{layer}")
+        assert model.is_transcoder and model.skip and model.run_config["target_site"] == "mlp_out"
+        assert results[layer]["held_out"]["rows"] > 0 and results[layer]["held_out"]["fvu"] < 2
+        ids = torch.randint(4, 90, (1, 8))
+        x, y = _hooked(llama, layer, ids)                    # the target scale was measured on MLP outputs
+        assert abs(float(model.target_scale) * float(y.norm(dim=-1).mean()) / D ** 0.5 - 1) < 0.5
+
+
+def _cli(argv, capsys):
+    from sae.cli import main
+    with pytest.raises(SystemExit) as done:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return done.value.code, err
+
+
+def test_bad_input_is_one_line(pair_store, llama, corpus, tmp_path, capsys):
+    from sae.store import from_tensors
+    plain = from_tensors(tmp_path / "plain", torch.randn(600, D), layer=0, model="x", site="mlp_in").path
+    cases = [
+        (["train", "--activations", plain, "--variant", "topk", "--k", 4, "--d-sae", 64, "--transcoder",
+          "--out", tmp_path / "r1"], "--transcoder needs a store with a target site"),
+        (["train", "--activations", pair_store.path, "--variant", "topk", "--k", 4, "--d-sae", 64, "--skip",
+          "--layer", 0, "--out", tmp_path / "r2"], "--skip adds the skip connection"),
+        (["collect", "--model", "smollm2", "--layers", 0, "--site", "mlp_in", "--target-site", "mlp_in",
+          "--out", tmp_path / "s"], "--target-site must differ from --site"),
+        (["train", "--activations", pair_store.path, "--variant", "topk", "--target-site", "mlp_out",
+          "--out", tmp_path / "r3"], "--target-site is for `sae collect`"),
+    ]
+    for argv, message in cases:
+        code, err = _cli(argv, capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_an_mlp_transcoder_is_required_where_an_mlp_is_replaced():
+    from sae.variants import create
+    from sae.variants.transcoder import check_mlp_transcoder
+    tc = make_transcoder("topk", 8, 32, k=4)
+    tc.run_config = {"site": "mlp_in", "target_site": "mlp_out"}
+    check_mlp_transcoder(tc)
+    tc.run_config = {"site": "resid_pre", "target_site": "mlp_out"}
+    with pytest.raises(UserError, match="maps resid_pre -> mlp_out"):
+        check_mlp_transcoder(tc)
+    with pytest.raises(UserError, match="is not a transcoder"):
+        check_mlp_transcoder(create("topk", 8, 32, k=4), "layer 3's SAE")

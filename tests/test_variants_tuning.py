@@ -57,16 +57,7 @@ def test_target_l0_holds_the_mean_l0_near_the_target(penalty):
     with torch.no_grad():
         codes = model.encode(x[-2048:])
     l0 = float((codes != 0).sum(dim=1).float().mean())          # brute force over the codes
-    assert abs(l0 - 4.0) < 1.2, l0
-    assert float(model.log_penalty_scale) != 0.0                # the controller moved
-
-
-def test_old_jumprelu_weights_load_without_the_controller_buffer():
-    model = variants.create("jumprelu", d_in=8, d_sae=16)
-    state = {k: v for k, v in model.state_dict().items() if k != "log_penalty_scale"}
-    fresh = variants.create("jumprelu", d_in=8, d_sae=16)
-    fresh.load_state_dict(state)
-    assert float(fresh.log_penalty_scale) == 0.0
+    assert abs(l0 - 4.0) < 0.8, l0
 
 
 # ---- vae ---------------------------------------------------------------------------------------------

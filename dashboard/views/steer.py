@@ -86,7 +86,13 @@ def show(runs, place) -> None:
         st.info("Pick a mode and strength and press **Generate**.")
         return
     st.session_state["steer_done"] = True
-    args = (str(run.path), str(cfg["model"]), str(cfg["site"]), cfg["layer"], prompt, int(seed), int(max_new),
+    site = str(cfg["site"])
+    if cfg.get("transcoder"):   # a transcoder's feature directions live in its target site (the MLP output)
+        if mode == "clamp":
+            raise DataProblem("clamping a transcoder feature needs its code from the MLP input while editing "
+                              "the MLP output: use add (s × the feature's output direction at the MLP output)")
+        site = str(cfg.get("target_site") or "mlp_out")
+    args = (str(run.path), str(cfg["model"]), site, cfg["layer"], prompt, int(seed), int(max_new),
             float(temperature))
     try:
         with st.spinner("Generating…"):

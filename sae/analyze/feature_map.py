@@ -1,7 +1,7 @@
 """feature_map.parquet: a 2-D layout of the decoder directions (the dashboard's map) and a clustering.
 
 Unit-norm decoder rows are reduced by PCA (to 50 dimensions) and laid out by t-SNE (scikit-learn, cosine
-neighbourhoods); past `max_tsne` latents the layout is the first two principal components. Clusters: k-means
+neighbourhoods); below `min_tsne` or past `max_tsne` latents the layout is the first two principal components. Clusters: k-means
 on the unit directions. Each point carries its feature id, so a click on the map opens the feature.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def layout(W_dec: np.ndarray, seed: int = 0, max_tsne: int = 20_000, n_clusters: int | None = None):
+def layout(W_dec: np.ndarray, seed: int = 0, min_tsne: int = 256, max_tsne: int = 20_000,
+           n_clusters: int | None = None):
     """(xy [d_sae, 2] float32, cluster [d_sae] int64, method) for decoder rows W_dec [d_sae, d_in]."""
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.decomposition import PCA
@@ -21,9 +22,9 @@ def layout(W_dec: np.ndarray, seed: int = 0, max_tsne: int = 20_000, n_clusters:
     if n < 4:
         return np.zeros((n, 2), np.float32), np.zeros(n, np.int64), "none"
     reduced = PCA(n_components=min(50, n - 1, directions.shape[1]), random_state=seed).fit_transform(directions)
-    if n <= max_tsne:
+    if min_tsne <= n <= max_tsne:
         xy = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", metric="cosine",
-                  random_state=seed, max_iter=500).fit_transform(reduced)
+                  random_state=seed, max_iter=300).fit_transform(reduced)
         method = "t-SNE of the unit decoder directions (cosine), after PCA to 50 dimensions"
     else:
         xy = reduced[:, :2]

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -171,7 +171,11 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
         for batch in iter_window_batches(store, layer, options.batch_size):
             codes = model.encode(batch.x.to(device))                                       # [B, d_sae]
             stats.update(codes, batch)
-            latent.update(batch, codes, model.decode(codes))
+            x_hat = model.decode(codes)                                                    # [B, d_in]
+            if getattr(model, "is_transcoder", False):   # its error is against the target site's rows
+                x_hat = x_hat + model.skip_term(batch.x.to(device))
+                batch = replace(batch, x=store.gather(layer, batch.global_rows, "targets"))
+            latent.update(batch, codes, x_hat)
             del codes
             bar.update(len(batch.global_rows))
     pass_seconds = time.perf_counter() - started
@@ -180,6 +184,8 @@ def _analyze(run_dir, store, layer=None, options: AnalyzeOptions | None = None, 
         "n_tokens": stats.n_tokens, "n_features": int(model.d_sae),
         "model": store.manifest.get("model") or config.get("model"), "layer": layer,
         "site": store.manifest.get("site") or config.get("site"), "variant": config.get("variant"),
+        **({"transcoder": True, "target_site": config.get("target_site") or store.manifest.get("target_site")}
+           if getattr(model, "is_transcoder", False) else {}),
         "has_contexts": has_contexts, "label_names": label_names or None,
         "hist_bin_edges": edges.tolist(), "histogram_of": "|code|" if signed else "code (firing tokens)",
         "fire_threshold": None if signed else threshold,

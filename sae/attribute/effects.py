@@ -71,7 +71,11 @@ def direct_effect_rows(rm, token: int, max_feature_nodes: int | None = None, bat
     """The logit's row and the rows of up to max_feature_nodes features (None: all), most influential first."""
     from tqdm import tqdm
     n_features = rm.n_features
-    budget = n_features if max_feature_nodes is None else min(int(max_feature_nodes), n_features)
+    # only transcoder features have inputs to compute (an mlp_out SAE's features are outputs of the whole MLP)
+    seen = torch.cat([torch.full((len(p.features),), p.kind != "transcoder", dtype=torch.bool)
+                      for p in rm.parts.values()]) if n_features else torch.zeros(0, dtype=torch.bool)
+    n_candidates = int((~seen).sum())
+    budget = n_candidates if max_feature_nodes is None else min(int(max_feature_nodes), n_candidates)
     batch = max(1, min(batch_size, budget)) if budget else 1
     frozen = rm.forward(batch=batch, probes=True)
     sources = _Sources(rm)
@@ -81,7 +85,6 @@ def direct_effect_rows(rm, token: int, max_feature_nodes: int | None = None, bat
     logit = _rows(rm, frozen, sources, [("logit", token)])[0]
     visited = torch.zeros(0, dtype=torch.long)
     rows = torch.zeros(0, rm.n_sources, dtype=logit.dtype, device=logit.device)
-    seen = torch.zeros(n_features, dtype=torch.bool)
     bar = tqdm(total=budget, desc="attribution rows", unit="feature", disable=not progress or budget == 0)
     while len(visited) < budget:
         influence = influence_on_target(logit, rows, visited)[:n_features].cpu()  # [n_features]

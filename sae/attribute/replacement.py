@@ -133,14 +133,7 @@ class ReplacementModel:
         part.positions, part.features = positions, features
         part.activations = codes[positions, features].to(dtype)
         bias = module.decode(torch.zeros(1, module.d_sae, device=codes.device, dtype=work))[0]  # [d_model]
-        unique, inverse = torch.unique(features, return_inverse=True)
-        rows = []
-        for lo in range(0, len(unique), 1024):
-            onehot = torch.zeros(len(unique[lo:lo + 1024]), module.d_sae, device=codes.device, dtype=work)
-            onehot[torch.arange(len(onehot)), unique[lo:lo + 1024]] = 1.0
-            rows.append(module.decode(onehot) - bias)
-        directions = torch.cat(rows) if rows else torch.zeros(0, d_model, device=codes.device)
-        part.decoder = directions[inverse].to(dtype)                               # [n_active, d_model]
+        part.decoder = _decoder_rows(module, features, bias).to(dtype)             # [n_active, d_model]
         part.bias = bias.to(dtype)
         prediction = module.decode(codes) if part.kind == "sae" else module.predict(x_site)
         part.error = (y_out.to(work) - prediction).to(dtype)                       # [n_pos, d_model]
@@ -185,6 +178,9 @@ class ReplacementModel:
         offsets = self.feature_offsets()
         self._constants = {layer: self._constant(part, offsets[layer], scales, batch) for layer, part in self.parts.items()}
         ids = self.input_ids.expand(batch, -1)
+        frozen_weights = [p for p in self._parameters() if p.requires_grad]   # gradients flow to the probes only
+        for param in frozen_weights:
+            param.requires_grad_(False)
         saved = {layer: self._swap(layer, _StandIn(self, layer)) for layer in self.parts}
         embed_module = self.hf.get_input_embeddings()
         handles = [embed_module.register_forward_hook(self._embed_hook),
@@ -201,6 +197,8 @@ class ReplacementModel:
                 handle.remove()
             for layer, module in saved.items():
                 self._swap(layer, module)
+            for param in frozen_weights:
+                param.requires_grad_(True)
             self._pass, self._constants = None, {}
         return frozen
 
@@ -220,6 +218,12 @@ class ReplacementModel:
         return part.activations[index] + ((x - clean) * part.encoder[index]).sum(-1)
 
     # ---- internals --------------------------------------------------------------------------------
+    def _parameters(self):
+        yield from self.hf.parameters()
+        for part in self.parts.values():
+            if part.module is not None:
+                yield from part.module.parameters()
+
     def _constant(self, part: Part, offset: int, scales, batch: int) -> torch.Tensor:
         """[batch or 1, n_pos, d_model] what the layer writes that is held fixed (features, bias, error)."""
         n_act = len(part.features)
@@ -271,10 +275,31 @@ def _first_arg(args, kwargs):
     return next(iter(kwargs.values()))
 
 
+def _decoder_rows(module, features: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[n_active, d_out]: what each active feature writes per unit activation (decode is affine in codes)."""
+    if getattr(module, "is_transcoder", False):
+        return module.decoder_directions_raw()[features]
+    unique, inverse = torch.unique(features, return_inverse=True)
+    rows = []
+    for lo in range(0, len(unique), 1024):
+        chunk = unique[lo:lo + 1024]
+        onehot = torch.zeros(len(chunk), module.d_sae, device=bias.device, dtype=bias.dtype)
+        onehot[torch.arange(len(chunk)), chunk] = 1.0
+        rows.append(module.decode(onehot) - bias)
+    directions = torch.cat(rows) if rows else torch.zeros(0, bias.shape[0], device=bias.device, dtype=bias.dtype)
+    return directions[inverse]
+
+
 def _encoder_rows(module, x: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """[n_active, d_in]: d code[p, f] / d x[p] for each active (p, f), by autograd through the variant's own
-    encoder, in rounds that take at most one feature per position (encoders act row by row)."""
+    encoder, in rounds that take at most one feature per position (encoders act row by row). Where the first
+    round shows the derivative is input_scale · W_enc[:, f] (ReLU / TopK / JumpReLU encoders), the rest is
+    read off W_enc instead of k more rounds."""
     rows = torch.zeros(len(features), x.shape[-1], device=x.device, dtype=x.dtype)
+    weight = getattr(module, "W_enc", None)
+    linear = None
+    if isinstance(weight, torch.Tensor) and weight.shape == (x.shape[-1], module.d_sae):
+        linear = (weight * module.input_scale).to(x.dtype)                 # [d_in, d_sae]
     order = torch.argsort(positions, stable=True)
     sorted_pos = positions[order]
     starts = torch.searchsorted(sorted_pos, sorted_pos)                  # first index of each position's run
@@ -287,6 +312,10 @@ def _encoder_rows(module, x: torch.Tensor, positions: torch.Tensor, features: to
             total = codes[positions[pick], features[pick]].sum()
             (grad,) = torch.autograd.grad(total, x_leaf)
             rows[pick] = grad[positions[pick]]
+            if r == 0 and linear is not None:
+                if torch.allclose(rows[pick], linear[:, features[pick]].t(), rtol=1e-4, atol=1e-6):
+                    return linear[:, features].t().contiguous()
+                linear = None
     return rows
 
 

@@ -8,10 +8,10 @@ from sae import store as store_lib
 from sae.files import read_json
 
 
-def already_complete(out: Path, tokens: int | None):
-    """A CollectResult (already_complete=True) for a finished store in `out` that holds --tokens rows (or the
-    whole dataset), else None; a damaged or unfinished store is left to the resume path to judge."""
-    from sae.collect.loop import CollectResult
+def already_complete(out: Path, tokens: int | None) -> dict | None:
+    """CollectResult's fields (n_tokens, n_shards, size_bytes, exhausted, manifest) for a finished store in `out`
+    that holds --tokens rows (or the whole dataset), else None; a damaged or unfinished store is left to the
+    resume path to judge."""
     from sae.errors import UserError
     try:
         manifest = read_json(Path(out) / store_lib.MANIFEST, missing_ok=True)
@@ -26,7 +26,8 @@ def already_complete(out: Path, tokens: int | None):
         return None
     shards = list(manifest.get("shards") or [])
     size = sum((Path(out) / name).stat().st_size for name in shards if (Path(out) / name).is_file())
-    return CollectResult(Path(out), n_tokens, len(shards), size, bool(exhausted), manifest, already_complete=True)
+    return {"n_tokens": n_tokens, "n_shards": len(shards), "size_bytes": size, "exhausted": bool(exhausted),
+            "manifest": manifest}
 
 
 def check_before_loading(options) -> None:

@@ -172,7 +172,7 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
     from sae.collect.early import already_complete, check_before_loading, remove_if_left_empty
     out = Path(options.out)
     if options.resume and (done := already_complete(out, options.tokens)) is not None:
-        return done
+        return CollectResult(out, **done, already_complete=True)
     created = not out.exists()
     if loaded is None and distributed.is_main_process():
         check_before_loading(options)        # from the model's config: seconds, before any folder or weights

@@ -467,8 +467,8 @@ def run_sweep(store_path, out, variants_spec: str | None = None, layer=None, tok
     finished = time.perf_counter()
     write_json(out / "sweep.json", {
         "store": str(store.path), "store_digest": store.digest, "layer": layer, "site": site,
-        "model": store.manifest.get("model"), "grid": [{"name": p.name, "variant": p.variant, "knobs": p.knobs}
-                                                       for p in points],
+        "model": store.manifest.get("model"), "grid": [{"name": p.name, "variant": p.variant, "knobs": p.knobs,
+                                                        "d_sae": d_saes[p.name], "lr": p.lr} for p in points],
         "tokens": tokens, "batch_size": batch_size, "expansion": expansion, "seed": seed, "world_size": world_size,
         "device": str(device), "wall_seconds": finished - started, "train_wall_seconds": train_done - started,
         "downstream_skipped": None if loaded is not None else reason, "resumed": resume})

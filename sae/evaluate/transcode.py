@@ -60,3 +60,43 @@ def splice_transcoder(hf_model, tc, layer, error_term: bool = False, keep_mask: 
             yield handle
     finally:
         hook.remove()
+
+
+@contextmanager
+def steer_transcoder(hf_model, tc, layer, features: dict, mode: str = "clamp", keep_mask: torch.Tensor | None = None):
+    """Set each transcoder feature j of `features` ({j: value}) at the MLP output: y + (value − f_j(x))·d_j
+    (mode "clamp", f_j from the MLP's input x) or y + value·d_j (mode "add"), d_j the feature's output direction
+    in raw units. {j: 0.0} in clamp mode removes the feature's contribution (ablation)."""
+    if mode not in ("clamp", "add"):
+        raise ValueError(f"unknown steering mode {mode!r}: use clamp or add")
+    site, target_site = sites_of(tc)
+    hf = _unwrap(hf_model)
+    ids = torch.tensor(list(features), dtype=torch.long)                             # [m]
+    values = torch.tensor([float(v) for v in features.values()])                     # [m]
+    with torch.no_grad():
+        directions = tc.decoder_directions_raw()[ids].detach().float()               # [m, d_in]
+    point = site_point(hf, site, layer)
+    stash: dict = {}
+    if point.kind == "input":
+        hook = point.module.register_forward_pre_hook(
+            lambda module, args, kwargs: stash.update(x=_input_of(args, kwargs)), with_kwargs=True)
+    else:
+        hook = point.module.register_forward_hook(lambda module, args, output: stash.update(x=_first(output)))
+
+    def edit(y: torch.Tensor) -> torch.Tensor:
+        x = stash.pop("x")
+        flat_y = y.reshape(-1, y.shape[-1]).float()                                  # [n, d]
+        with torch.no_grad():
+            if mode == "add":
+                coefficients = values.to(y.device).expand(flat_y.shape[0], -1)       # [n, m]
+            else:
+                param = next(tc.parameters())
+                flat_x = x.reshape(-1, x.shape[-1]).to(device=param.device, dtype=param.dtype)
+                coefficients = values.to(y.device) - tc.encode(flat_x)[:, ids.to(param.device)].float().to(y.device)
+        return (flat_y + coefficients @ directions.to(y.device)).to(y.dtype).reshape(y.shape)
+
+    try:
+        with replace(hf, target_site, layer, edit, keep_mask=keep_mask) as handle:
+            yield handle
+    finally:
+        hook.remove()

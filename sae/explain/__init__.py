@@ -10,7 +10,8 @@ explanation is scored on contexts the explainer never saw, beside a random-pairi
     writer.py      RUN/analysis/explanations.parquet, rewritten atomically after every batch (resumable)
     pipeline.py    `explain`: the loop over features, with the random-pairing controls
 
-May import: sae.errors, sae.files, sae.devices, sae.lm, sae.store, sae.runs, sae.analyze.extras.
+May import: sae.errors, sae.files, sae.devices, sae.progress, sae.lm, sae.store, sae.runs, sae.analyze (extras, the
+run's layer folder).
 Never the trainer, never the dashboard.
 """
 from sae.lazy import exports

@@ -94,6 +94,8 @@ class ContextSource:
         self.nearest = dict(zip(features["feature"], features["nearest"]))
         self.shard_index = {s.name: i for i, s in enumerate(store.shards)}
         self._lookup: dict[int, torch.Tensor] = {}
+        self._shard_cache: dict[int, torch.Tensor] = {}
+        self._windows: dict[int, torch.Tensor] = {}
         self._pool = None
 
     # ---- the store, row by row ---------------------------------------------------------------------------
@@ -117,7 +119,9 @@ class ContextSource:
         rows = torch.full((len(centres), 2 * r + 1), -1, dtype=torch.int64)
         for shard in sorted({c[0] for c in centres}):
             lookup = self._rows_of(shard)
-            windows = self.store.read_shard(shard, "window_tokens").long()              # [w, context]
+            if shard not in self._windows:
+                self._windows[shard] = self.store.read_shard(shard, "window_tokens").long()   # [w, context]
+            windows = self._windows[shard]
             where = [i for i, c in enumerate(centres) if c[0] == shard]
             window = torch.tensor([centres[i][1] for i in where])
             places = torch.tensor([centres[i][2] for i in where])[:, None] + offsets    # [m, W]
@@ -127,6 +131,14 @@ class ContextSource:
             token_ids[index] = torch.where(inside, windows[window[:, None], clamped], -1)
             rows[index] = torch.where(inside, lookup[window[:, None], clamped], -1)
         return token_ids, rows
+
+    def _activations(self, shard: int) -> torch.Tensor:
+        """A shard's activations, read once (the two most recent shards are kept)."""
+        if shard not in self._shard_cache:
+            if len(self._shard_cache) >= 2:
+                self._shard_cache.pop(next(iter(self._shard_cache)))
+            self._shard_cache[shard] = self.store.read_shard(shard, self.name)
+        return self._shard_cache[shard]
 
     @torch.no_grad()
     def _codes(self, centres, shards_rows) -> torch.Tensor:
@@ -140,7 +152,7 @@ class ContextSource:
             valid = local >= 0
             if not bool(valid.any()):
                 continue
-            x = self.store.read_shard(shard, self.name).index_select(0, local[valid]).float()   # [m, d_in]
+            x = self._activations(shard).index_select(0, local[valid]).float()                 # [m, d_in]
             block = self.sae.encode(x.to(self.device)).float().cpu()                            # [m, d_sae]
             if self.signed:
                 block = block.abs()

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from sae.errors import UserError
 from sae.explain import prompts, scorers
 from sae.explain.contexts import ContextOptions, ContextSource
 from sae.explain.writer import FILE, SCORES, ExplanationWriter
+from sae.progress import progress_bar
 
 ALL_SCORERS = SCORES
 
@@ -103,6 +103,11 @@ def explain(run_dir, store, options: ExplainOptions | None = None, layer=None, j
     unknown = set(options.scorers) - set(ALL_SCORERS)
     if unknown or not options.scorers:
         raise UserError(f"--scorers takes some of {', '.join(ALL_SCORERS)} (got {', '.join(options.scorers)})")
+    if judge is None and options.explainer_model and not options.explainer_url:
+        raise UserError("--explainer-model names the model of an endpoint: give --explainer-url too")
+    if judge is None and options.explainer_url:
+        from sae.explain.explainers import ChatEndpoint
+        ChatEndpoint(options.explainer_url, options.explainer_model)      # a bad URL or a missing name: one line
     run_dir = _layer_folder(Path(run_dir), layer)
     analysis = _analysis_dir(run_dir)
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
@@ -115,9 +120,13 @@ def explain(run_dir, store, options: ExplainOptions | None = None, layer=None, j
     alive = [int(f) for f in np.nonzero(density > 0)[0]]
     with FolderLock(analysis, "sae explain", name=".explanations.sae-lock"):
         device = resolve(options.device)
-        explainer = judge or _explainer(options, device)
-        writer = ExplanationWriter(analysis / FILE, explainer.name, force=options.force)
+        name = judge.name if judge is not None else explainer_name(options)
+        writer = ExplanationWriter(analysis / FILE, name, force=options.force)
         todo = [f for f in chosen if f not in writer.done]
+        started, skipped = time.perf_counter(), []
+        if not todo:
+            return _summary(writer, chosen, todo, skipped, name, started)
+        explainer = judge or _explainer(options, device)
         sae_model = load(run_dir).to(device).eval()
         threshold = config.get("fire_threshold")
         tokenizer, why = try_load_tokenizer(store.manifest.get("model"))
@@ -126,10 +135,9 @@ def explain(run_dir, store, options: ExplainOptions | None = None, layer=None, j
         source = ContextSource(analysis, store, layer, sae_model, options.contexts, tokenizer=tokenizer,
                                threshold=0.0 if threshold is None else float(threshold),
                                signed=bool(getattr(sae_model, "signed_codes", False)), device=device)
-        embedder = scorers.Embedder(device=device) if "embedding" in options.scorers else None
+        embedder = scorers.Embedder.shared(str(device)) if "embedding" in options.scorers else None
         partners = _partners(chosen, alive, options.seed)
-        started, skipped = time.perf_counter(), []
-        with tqdm(total=len(todo), desc="explain", unit="feature", disable=None) as bar:
+        with progress_bar(total=len(todo), desc="explain", unit="feature") as bar:
             for i in range(0, len(todo), options.batch_features):
                 batch = todo[i:i + options.batch_features]
                 try:
@@ -142,8 +150,17 @@ def explain(run_dir, store, options: ExplainOptions | None = None, layer=None, j
                 bar.update(len(batch))
     if skipped:
         log(f"note: {len(skipped)} features have no activating contexts and were not explained")
+    return _summary(writer, chosen, todo, skipped, name, started)
+
+
+def explainer_name(options: ExplainOptions) -> str:
+    """What the explainer column says: the endpoint's model @ its URL, or the local model's name."""
+    return f"{options.explainer_model} @ {options.explainer_url}" if options.explainer_url else options.explainer
+
+
+def _summary(writer, chosen, todo, skipped, name, started) -> dict:
     rows = [row for row in writer.rows if int(row["feature"]) in set(chosen)]
-    summary = {"n_explained": len(rows), "n_new": len(todo) - len(skipped), "explainer": explainer.name,
+    summary = {"n_explained": len(rows), "n_new": len(todo) - len(skipped), "explainer": name,
                "seconds": round(time.perf_counter() - started, 2), "path": str(writer.path)}
     for name in SCORES:
         for key in (name, f"{name}_control"):

@@ -12,6 +12,7 @@ Items (prompts + the truth) are built per feature, answered in one batch by the 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -75,6 +76,12 @@ class Embedder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
         self.model = AutoModel.from_pretrained(str(MODEL_DIR)).to(device).eval()
         self.device, self.batch_size = device, batch_size
+
+    @staticmethod
+    @functools.lru_cache(maxsize=2)
+    def shared(device="cpu") -> "Embedder":
+        """One embedder per device and process (loading it takes a second or two)."""
+        return Embedder(device=device)
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:

@@ -33,6 +33,22 @@ from sae.kernels.matmul import raw_addmm
 from sae import distributed
 from sae.kernels import native
 
+# Host reads (bool(), int(), nonzero, data-dependent shapes) are free on the CPU, where the fast path uses them
+# to skip work; on a GPU each one is a sync that stalls the step. sync_free() picks the fixed-shape form
+# (AuxK over a masked row, BatchTopK with at most `k` (4·k) slots a token, counts by index_add) on every device
+# but the CPU; tests set SYNC_FREE_ON_CPU to run the GPU's form on the CPU with host reads counted.
+SYNC_FREE_ON_CPU = False
+
+
+def sync_free(tensor: torch.Tensor) -> bool:
+    """True where a training step must not read the device from the host (any device but the CPU)."""
+    return tensor.device.type != "cpu" or SYNC_FREE_ON_CPU
+
+
+def count_latents(indices: torch.Tensor, weights: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """[d_sae] Σ weights per latent id (bincount without its host read of the largest id)."""
+    return torch.zeros(d_sae, dtype=weights.dtype, device=indices.device).index_add_(
+        0, indices.reshape(-1), weights.reshape(-1))
 
 
 class Selection(NamedTuple):
@@ -46,11 +62,12 @@ class Selection(NamedTuple):
     offsets: torch.Tensor | None = None   # [batch + 1] for the flat form, else None
 
 
-def bag_ids(offsets: torch.Tensor) -> torch.Tensor:
-    """[n] the bag (token) of each flat entry, from CSR row pointers [n_bags + 1]."""
+def bag_ids(offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """[n] the bag (token) of each flat entry, from CSR row pointers [n_bags + 1] (total: n, when the caller
+    knows it without reading the device)."""
     n_bags = offsets.numel() - 1
     return torch.repeat_interleave(torch.arange(n_bags, device=offsets.device), offsets.diff(),
-                                   output_size=int(offsets[-1]))
+                                   output_size=int(offsets[-1]) if total is None else total)
 
 
 def latent_order(indices: torch.Tensor) -> torch.Tensor:
@@ -78,7 +95,7 @@ def latent_major_product(weights: torch.Tensor, indices: torch.Tensor, dense: to
         tokens = torch.div(order, indices.shape[1], rounding_mode="floor")   # [batch*k] token of each sorted entry
     else:
         tokens = bags[order]
-    counts = torch.bincount(indices.reshape(-1), minlength=d_sae)       # [d_sae]
+    counts = count_latents(indices, torch.ones_like(indices.reshape(-1)), d_sae)   # [d_sae]
     offsets = counts.cumsum(0) - counts                                  # [d_sae] first selection of each latent
     return F.embedding_bag(tokens, dense, offsets, mode="sum",
                            per_sample_weights=weights.reshape(-1)[order].to(dense.dtype))
@@ -224,18 +241,38 @@ def _batch_topk(pre: torch.Tensor, batch_k: int) -> tuple[torch.Tensor, torch.Te
     return values, cols, rows, offsets
 
 
+def _batch_topk_padded(pre: torch.Tensor, batch_k: int, per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK in fixed shapes (no host read): each token's per_token largest entries [batch, per_token],
+    then every entry below the batch's batch_k-th largest (over all ranks) zeroed. Equals the exact flat form
+    unless a token holds more than per_token of the batch's top batch_k entries."""
+    values, indices = topk_rows(pre, per_token)                         # [batch, per_token]
+    every_value = distributed.all_gather_cat(values.reshape(-1))        # [ranks · batch · per_token]
+    global_k = batch_k * distributed.world_size()
+    if every_value.numel() > global_k:
+        kth = torch.kthvalue(every_value, every_value.numel() - global_k + 1).values
+        values = torch.where(values >= kth, values, values.new_zeros(()))
+    return values.clamp_min(0), indices
+
+
 class _TopKSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, batch_k, aux_mask, k_aux):
         centred = x - b_dec.to(x.dtype)                                 # [batch, d_in]: cheaper than folding b_dec
         pre = raw_addmm(b_enc.to(x.dtype), centred, W_enc.to(x.dtype))  # into the bias (a pass over W_enc)
-        if batch_k is not None:
+        padded = batch_k is not None and sync_free(pre)
+        if padded:   # the GPU's BatchTopK: fixed shapes, at most k slots a token, the rest zeroed
+            values, indices = _batch_topk_padded(pre, batch_k, k)       # [batch, k]
+            bags, offsets = indices.new_empty(0), indices.new_empty(0)
+        elif batch_k is not None:
             values, indices, bags, offsets = _batch_topk(pre, batch_k)  # [n] each, offsets [batch + 1]
         else:
             values, indices = topk_rows(pre, k)                         # [batch, k]
             values = values.clamp_min(0)
             bags, offsets = indices.new_empty(0), indices.new_empty(0)
-        if aux_mask is not None and k_aux > 0:
+        if aux_mask is not None and k_aux > 0 and sync_free(pre):   # k_aux fixed; live latents masked out
+            aux_values, aux_indices = pre.masked_fill(~aux_mask, float("-inf")).topk(k_aux, dim=1, sorted=False)
+            aux_values = aux_values.clamp_min(0)                        # [batch, k_aux]: 0 = no dead latent there
+        elif aux_mask is not None and k_aux > 0:
             candidates = aux_mask.reshape(-1).nonzero().squeeze(1)     # [n_dead] latent ids
             aux_values, slots = pre.index_select(1, candidates).topk(k_aux, dim=1, sorted=False)
             aux_values = aux_values.clamp_min(0)                        # [batch, k_aux]
@@ -245,7 +282,7 @@ class _TopKSelect(torch.autograd.Function):
             aux_indices = torch.zeros(pre.shape[0], 0, dtype=torch.int64, device=pre.device)
         order = latent_order(indices) if any(ctx.needs_input_grad) else indices.new_empty(0)  # for the backwards
         ctx.save_for_backward(centred, W_enc, b_dec, values > 0, indices, aux_values > 0, aux_indices, order, bags)
-        ctx.flat = batch_k is not None
+        ctx.flat = batch_k is not None and not padded
         ctx.mark_non_differentiable(indices, aux_indices, order, offsets)
         return values, indices, aux_values, aux_indices, order, offsets
 
@@ -298,12 +335,12 @@ def topk_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
     the flat form, with offsets). aux_mask [d_sae] bool with k_aux > 0: also select the k_aux largest
     pre-activations among the masked (dead) latents."""
     if aux_mask is not None:
-        k_aux = min(int(k_aux), int(aux_mask.sum()))
+        k_aux = min(int(k_aux), W_enc.shape[1] if sync_free(x) else int(aux_mask.sum()))
         aux_mask = aux_mask.to(x.device)[None, :]
     if b_dec is None:
         b_dec = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
     *fields, offsets = _TopKSelect.apply(x, W_enc, b_enc, b_dec, int(k), batch_k, aux_mask, int(k_aux))
-    return Selection(*fields, offsets if batch_k is not None else None)
+    return Selection(*fields, offsets if batch_k is not None and offsets.numel() else None)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -331,7 +368,7 @@ class _SparseDecode(torch.autograd.Function):
             fused = native.decoder_backward(
                 grad_out.float().contiguous(), W_dec.float().contiguous(), indices.reshape(-1),
                 (order if order is not None else latent_order(indices)).long(), values.reshape(-1).float(),
-                bag_ids(offsets) if flat else None, per_row=1 if flat else indices.shape[1], unit_rows=ctx.unit_rows)
+                bag_ids(offsets, indices.numel()) if flat else None, per_row=1 if flat else indices.shape[1], unit_rows=ctx.unit_rows)
             if fused is not None:
                 sampled, grad_W = fused
                 grad_values = sampled.view_as(values).to(values.dtype) if ctx.needs_input_grad[0] else None
@@ -342,7 +379,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = sampled.to(values.dtype)
         if ctx.needs_input_grad[2]:
-            bags = bag_ids(offsets) if flat else None
+            bags = bag_ids(offsets, indices.numel()) if flat else None
             grad_W = latent_major_product(values, indices, grad_out.float(), d_sae, order, bags)  # [d_sae, d_in]
             if ctx.unit_rows:
                 # grad_W[l] · W_dec[l] = Σ over l's selections of values · sampled: the parallel part for free

@@ -281,22 +281,27 @@ class ActivationStore:
             out[a:b] = block
         return out
 
-    def gather(self, layer, global_indices: torch.Tensor, tensor: str = "activations") -> torch.Tensor:
-        """Activations of global row indices in any order, as float32 [len(idx), d_model]: one index_select
-        per shard touched, straight from the memory map into place (no sort, no scatter). tensor="targets":
-        the same rows of the target site (a transcoder's target)."""
+    def gather(self, layer, global_indices: torch.Tensor, tensor: str = "activations",
+               dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Activations of global row indices in any order, as `dtype` [len(idx), d_model] (None: the stored
+        dtype): one index_select per shard touched, straight from the memory map into place (no sort, no
+        scatter). tensor="targets": the same rows of the target site (a transcoder's target)."""
         name = f"{self._tensor(tensor)}.{self.resolve_layer(layer)}"
         global_indices = torch.as_tensor(global_indices, dtype=torch.int64)
         starts = torch.tensor([s.start for s in self.shards])                       # [n_shards]
         shard_of = torch.searchsorted(starts, global_indices, right=True) - 1      # [n]
         first = int(shard_of[0]) if len(global_indices) else 0
         if len(self.shards) == 1 or bool((shard_of == first).all()):
-            return self.read(first, name).index_select(0, global_indices - self.shards[first].start).float()
-        out = torch.empty(len(global_indices), self.d_model, dtype=torch.float32)
+            block = self.read(first, name).index_select(0, global_indices - self.shards[first].start)
+            return block if dtype is None else block.to(dtype)
+        out = None
         for shard_index in shard_of.unique().tolist():
             slots = (shard_of == shard_index).nonzero().squeeze(1)                 # [n_in_shard] places in out
             local = global_indices[slots] - self.shards[shard_index].start
-            out.index_copy_(0, slots, self.read(shard_index, name).index_select(0, local).float())
+            block = self.read(shard_index, name).index_select(0, local)
+            if out is None:
+                out = torch.empty(len(global_indices), self.d_model, dtype=dtype or block.dtype)
+            out.index_copy_(0, slots, block.to(out.dtype))
         return out
 
     # ---- iteration -----------------------------------------------------------------------
@@ -343,8 +348,11 @@ class ActivationStore:
 
     def train_batches(self, layer=None, batch_size: int = 1024, seed: int = 0, start_step: int = 0,
                       rank: int = 0, world_size: int = 1, chunk_rows: int = 2048, buffer_chunks: int = 32,
-                      prefetch: int = 0, targets: bool = False) -> Iterator[torch.Tensor]:
-        """Endless shuffled training batches ([batch_size // world_size, d_model] float32).
+                      prefetch: int = 0, targets: bool = False, dtype: torch.dtype | None = torch.float32,
+                      device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Endless shuffled training batches ([batch_size // world_size, d_model] in `dtype`; None: the stored
+        dtype, so a bf16 store travels as bf16 and the trainer upcasts on the device). device: a CUDA device
+        to copy each batch to, pinned and copied in the prefetch thread (non_blocking), off the training thread.
 
         Batch `step` is a pure function of (seed, step): a resumed run passes start_step and sees
         exactly the batches it would have seen. Under torch.distributed each rank gets its own
@@ -368,12 +376,14 @@ class ActivationStore:
 
         def load(idx):
             if not targets:
-                return self.gather(layer, idx)
-            return torch.stack([self.gather(layer, idx), self.gather(layer, idx, "targets")])  # [2, batch, d]
+                return self.gather(layer, idx, dtype=dtype)
+            return torch.stack([self.gather(layer, idx, dtype=dtype), self.gather(layer, idx, "targets", dtype)])  # [2, batch, d]
 
         def produce(step):
             positions = plan.positions(step)[rank * per_rank:(rank + 1) * per_rank]   # this rank's share
             batch = load(segments.rows_of(positions))
+            if device is not None and torch.device(device).type == "cuda":
+                batch = batch.pin_memory().to(device, non_blocking=True)
             return tuple(batch) if targets else batch
 
         yield from _prefetched(produce, start_step, prefetch)

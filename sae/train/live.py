@@ -129,7 +129,7 @@ def train_live(loaded, documents_factory, source: LiveOptions, *, variant: str, 
 def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, out, options, knobs, d_sae,
                 expansion, label_names, resume: bool, force: bool, max_steps, progress, transcoder=False,
                 skip=False) -> dict:
-    from tqdm import tqdm
+    from sae.progress import progress_bar as tqdm   # a bar in a terminal, a line every 30 s in a log
     from sae import distributed, variants
     from sae.train import checkpoint
     from sae.devices import resolve

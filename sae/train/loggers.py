@@ -173,10 +173,10 @@ _ACTIVE: list[Session] = []
 def session(backend: str | None, *, group, project: str | None = None, config: dict | None = None,
             enabled: bool = True):
     """Log every training run under this block (backend None or "none", or enabled False: nothing)."""
+    check_backend(backend)              # on every rank, so that a missing library stops them all
     if backend in (None, "none") or not enabled:
         yield None
         return
-    check_backend(backend)
     current = Session(backend, project, str(group), config or {})
     _ACTIVE.append(current)
     code = 1

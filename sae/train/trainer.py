@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 from sae import distributed
-from sae.train import checkpoint, loggers
+from sae.train import checkpoint, loggers, parallel
 from sae.distributed import StopFlag
 from sae.errors import UserError
 from sae.train.optim import Adam
 from sae.train.options import TrainingDiverged, TrainOptions, default_lr, lr_at  # noqa: F401
 from sae.train.report import format_summary, progress_postfix
 from sae.variants.base import SAE, StepContext, squared_distance
+from sae.kernels.autograd import sync_free
 from sae.files import FolderLock, read_json
 
 METRICS = "metrics.jsonl"
@@ -54,21 +55,11 @@ def init_from_sample(model, x: torch.Tensor) -> None:
         raise UserError("no rows to initialise from")
     mean_norm = x.norm(dim=1).mean()
     if not torch.isfinite(mean_norm) or float(mean_norm) == 0.0:
-        raise UserError("the activations are all zero or not finite: nothing to train on")
+        raise UserError("the activations are all zero: nothing to train on" if torch.isfinite(mean_norm) else
+                        f"the store is damaged: NaN or Inf in {int((~torch.isfinite(x)).any(dim=1).sum())} sampled rows")
     model.input_scale.fill_(math.sqrt(model.d_in) / float(mean_norm))
     model.init_from_data(x * model.input_scale)
     model.normalize_decoder()
-
-
-class _LossModule(torch.nn.Module):
-    """Puts training_loss behind forward(), which is what DistributedDataParallel wraps."""
-
-    def __init__(self, sae: SAE):
-        super().__init__()
-        self.sae = sae
-
-    def forward(self, x_input, x_target, ctx):
-        return self.sae.training_loss(x_input, x_target, ctx)
 
 
 class Trainer:
@@ -95,12 +86,7 @@ class Trainer:
                                       and type(model).normalize_decoder is SAE.normalize_decoder) else []
         self.optimizer = Adam(model.parameters(), lr=self.base_lr, betas=(options.beta1, options.beta2),
                               eps=options.eps, unit_rows=unit_rows)
-        self.loss_module = _LossModule(model)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.loss_module = DistributedDataParallel(self.loss_module, device_ids=ids, broadcast_buffers=False,
-                                                       find_unused_parameters=True)
+        self.loss_module = parallel.loss_module(model, self.device, self.dist.enabled)   # DDP under torchrun
         self.noise_std = model.default_noise_std if options.noise_std is None else options.noise_std
         self.generator = torch.Generator(device=self.device).manual_seed(options.seed * 7919 + 17)
         self.tracks_dead = not model.signed_codes
@@ -219,7 +205,7 @@ class Trainer:
         self.tokens_seen += global_batch
         self._window_steps += 1
         self._window_tokens += global_batch
-        if self.device.type == "cpu":
+        if not sync_free(x):
             self.check_finite()  # free on CPU; on GPU only at log steps and checkpoints (no host sync per step)
 
         if model.revive_dead and self.tracks_dead and self.step_count % self.revive_every == 0 \
@@ -369,7 +355,7 @@ class Trainer:
         """Training is over: drop the DistributedDataParallel wrapper (it holds the process group, and while
         it does destroy_process_group cannot stop gloo's worker threads; see sae.distributed.teardown)."""
         module = getattr(self.loss_module, "module", None)
-        if isinstance(module, _LossModule):
+        if isinstance(module, parallel.LossModule):
             self.loss_module = module
 
 
@@ -420,6 +406,7 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
     if resume_from is not None:
         saved = read_json(resume_from / "config.json", "the checkpoint's config")
         checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)
+        transcoding.check_resume(saved, run_dir, transcoder, skip)
         checkpoint.check_resumed_options(saved["training"], options, run_dir)
         if d_sae is None and expansion is not None and cls.default_d_sae(store.d_model, expansion) != saved["d_sae"]:
             raise UserError(f"cannot resume {run_dir}: its d_sae is {saved['d_sae']}, not {store.d_model} x "
@@ -450,17 +437,18 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
 
     total, batch, tokens_before = trainer.total_steps, options.batch_size, trainer.tokens_seen   # before: resumed
     started = time.perf_counter()
+    cuda = trainer.device.type == "cuda"   # rows travel in the store's dtype, pinned and copied in the prefetch thread
     batches = store.train_batches(layer, batch, options.seed, trainer.step_count, dist.rank, dist.world_size,
-                                  prefetch=4 if trainer.device.type == "cuda" else 0, targets=transcoder)
+                                  prefetch=4 if cuda else 0, targets=transcoder, dtype=None if cuda else torch.float32,
+                                  device=trainer.device if cuda else None)
     bar = tqdm(total=total * batch, initial=trainer.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc=f"train {variant}", disable=(not progress) or (not dist.is_main) or None, file=sys.stderr)
-    pin = trainer.device.type == "cuda"
     interrupted = False
     try:
         with StopFlag() as stop:
             while trainer.step_count < total:
                 x_raw = next(batches)  # [batch / world, d_in] raw activations (or input, target), prefetched
-                metrics = trainer.step(*(t.pin_memory() if pin else t for t in transcoding.pair(x_raw)))
+                metrics = trainer.step(*transcoding.pair(x_raw))
                 bar.update(batch)
                 if metrics:
                     bar.set_postfix_str(progress_postfix(metrics), refresh=False)

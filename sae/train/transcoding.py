@@ -18,6 +18,16 @@ def check_store(store, transcoder: bool) -> None:
                         f"with --site mlp_in --target-site mlp_out")
 
 
+def check_resume(saved: dict, run_dir, transcoder: bool, skip: bool) -> None:
+    """--resume continues the same kind of module: a transcoder (with or without skip) or an SAE."""
+    was = (bool(saved.get("transcoder")), bool(saved.get("skip")))
+    if was != (transcoder, skip):
+        def kind(t, s):
+            return ("a skip transcoder" if s else "a transcoder") if t else "an SAE"
+        raise UserError(f"cannot resume {run_dir}: it trains {kind(*was)}, not {kind(transcoder, skip)} "
+                        f"(give the same --transcoder / --skip)")
+
+
 def create(cls, d_in: int, d_sae: int | None, expansion: float | None, knobs: dict, transcoder: bool, skip: bool):
     """The module to train: the variant itself, or its transcoder."""
     if not transcoder:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sae import distributed
-from sae.kernels.autograd import Selection, topk_select
+from sae.kernels.autograd import Selection, sync_free, topk_select
 from sae.variants.base import register
 from sae.kernels.matmul import addmm
 from sae.variants.topk import TopKSAE
@@ -28,7 +28,8 @@ class BatchTopKSAE(TopKSAE):
 
     def select(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> Selection:
         k = self.knobs["k"]
-        aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
+        aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and (
+            sync_free(x) or bool(dead_mask.any()))           # on a GPU: always, masked (no host read)
         sel = topk_select(x, self.W_enc, self.b_enc, b_dec=self.b_dec, k=min(self.d_sae, 4 * k), batch_k=k * len(x),
                           aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
         if self.training:
@@ -38,7 +39,8 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, values: torch.Tensor) -> None:
         # the smallest code kept (all > 0 in the flat form); +inf for an empty selection. No host sync.
-        smallest = torch.cat([values.reshape(-1), values.new_full((1,), float("inf"))]).min()
+        smallest = torch.where(values > 0, values, float("inf")).min() if values.numel() else \
+            values.new_full((), float("inf"))                   # zeroed slots (the GPU's padded form) skipped
         smallest = distributed.reduce_min(smallest)                              # the global batch's
         running = THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
         updated = torch.where(self.threshold < 0, smallest, running)

@@ -16,17 +16,17 @@ The current recipes, as knobs beside the original one:
   rows are unit norm) in place of the L0 count: the same push on small codes, none on large ones.
 - `--pre-act-coefficient λ_p` (Anthropic, January 2025): + λ_p · Σ_j ReLU(θ_j − pre_j), which pulls every
   latent's pre-activation up toward its threshold, so latents that stopped firing come back (0: off).
-- `--target-l0 T` holds the mean L0 at T: the penalty's weight becomes λ · exp(a), with a a buffer updated
-  every training step by a ← a + η · clip(L0_batch / T − 1, −1, 1) (dual ascent on the constraint L0 = T, in
-  the spirit of Gemma Scope 2's L0 target, which uses a quadratic penalty on L0 − T instead: the controller
-  needs no weight tuned per target). The sparsity warm-up does not apply in this mode (the controller ramps).
+- `--target-l0 T` holds the mean L0 near T (Gemma Scope 2's way): the sparsity term becomes a quadratic pull
+  d_in · (L0 / T − 1)² of the batch's L0 toward T (its straight-through count, or with tanh the
+  smooth count Σ tanh(c · f_j)) (scaled with d_in, as the reconstruction
+  term is), which pushes both ways, and the thresholds start where about T latents fire per token. λ and the
+  sparsity warm-up do not apply in this mode.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from sae import distributed
 from sae.errors import UserError
 from sae.kernels.matmul import addmm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
@@ -35,7 +35,7 @@ from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fi
 INITIAL_THRESHOLD = 0.1   # scaled units (inputs have about unit RMS per coordinate); before init_from_data
 INITIAL_L0 = 64
 TANH_SCALE = 4.0          # c of the tanh penalty (Anthropic's value)
-TARGET_RATE = 0.05        # η of the target-L0 controller, per step
+TARGET_WEIGHT = 1.0       # the quadratic target term: TARGET_WEIGHT · d_in · (L0 / T − 1)²
 PENALTIES = ("l0", "tanh")
 
 
@@ -78,12 +78,12 @@ class _Step(torch.autograd.Function):
 class JumpReLUSAE(SAE):
     name = "jumprelu"
     KNOBS = {
-        "l0_coefficient": Knob(0.5, "weight λ of the sparsity penalty (with --target-l0: its starting weight)",
-                               float, minimum=0.0),
+        "l0_coefficient": Knob(0.5, "weight λ of the sparsity penalty (unused with --target-l0)", float,
+                               minimum=0.0),
         "bandwidth": Knob(0.05, "width ε of the rectangle kernel of the threshold's pseudo-gradient", float,
                           positive=True),
-        "target_l0": Knob(None, "hold the mean L0 at this value (the penalty's weight adapts; default: off)",
-                          float),
+        "target_l0": Knob(None, "hold the mean L0 near this value (a quadratic pull toward it in place of λ; "
+                          "default: off)", float),
         "sparsity_penalty": Knob("l0", "l0 (the count, Gemma Scope) or tanh (Anthropic 2025)", str),
         "pre_act_coefficient": Knob(0.0, "weight λ_p of the pre-activation loss Σ ReLU(θ − pre) against dead "
                                     "latents (Anthropic 2025; 0: off)", float, minimum=0.0),
@@ -107,12 +107,6 @@ class JumpReLUSAE(SAE):
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), float(torch.tensor(INITIAL_THRESHOLD).log())))
         self.W_dec = nn.Parameter(W_dec)                         # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
-        self.register_buffer("log_penalty_scale", torch.zeros(()))   # a of the target-L0 controller
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # runs saved before the controller existed have no such buffer: they load with a = 0
-        state_dict.setdefault(prefix + "log_penalty_scale", torch.zeros(()))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
@@ -122,7 +116,7 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def sparse_start_log_threshold(self, pre: torch.Tensor) -> torch.Tensor:
         """[n, m] pre-activations -> [m] log θ at which each latent fires on about min(64, d_sae/4)/d_sae of them."""
-        rate = min(0.25, INITIAL_L0 / self.d_sae)
+        rate = min(0.25, (self.knobs.get("target_l0") or INITIAL_L0) / self.d_sae)
         rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
         return pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log()
 
@@ -154,27 +148,15 @@ class JumpReLUSAE(SAE):
         target = self.knobs["target_l0"]
         if target is None:
             weight = self.knobs["l0_coefficient"] * ctx.sparsity_scale
-        else:
-            weight = self.knobs["l0_coefficient"] * self.log_penalty_scale.exp()
-            if self.training:
-                self.update_penalty_scale(counts, len(x_input), target)
-        loss = recon + weight * sparsity
+            loss = recon + weight * sparsity
+        else:   # a quadratic pull of the batch's L0 (its straight-through count or tanh proxy) toward the target
+            loss = recon + TARGET_WEIGHT * self.d_in * (sparsity / target - 1.0).pow(2)
         terms = {"recon": recon.detach(), "sparsity": sparsity.detach(), "fvu": batch_fvu(x_hat.detach(), x_target)}
         if self.knobs["pre_act_coefficient"] > 0:
             pre_act = torch.relu(threshold - pre).sum(dim=1).mean()
             loss = loss + self.knobs["pre_act_coefficient"] * pre_act
             terms["pre_act"] = pre_act.detach()
-        if target is not None:
-            terms["penalty_weight"] = torch.as_tensor(weight).detach()
         return LossOutput(loss, x_hat, counts, terms)
-
-    @torch.no_grad()
-    def update_penalty_scale(self, counts: torch.Tensor, batch: int, target: float) -> None:
-        """One dual-ascent step of the target-L0 controller, on device (no host sync); the global batch's L0
-        under torchrun, so every rank moves the same way."""
-        stats = distributed.reduce_sum(torch.stack([counts.sum().float(), counts.new_tensor(batch).float()]))
-        error = (stats[0] / stats[1].clamp_min(1.0) / target - 1.0).clamp(-1.0, 1.0)
-        self.log_penalty_scale.add_(TARGET_RATE * error).clamp_(-12.0, 12.0)
 
     @torch.no_grad()
     def revive(self, dead_mask, x, x_hat) -> int:

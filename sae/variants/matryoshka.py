@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sae.errors import UserError
-from sae.kernels.autograd import Selection, bag_ids, sparse_decode
+from sae.kernels.autograd import Selection, bag_ids, count_latents, sparse_decode
 from sae.variants.base import Knob, register
 from sae.variants.batchtopk import BatchTopKSAE
 from sae.variants.topk import TopKSAE
@@ -65,9 +65,10 @@ class MatryoshkaSAE(BatchTopKSAE):
             values, order = values.gather(1, slots).reshape(-1), None
             offsets = torch.arange(0, indices.numel() + 1, indices.shape[1], device=indices.device)
             indices = indices.reshape(-1)
-        bags = bag_ids(offsets) * n_groups + torch.searchsorted(self.group_end_ids, indices, right=True)  # [n], ascending
+        total = None if sel.offsets is not None else indices.numel()     # known without a host read
+        bags = bag_ids(offsets, total) * n_groups + torch.searchsorted(self.group_end_ids, indices, right=True)  # [n], ascending
         bag_offsets = torch.zeros(batch * n_groups + 1, dtype=torch.int64, device=indices.device)
-        bag_offsets[1:] = torch.bincount(bags, minlength=batch * n_groups).cumsum(0)
+        bag_offsets[1:] = count_latents(bags, torch.ones_like(bags), batch * n_groups).cumsum(0)
         parts = sparse_decode(values, indices, self.W_dec, order, unit_rows=self.unit_norm_decoder,
                               offsets=bag_offsets)
         squared, residual = _PrefixResiduals.apply(parts.view(batch, n_groups, -1), x_target - self.b_dec)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.kernels.autograd import Selection, dense_codes, sparse_decode, topk_select
+from sae.kernels.autograd import Selection, count_latents, dense_codes, sparse_decode, sync_free, topk_select
 from sae.variants.base import SAE, Knob, LossOutput, StepContext, kaiming_pair, register, squared_distance
 from sae.kernels.matmul import addmm
 from sae.variants.base import total_variance as global_total_variance
@@ -21,6 +21,7 @@ from sae.variants.base import total_variance as global_total_variance
 @register
 class TopKSAE(SAE):
     name = "topk"
+    all_parameters_used = True     # every parameter gets a gradient every step: DDP needs no unused-parameter search
     KNOBS = {
         "k": Knob(32, "latents kept per token", int, positive=True),
         "auxk_coefficient": Knob(1 / 32, "weight α of the AuxK loss that revives dead latents (0: off)", float,
@@ -45,7 +46,8 @@ class TopKSAE(SAE):
 
     # ---- selection: what differs between topk, batchtopk and matryoshka -------------------------
     def select(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> Selection:
-        aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and bool(dead_mask.any())
+        aux_on = dead_mask is not None and self.knobs["auxk_coefficient"] > 0 and (
+            sync_free(x) or bool(dead_mask.any()))           # on a GPU: always, masked (no host read)
         return topk_select(x, self.W_enc, self.b_enc, b_dec=self.b_dec, k=self.knobs["k"],
                            aux_mask=dead_mask if aux_on else None, k_aux=self.d_in // 2)
 
@@ -87,7 +89,8 @@ class TopKSAE(SAE):
                   total_variance: torch.Tensor, n_dead: int) -> torch.Tensor:
         residual = (x_target - x_hat).detach()                                      # [batch, d_in]
         residual_hat = sparse_decode(sel.aux_values, sel.aux_indices, self.W_dec, unit_rows=self.unit_norm_decoder)  # no b_dec
-        scale = min(1.0, n_dead / max(1, sel.aux_indices.shape[1]))
+        scale = n_dead / max(1, sel.aux_indices.shape[1])     # a device tensor on a GPU (no host read)
+        scale = scale.clamp(max=1.0) if torch.is_tensor(scale) else min(1.0, scale)
         return scale * squared_distance(residual_hat, residual) / total_variance
 
     def losses(self, x_input, x_target, ctx: StepContext):
@@ -97,7 +100,7 @@ class TopKSAE(SAE):
         recon, x_hat, stats = self.reconstruction_loss(sel, x_target, total_variance)
         terms = {"recon": recon}
         if sel.aux_indices.shape[1] > 0:
-            n_dead = int(ctx.dead_mask.sum())
+            n_dead = ctx.dead_mask.sum() if sync_free(x_input) else int(ctx.dead_mask.sum())
             terms["auxk"] = self.knobs["auxk_coefficient"] * self.auxk_loss(sel, x_target, x_hat,
                                                                               total_variance, n_dead)
         return x_hat, sel, terms, stats
@@ -106,7 +109,7 @@ class TopKSAE(SAE):
         x_hat, sel, terms, stats = self.losses(x_input, x_target, ctx)
         loss = sum(terms.values())
         live = (sel.values > 0).reshape(-1)
-        fire_counts = torch.bincount(sel.indices.reshape(-1), weights=live.float(), minlength=self.d_sae)
+        fire_counts = count_latents(sel.indices, live.float(), self.d_sae)   # [d_sae]
         squared_error = stats.pop("squared_error", None)      # the trainer's FVU reuses it
         return LossOutput(loss, x_hat.detach(), fire_counts.long(),
                           {**{name: value.detach() for name, value in terms.items()}, **stats}, squared_error)

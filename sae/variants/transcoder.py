@@ -152,3 +152,17 @@ def make_transcoder(variant: str, d_in: int, d_sae: int, *, skip: bool = False, 
 
 def is_transcoder(model) -> bool:
     return bool(getattr(model, "is_transcoder", False))
+
+
+def check_mlp_transcoder(model_or_config, what: str = "this transcoder") -> None:
+    """Refuse, in one line, anything but a transcoder from the MLP input to the MLP output: what replacing each
+    MLP (attribution graphs, `sae eval`'s splice of an MLP) needs. Takes a module (its run_config) or a config."""
+    config = model_or_config if isinstance(model_or_config, dict) else \
+        {**(getattr(model_or_config, "run_config", None) or {}),
+         "transcoder": is_transcoder(model_or_config) or None}
+    if not config.get("transcoder"):
+        raise UserError(f"{what} is not a transcoder (train one with `sae train --transcoder` on a store collected "
+                        f"with --site mlp_in --target-site mlp_out)")
+    site, target = config.get("site") or "mlp_in", config.get("target_site") or "mlp_out"
+    if (site, target) != ("mlp_in", "mlp_out"):
+        raise UserError(f"{what} maps {site} -> {target}; replacing an MLP needs a transcoder from mlp_in to mlp_out")
