@@ -47,7 +47,9 @@ class Run:
         if cfg.get("layer") is not None:
             bits.append(f"L{cfg['layer']}")
         if cfg.get("site"):
-            bits.append(str(cfg["site"]))
+            bits.append(str(cfg["site"]) + (f" → {cfg.get('target_site') or 'mlp_out'} "
+                                             f"{'skip ' if cfg.get('skip') else ''}transcoder"
+                                             if cfg.get("transcoder") else ""))
         if cfg.get("d_sae"):
             bits.append(f"{cfg['d_sae']} latents")
         return f"{self.name} ({', '.join(bits)})" if bits else self.name

@@ -60,28 +60,28 @@ def write_store(path: Path, rows: int) -> float:
 
 OPEN = """
 import sys, time
-start = time.perf_counter()
+begin = time.perf_counter()
 from sae.store import ActivationStore
+start = time.perf_counter()
 store = ActivationStore(sys.argv[1])
 opened = time.perf_counter() - start
 batch = next(store.train_batches(0, 4096, seed=0))
-print(f"{opened:.3f} {time.perf_counter() - start:.3f} {len(store)} {store.split_size('held_out')}")
+print(f"{opened:.3f} {time.perf_counter() - start:.3f} {start - begin:.3f} {len(store)} {store.split_size('held_out')}")
 """
 
 
 def run_child(argv: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak RSS in GiB, stdout) of one fresh process: its own peak, from os.wait4."""
+    """(seconds, peak RSS in GiB, stdout) of one fresh process, its peak RSS from GNU time (%M): a child
+    spawned straight from this process would inherit this process's own high-water mark through exec."""
+    import subprocess
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        pid = os.posix_spawn(argv[0], argv, {**os.environ, "TQDM_DISABLE": "1"},
-                             file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
-        _, status, usage = os.wait4(pid, 0)
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"{' '.join(argv[1:5])}… failed: {err.read().strip().splitlines()[-3:]}")
-        return seconds, usage.ru_maxrss / 2**20, out.read()
+    done = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *argv], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"}, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv[1:5])}… failed: {done.stderr.strip().splitlines()[-3:]}")
+    kb = [line for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB ")][-1].split()[1]
+    return seconds, int(kb) / 2**20, done.stdout
 
 
 def main(argv=None) -> None:
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
             write_s = write_store(store, rows)
             run = base / f"run_{rows}"
             open_s, open_rss, out = run_child([python, "-c", OPEN, str(store)])
-            opened, first_batch = (float(x) for x in out.split()[:2])
+            opened, first_batch, imports = (float(x) for x in out.split()[:3])
             train = [python, "-m", "sae", "train", "--activations", str(store), "--variant", "topk", "--k", "4",
                      "--expansion", "4", "--tokens", "4096", "--batch-size", "4096", "--device", "cpu",
                      "--out", str(run)]
@@ -120,7 +120,8 @@ def main(argv=None) -> None:
             analyze_s, analyze_rss, _ = run_child([python, "-m", "sae", "analyze", *common, "--out", str(base / f"analysis_{rows}")])
             size = sum(p.stat().st_size for p in store.iterdir())
             row = {"rows": rows, "shards": len(list(store.glob("shard_*"))), "store_gib": size / 2**30,
-                   "write_s": write_s, "open_s": opened, "first_batch_s": first_batch, "open_rss": open_rss,
+                   "write_s": write_s, "open_s": opened, "first_batch_s": first_batch, "import_s": imports,
+                   "open_rss": open_rss,
                    "train_s": train_s, "train_rss": train_rss, "eval_s": eval_s, "eval_rss": eval_rss,
                    "analyze_s": analyze_s, "analyze_rss": analyze_rss}
             rows_out.append(row)
@@ -133,12 +134,13 @@ def main(argv=None) -> None:
             shutil.rmtree(base, ignore_errors=True)
     load = os.getloadavg()
     print(f"\nload average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print("| rows | shards | store | open + first batch (process) | peak RSS | `sae train` to first step and a "
+    print("| rows | shards | store | open + first batch (after imports) | imports | peak RSS | `sae train`, whole "
           "1-step run | peak RSS | `eval --max-tokens` | peak RSS | `analyze --max-tokens` | peak RSS |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows_out:
         print(f"| {r['rows']:,} | {r['shards']} | {r['store_gib']:.2f} GiB | {r['first_batch_s']:.2f} s "
-              f"(open {r['open_s']:.2f} s) | {r['open_rss']:.2f} GiB | {r['train_s']:.1f} s | {r['train_rss']:.2f} GiB | "
+              f"(open {r['open_s']:.2f} s) | {r['import_s']:.1f} s | {r['open_rss']:.2f} GiB | {r['train_s']:.1f} s | "
+              f"{r['train_rss']:.2f} GiB | "
               f"{r['eval_s']:.1f} s | {r['eval_rss']:.2f} GiB | {r['analyze_s']:.1f} s | {r['analyze_rss']:.2f} GiB |")
 
 

@@ -78,7 +78,7 @@ def train_rate(args) -> float:
     ActivationStore.from_tensors(folder / "store", torch.randn(args.train_tokens, 576).half())
     command = [sys.executable, "-m", "sae", "train", "--activations", str(folder / "store"), "--variant", "topk",
                "--k", "32", "--out", str(folder / "run"), "--tokens", str(args.train_tokens), "--batch-size",
-               "1024", "--device", "cpu", "--checkpoint-every", "0", "--eval-rows", "0"]
+               "1024", "--device", "cpu", "--checkpoint-every", "24h", "--eval-rows", "0"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"sae train failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -78,7 +78,7 @@ def matmul_gflops(batch: int, d_in: int, d_sae: int, device: str, repeats: int =
 def train_one(variant: str, store: Path, out: Path, args) -> dict:
     command = [sys.executable, "-m", "sae", "train", "--activations", str(store), "--variant", variant,
                "--out", str(out), "--tokens", str(args.tokens), "--batch-size", str(args.batch_size),
-               "--device", args.device, "--seed", str(args.seed), "--force", "--checkpoint-every", "0"]
+               "--device", args.device, "--seed", str(args.seed), "--force", "--checkpoint-every", "24h"]  # 0 is refused: one at the end
     if args.expansion is not None:
         command += ["--expansion", str(args.expansion)]
     command += args.extra.get(variant, [])

@@ -33,7 +33,7 @@ def store(tmp_path_factory):
 
 
 TRAIN = ["--tokens", 128 * 24, "--batch-size", 128, "--device", "cpu", "--expansion", 4, "--eval-rows", 0,
-         "--checkpoint-every", 0, "--dead-after-tokens", 256]
+         "--checkpoint-every", "24h", "--dead-after-tokens", 256]
 
 
 @pytest.mark.parametrize("variant,extra", [("relu", ["--noise-std", "0.2", "--mask-prob", "0.1"]),

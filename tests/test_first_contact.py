@@ -169,7 +169,7 @@ def test_readme_python_snippet_defines_every_name():
         assert "undefined name" not in out.getvalue(), out.getvalue()
 
 
-def sae_process(*args, env=None, timeout=60):
+def sae_process(*args, env=None, timeout=600):
     """A real `python -m sae ...` process: (exit status, stdout, stderr, seconds)."""
     import time
     started = time.perf_counter()
@@ -201,7 +201,10 @@ def test_an_unreachable_hub_is_named_at_once_with_a_close_name(tmp_path, name):
            "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
     status, _, err, seconds = sae_process(*args, env=env)
     assert status == 2 and len(err.strip().splitlines()) == 1, err
-    assert "could not be reached" in err and "Retrying" not in err and seconds < 20
+    # no retries: the time is a plain start of the command (+ the 3 s connection check at most), however busy
+    # the machine is; the retries took 26 s
+    *_, start_only = sae_process("collect", "--help")
+    assert "could not be reached" in err and "Retrying" not in err and seconds < start_only + 15
     assert ("did you mean 'smollm2'" in err) == (name == "smollm")
     assert not (tmp_path / "store").exists()
 

@@ -362,3 +362,37 @@ def test_an_mlp_transcoder_is_required_where_an_mlp_is_replaced():
         check_mlp_transcoder(tc)
     with pytest.raises(UserError, match="is not a transcoder"):
         check_mlp_transcoder(create("topk", 8, 32, k=4), "layer 3's SAE")
+
+
+def test_analyze_a_transcoder_run(pair_store, tmp_path):
+    """Codes come from the store's input rows; anomalies measure the error against the target rows; the
+    decoder rows analysis reads (W_dec_raw, what logit effects use) are the output directions in target units."""
+    import pandas as pd
+
+    import sae
+    from sae.analyze.pipeline import AnalyzeOptions, analyze
+    from sae.train.trainer import TrainOptions, train_on_store
+    options = TrainOptions(tokens=128 * 10, batch_size=128, seed=0, device="cpu", log_every=10, checkpoint_every=0,
+                           init_rows=256, eval_rows=0)
+    train_on_store(pair_store, "topk", tmp_path / "run", options, knobs={"k": 4}, d_sae=64, layer=0,
+                   transcoder=True, progress=False)
+    model = sae.load(tmp_path / "run")
+    analyze(tmp_path / "run", pair_store, options=AnalyzeOptions(with_model=False))
+    folder = next(p.parent for p in (tmp_path / "run").rglob("features.parquet"))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["transcoder"] and meta["target_site"] == "mlp_out"
+    features = pd.read_parquet(folder / "features.parquet").set_index("feature")
+    every_x = torch.cat([pair_store.read_shard(i, "activations.0") for i in range(len(pair_store.shards))])
+    every_y = torch.cat([pair_store.read_shard(i, "targets.0") for i in range(len(pair_store.shards))])
+    with torch.no_grad():
+        codes = model.encode(every_x)
+        errors = (model.predict(every_x) - every_y).pow(2).sum(dim=1)
+    torch.testing.assert_close(torch.tensor(features["max_activation"].to_numpy()), codes.max(dim=0).values,
+                               rtol=1e-4, atol=1e-5)
+    worst = pd.read_parquet(folder / "anomalies.parquet").iloc[0]          # the window the prediction fits worst
+    shard = [s.name for s in pair_store.shards].index(worst["shard"])
+    rows = (pair_store.read_shard(shard, "window_index") == int(worst["window_index"])).nonzero().squeeze(1)
+    rows = rows + pair_store.shards[shard].start
+    expected = float(errors[rows].mean() / every_y.pow(2).sum(dim=1).mean())
+    assert abs(float(worst["error"]) - expected) < 1e-4 * expected
+    torch.testing.assert_close(model.W_dec_raw, model.W_dec.detach() / model.target_scale)

@@ -67,7 +67,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--noise-std", type=float, default=None,
                         help="Gaussian input corruption (std per dimension of the scaled input); any variant")
     parser.add_argument("--mask-prob", type=float, default=None, help="mask input dimensions with this probability")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
+    parser.add_argument("--checkpoint-every", default=None, metavar="N|TIME",
+                        help="steps (500) or wall time (10m, 90s, 1h) between checkpoints (default 10m)")
     parser.add_argument("--keep-checkpoints", type=int, default=None, help="checkpoints kept (default 3; 0 = all)")
     parser.add_argument("--log-every", type=int, default=None, help="steps between metrics.jsonl lines (default 10)")
     parser.add_argument("--dead-after-tokens", type=int, default=None,
@@ -142,6 +143,10 @@ def options_from_args(args):
     for option, field in _OPTION_FIELDS.items():
         if getattr(args, option, None) is not None:
             values[field] = getattr(args, option)
+    if args.checkpoint_every is not None:      # 500 (steps) or 10m; 0 refused on the command line
+        from sae.train.schedule import parse
+        every = parse(args.checkpoint_every)
+        values["checkpoint_every"] = every if isinstance(every, int) else str(args.checkpoint_every).strip()
     return TrainOptions(**values)     # refuses bad values itself
 
 

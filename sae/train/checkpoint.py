@@ -100,6 +100,24 @@ def save(run_dir, step: int, model, config_extra: dict, tensors: dict[str, torch
     return final
 
 
+def publish(path: Path, run_dir) -> None:
+    """Make checkpoint `path` the run's current weights: RUN/sae.safetensors becomes a hard link to the
+    checkpoint's file (the weights are written once per checkpoint; pruning the checkpoint later leaves
+    the link's data in place), RUN/config.json a copy of its config. A file system without hard links gets
+    a copy."""
+    run_dir = Path(run_dir)
+    for name in ("sae.safetensors", "config.json"):
+        tmp = run_dir / f".{name}.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            if name == "config.json":
+                raise OSError   # small: copied, so editing one never edits the other
+            os.link(path / name, tmp)
+        except OSError:
+            shutil.copyfile(path / name, tmp)
+        os.replace(tmp, run_dir / name)
+
+
 def load(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, dict]:
     """(sae weights, trainer tensors, trainer meta, config) of one checkpoint folder."""
     path = Path(path)
@@ -199,21 +217,33 @@ def prepare_live_dir(out, resume: bool, force: bool, state_file: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+TOKENS_DEFAULT = 524_288    # TrainOptions' default --tokens: a resume that does not give --tokens keeps the run's
+
 # options that decide what a run computes: a resumed run must be given the values it started with
 RESULT_OPTIONS = ("tokens", "batch_size", "lr", "lr_warmup", "lr_decay", "beta1", "beta2", "eps", "sparsity_warmup",
                   "seed", "noise_std", "mask_prob", "dead_after_tokens", "revive_every", "init_rows", "grad_clip")
 
 
-def check_resumed_options(saved_training: dict, options, run_dir) -> None:
+def check_resumed_options(saved_training: dict, options, run_dir) -> int | None:
     """--resume with a different --tokens, --lr, --batch-size, ... is refused in one line, never ignored.
-    (Options left unset, such as --lr or --noise-std, take the run's own values.)"""
+    (Options left unset, such as --lr or --noise-std, take the run's own values.) A larger --tokens extends
+    the run on purpose: returns the new budget (and says so on stderr); a smaller one is refused."""
+    extended = None
     for name in RESULT_OPTIONS:
         given, started = getattr(options, name), saved_training.get(name)
         if given is None:
             continue
+        if name == "tokens" and started is not None and given > started and given != TOKENS_DEFAULT:
+            import sys
+            print(f"--resume with --tokens {given:,} (the run started with {started:,}): extending the run; "
+                  f"the learning-rate schedule is recomputed for the new budget", file=sys.stderr)
+            extended = given
+            continue
         if name in saved_training and given != started:
             raise UserError(f"cannot resume {run_dir}: it was started with --{name.replace('_', '-')} {started}, "
-                            f"not {given}: give the options it started with (or train a new run)")
+                            f"not {given}: give the options it started with (or train a new run)"
+                            + (" — a larger --tokens extends it" if name == "tokens" else ""))
+    return extended
 
 
 def check_resumable(saved: dict, run_dir, variant, store, layer, d_sae, knobs) -> None:

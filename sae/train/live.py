@@ -31,6 +31,7 @@ import torch
 from sae.errors import UserError
 from sae.files import FolderLock, human_bytes, read_json
 from sae.lm.source import SourceOptions
+from sae.train.schedule import CheckpointClock
 from sae.train.producer import LiveSpec, Producer, StoreWriter, keep_rows
 
 STATE = "live_state.json"
@@ -181,7 +182,7 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     state = state or LiveState(settings=settings)
     out.mkdir(parents=True, exist_ok=True)
 
-    trainers = {}
+    trainers, clocks = {}, {}       # clocks: each layer's --checkpoint-every (sae.train.schedule)
     torch.manual_seed(options.seed)  # the initial weights are a function of the seed
     for layer in layers:
         model = transcoding.create(variants.get(variant), d_site, d_sae, expansion, knobs or {}, transcoder, skip)
@@ -233,11 +234,12 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
                 begin = time.perf_counter()
                 for layer, trainer in trainers.items():
                     if trainer.step_count == step:
-                        trainer.step(*(generation.acts[key][j * spec.batch_size:(j + 1) * spec.batch_size]
-                                       for key in transcoding.row_keys(layer, target_site)))
-                        if options.checkpoint_every and trainer.step_count % options.checkpoint_every == 0 \
-                                and trainer.step_count < total:
-                            trainer.save_checkpoint()
+                        logged = trainer.step(*(generation.acts[key][j * spec.batch_size:(j + 1) * spec.batch_size]
+                                                for key in transcoding.row_keys(layer, target_site)))
+                        if clocks.setdefault(layer, CheckpointClock(options.checkpoint_every, trainer.dist.enabled)).due(
+                                trainer.step_count, bool(logged)) and trainer.step_count < total:
+                            trainer.save_checkpoint()      # steps or wall time (sae.train.schedule)
+                            clocks[layer].saved()
                 sae_seconds += time.perf_counter() - begin
                 step += 1
                 bar.update(1)

@@ -27,7 +27,7 @@ class TrainOptions:
     device: str = "auto"
     noise_std: float | None = None        # None: the variant's default_noise_std (std in units of the scaled input's per-dim rms)
     mask_prob: float = 0.0                # drop each input dimension with this probability (input corruption)
-    checkpoint_every: int = 500           # steps; 0 saves only at the end
+    checkpoint_every: int | str = "10m"   # steps (500) or wall time ("10m"); 0 (Python API): only at the end
     keep_checkpoints: int = 3             # newest checkpoints kept (0: all)
     log_every: int = 10                   # steps between metrics.jsonl lines
     dead_after_tokens: int | None = None  # a latent is dead after this many tokens without firing (None: min(10M, tokens/10))
@@ -53,7 +53,9 @@ class TrainOptions:
         for name in ("lr_warmup", "lr_decay", "sparsity_warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("checkpoint_every", "keep_checkpoints", "eval_rows"):
+        from sae.train.schedule import parse
+        parse(self.checkpoint_every, allow_zero=True)
+        for name in ("keep_checkpoints", "eval_rows"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         for name in ("log_every", "dead_after_tokens", "grad_clip", "revive_every", "init_rows"):

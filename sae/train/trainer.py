@@ -30,6 +30,7 @@ from sae.errors import UserError
 from sae.train.optim import Adam
 from sae.train.options import TrainingDiverged, TrainOptions, default_lr, lr_at  # noqa: F401
 from sae.train.report import format_summary, progress_postfix
+from sae.train.schedule import CheckpointClock
 from sae.variants.base import SAE, StepContext, squared_distance
 from sae.kernels.autograd import sync_free
 from sae.files import FolderLock, read_json
@@ -327,13 +328,12 @@ class Trainer:
         self.check_finite()
         path = None
         if self.run_dir is not None and self.dist.is_main:
-            from sae.runs import save_run
             tensors, meta = self.state_dict()
             complete = self.step_count >= self.total_steps
             extra = self.config_extra_full(complete)
             path = checkpoint.save(self.run_dir, self.step_count, self.model, extra, tensors, meta,
                                    keep=self.options.keep_checkpoints)
-            save_run(self.model, self.run_dir, extra)
+            checkpoint.publish(path, self.run_dir)     # RUN/sae.safetensors: a link, the weights written once
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
@@ -407,12 +407,13 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
         saved = read_json(resume_from / "config.json", "the checkpoint's config")
         checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, knobs)
         transcoding.check_resume(saved, run_dir, transcoder, skip)
-        checkpoint.check_resumed_options(saved["training"], options, run_dir)
+        extended = checkpoint.check_resumed_options(saved["training"], options, run_dir)   # a larger --tokens
         if d_sae is None and expansion is not None and cls.default_d_sae(store.d_model, expansion) != saved["d_sae"]:
             raise UserError(f"cannot resume {run_dir}: its d_sae is {saved['d_sae']}, not {store.d_model} x "
                             f"--expansion {expansion}")
         d_sae, knobs = saved["d_sae"], saved.get("knobs", {})
-        options = TrainOptions.from_json({**saved["training"], "device": options.device})
+        options = TrainOptions.from_json({**saved["training"], "device": options.device,
+                                          **({"tokens": extended} if extended else {})})
 
     torch.manual_seed(options.seed)
     model = transcoding.create(cls, store.d_model, d_sae, expansion, knobs, transcoder, skip) if init_from is None \
@@ -443,7 +444,7 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
                                   device=trainer.device if cuda else None)
     bar = tqdm(total=total * batch, initial=trainer.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc=f"train {variant}", disable=(not progress) or (not dist.is_main) or None, file=sys.stderr)
-    interrupted = False
+    interrupted, clock = False, CheckpointClock(options.checkpoint_every, dist.enabled)
     try:
         with StopFlag() as stop:
             while trainer.step_count < total:
@@ -454,9 +455,9 @@ def _train_on_store(store, variant: str, run_dir, options: TrainOptions, knobs, 
                     bar.set_postfix_str(progress_postfix(metrics), refresh=False)
                     if on_log is not None and dist.is_main:
                         on_log(metrics)
-                every = options.checkpoint_every
-                if every and trainer.step_count % every == 0 and trainer.step_count < total:
-                    trainer.save_checkpoint()
+                if clock.due(trainer.step_count, bool(metrics)) and trainer.step_count < total:
+                    trainer.save_checkpoint()       # --checkpoint-every: steps or wall time (sae.train.schedule)
+                    clock.saved()
                 if (not dist.enabled or metrics) and stop.should_stop(dist.enabled):
                     interrupted = True
                     break
