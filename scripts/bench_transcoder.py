@@ -10,6 +10,7 @@ zero-ablated). Prints a table with the machine's roofline and load.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--windows", type=int, default=64, help="held-out windows replayed for the CE figures")
+    parser.add_argument("--kinds", default="plain,skip", help="which to train here: plain, skip or both (two "
+                                                             "processes can share --work; each prints the table)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default=None, help="folder for the store and runs (default: a temporary one; "
                                                       "a store already there is reused)")
@@ -58,10 +61,9 @@ def main(argv=None) -> int:
         collect(CollectOptions(model=args.model, dataset=args.dataset, layers=[args.layer], site="mlp_in",
                                target_site="mlp_out", out=store_path, tokens=args.collect_tokens, context_size=128,
                                batch_size=16, device=str(device)), loaded=loaded)
-    collect_seconds = time.perf_counter() - started
     store = ActivationStore(store_path)
-    rows = []
-    for skip in (False, True):
+    collect_seconds = store.manifest.get("collect_seconds") or time.perf_counter() - started
+    for skip in [kind == "skip" for kind in args.kinds.split(",")]:
         run = work / ("skip_transcoder" if skip else "transcoder")
         options = TrainOptions(tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, seed=0,
                                device=str(device), checkpoint_every=0, log_every=50, eval_rows=0)
@@ -71,16 +73,21 @@ def main(argv=None) -> int:
         train_seconds = time.perf_counter() - begin
         result = evaluate(run, store, device=device, loaded_model=loaded, max_windows=args.windows, probe=False,
                           progress=True)
-        rows.append((("skip transcoder" if skip else "transcoder"), result, summary, train_seconds))
+        (run / "bench.json").write_text(json.dumps({"eval": result, "d_sae": summary["d_sae"],
+                                                    "train_seconds": train_seconds}))
+    done = [(name, work / folder / "bench.json") for name, folder in
+            (("transcoder", "transcoder"), ("skip transcoder", "skip_transcoder"))]
+    rows = [(name, json.loads(path.read_text())) for name, path in done if path.is_file()]
     load = os.getloadavg()
     roofline = square_matmul_gflops(device=device)
     print(f"\nSmolLM2 layer {args.layer} mlp_in -> mlp_out, topk k={args.k}, {args.expansion:g}x "
-          f"(d_sae {rows[0][2]['d_sae']}), {len(store):,} rows collected in {collect_seconds:.0f} s, "
+          f"(d_sae {rows[0][1]['d_sae']}), {len(store):,} rows collected in {collect_seconds:.0f} s, "
           f"{args.train_tokens:,} training tokens each, batch {args.batch_size}; device {device}, "
           f"roofline {roofline:,.0f} GFLOP/s, load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
     print("| transcoder | FVU (MLP out) | L0 | CE clean | CE spliced | CE zero-abl. | CE recovered | train s |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, result, _, seconds in rows:
+    for name, saved in rows:
+        result, seconds = saved["eval"], saved["train_seconds"]
         print(f"| {name} | {result['fvu']:.4f} | {result['l0']:.1f} | {result.get('ce_loss_clean', float('nan')):.4f} "
               f"| {result.get('ce_loss_spliced', float('nan')):.4f} | "
               f"{result.get('ce_loss_zero_ablated', float('nan')):.4f} | "

@@ -18,8 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-from test_dashboard_browser import (browser, free_port, nothing_ran, pytestmark, visible,  # noqa: F401
-                                    wait_for, wait_healthy)
+import test_dashboard_browser as shared
+from test_dashboard_browser import free_port, nothing_ran, visible, wait_for, wait_healthy
+
+pytestmark = shared.pytestmark          # slow; skipped without Debian's chromium and chromedriver
+browser = shared.browser                # the same headless Chromium fixture
 
 N_BANDS = 5
 SERVER = {}          # the served process's pid, for the threading check

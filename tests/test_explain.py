@@ -104,9 +104,13 @@ def planted_sae():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def build_world(root):
+    """ROOT/tok (the word tokenizer), ROOT/store, ROOT/run with the planted SAE, analysed."""
     from sae.analyze.pipeline import AnalyzeOptions, analyze
     from sae.runs import save_run
-    root = tmp_path_factory.mktemp("world")
     tokenizer = word_tokenizer(root / "tok")
     store, _ = write_world_store(root / "store", tokenizer, documents())
     save_run(planted_sae(), root / "run", {"layer": 0, "site": "resid_post", "model": str(root / "tok")})

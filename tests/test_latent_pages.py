@@ -12,9 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from test_explain import GROUPS, TRUE, documents, world, write_world_store, word_tokenizer  # noqa: F401 - world: fixture
+from test_explain import GROUPS, TRUE, build_world, documents, write_world_store, word_tokenizer
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
 
 
 def test_token_search_ranks_the_planted_feature_first(world):

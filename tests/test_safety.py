@@ -139,7 +139,7 @@ def test_the_lock_is_exclusive_between_processes(tmp_path):
     time.sleep(0)
 
 
-@pytest.mark.parametrize("changed", [["--tokens", 4096], ["--lr", 0.01], ["--batch-size", 128], ["--expansion", 4]])
+@pytest.mark.parametrize("changed", [["--tokens", 1024], ["--lr", 0.01], ["--batch-size", 128], ["--expansion", 4]])
 def test_resume_with_other_settings_is_refused_not_ignored(project, tmp_path, changed):
     run = tmp_path / "run"
     base = ["train", "--activations", project / "store", "--variant", "topk", "--k", 4, "--tokens", 2048,

@@ -1,6 +1,7 @@
 """Real scale (issue 19): per-shard metadata, a split and shuffled epochs in memory proportional to the shards,
 --max-tokens, bytes written by a collection, and refusals of bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -142,3 +143,33 @@ def test_max_tokens_zero_is_refused(command, tmp_path):
     assert result.returncode == 2
     assert "--max-tokens" in result.stderr and "at least 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _written_by_this_process() -> int:
+    """Bytes this process has handed to write() so far (/proc/self/io wchar: Rust's writes included)."""
+    with open("/proc/self/io") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("wchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_collection_writes_at_most_105_percent_of_the_store(tiny_lm, tmp_path):
+    from conftest import write_labelled_corpus
+
+    from sae.collect import CollectOptions, collect
+    corpus = write_labelled_corpus(tmp_path / "docs.jsonl", ["the", "cat", "sat", "on", "a", "mat", "dog"], 60,
+                                   (4, 16), seed=2)
+    loaded = tiny_lm("llama")
+    out = tmp_path / "store"
+    before = _written_by_this_process()
+    result = collect(CollectOptions(model=loaded.name, dataset=str(corpus), out=out, layers=[0, 2], site="resid_post",
+                                    context_size=24, batch_size=3, shard_tokens=60, progress=False), loaded=loaded)
+    written = _written_by_this_process() - before
+    size = sum(p.stat().st_size for p in out.iterdir())
+    assert result.n_shards >= 10                                   # the manifest's old per-shard rewrite would show
+    assert written <= 1.05 * size and result.bytes_written <= 1.05 * size
+    assert result.bytes_written <= written                         # what it counted, the kernel saw
+    store = ActivationStore(out)
+    assert [m.name for m in store_index.read(out)] == store.manifest["shards"]
+    stats = store.manifest["norm_stats"]["2"]                       # computed while collecting, exact here
+    norms = torch.cat([store.read_shard(i, "activations.2").norm(dim=-1) for i in range(len(store.shards))])
+    assert stats["p99"] == pytest.approx(float(norms.double().quantile(0.99)), rel=1e-5)

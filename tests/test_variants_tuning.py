@@ -49,6 +49,7 @@ def test_target_l0_is_refused_outside_its_range():
 
 @pytest.mark.parametrize("penalty", ["l0", "tanh"])
 def test_target_l0_holds_the_mean_l0_near_the_target(penalty):
+    """(with tanh, the penalty is not used in target mode; the pre-activation loss is on in both)"""
     x = sparse_data()
     torch.manual_seed(0)
     model = variants.create("jumprelu", d_in=32, d_sae=128, target_l0=4.0, sparsity_penalty=penalty,

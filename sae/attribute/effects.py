@@ -77,12 +77,12 @@ def direct_effect_rows(rm, token: int, max_feature_nodes: int | None = None, bat
     n_candidates = int((~seen).sum())
     budget = n_candidates if max_feature_nodes is None else min(int(max_feature_nodes), n_candidates)
     batch = max(1, min(batch_size, budget)) if budget else 1
-    frozen = rm.forward(batch=batch, probes=True)
     sources = _Sources(rm)
+    logit = _rows(rm, rm.forward(batch=1, probes=True), sources, [("logit", token)])[0]   # one copy for one row
+    frozen = rm.forward(batch=batch, probes=True) if budget else None
     feature_layer = torch.cat([torch.full((len(p.features),), layer, dtype=torch.long)
                                for layer, p in rm.parts.items()]) if n_features else torch.zeros(0, dtype=torch.long)
     offsets = rm.feature_offsets()
-    logit = _rows(rm, frozen, sources, [("logit", token)])[0]
     visited = torch.zeros(0, dtype=torch.long)
     rows = torch.zeros(0, rm.n_sources, dtype=logit.dtype, device=logit.device)
     bar = tqdm(total=budget, desc="attribution rows", unit="feature", disable=not progress or budget == 0)

@@ -19,8 +19,8 @@ class AttributeOptions:
     model: str | None = None                 # default: the model the runs name
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
-    max_feature_nodes: int | None = 512      # rows computed (None: every active feature)
-    batch_size: int = 32                     # targets per backward pass
+    max_feature_nodes: int | None = 256      # rows computed (None: every active feature)
+    batch_size: int = 64                     # targets per backward pass
     allow_missing: bool = False
     device: str = "cpu"
     model_dtype: str = "auto"

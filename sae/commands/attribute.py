@@ -20,8 +20,8 @@ def add_arguments(parser):
                         help="keep the nodes holding this share of the influence on the target (default 0.8)")
     parser.add_argument("--edge-threshold", type=float, default=0.98,
                         help="keep the edges holding this share of the remaining influence (default 0.98)")
-    parser.add_argument("--max-feature-nodes", type=int, default=512,
-                        help="features whose inputs are computed, most influential first (default 512; 0: none)")
+    parser.add_argument("--max-feature-nodes", type=int, default=256,
+                        help="features whose inputs are computed, most influential first (default 256; 0: none)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="allow layers without a transcoder: their MLPs are kept whole, as error nodes")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -39,7 +39,7 @@ def run(args):
         raise UserError(f"{args.out} exists: pass --force to replace it")
     opts = AttributeOptions(runs=args.run, prompt=args.prompt, target=args.target, out=args.out, model=args.model,
                             node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-                            max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size or 32,
+                            max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size or 64,
                             allow_missing=args.allow_missing, device=resolve(args.device),
                             model_dtype=args.model_dtype)
     graph = attribute(opts)

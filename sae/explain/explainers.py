@@ -45,6 +45,9 @@ class LocalLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = next(self.model.parameters()).device
         self.answer_ids = {word: self._first_ids(word) for word in ("Yes", "No")}
+        # an explanation is one line: generation stops at the first line break (or the end of the turn)
+        newline = self.tokenizer.encode("\n", add_special_tokens=False)
+        self.stop_ids = sorted({i for i in (self.tokenizer.eos_token_id, *newline[-1:]) if i is not None})
 
     def _first_ids(self, word: str) -> list[int]:
         ids = set()
@@ -70,7 +73,8 @@ class LocalLM:
             batch = self._batch(texts, room=max_new_tokens)
             try:
                 generated = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                                pad_token_id=self.tokenizer.pad_token_id)      # [b, prompt + new]
+                                                pad_token_id=self.tokenizer.pad_token_id,
+                                                eos_token_id=self.stop_ids)                    # [b, prompt + new]
             except Exception as error:  # noqa: BLE001 - a model that cannot generate: one line
                 raise UserError(f"the explainer {self.name!r} could not generate: {type(error).__name__}: "
                                 f"{error}") from None

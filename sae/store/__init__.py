@@ -4,6 +4,8 @@ training's --save-activations, read by training, eval and analysis.
     layout.py   the manifest's name, the held-out rule, shard names, the manifest digest
     reader.py   ActivationStore: lazy, memory-mapped reading; seekable training batches
     writer.py   shards under a temporary name then renamed; from_tensors
+    index.py    per-shard metadata (index.jsonl): rows, held-out row ranges, norm sums, a collection's progress
+    split.py    the train / held-out split as runs of rows, and the shuffled batch plan over it
 
 May import: sae.errors, sae.files. Nothing else of the project.
 """

@@ -2,6 +2,8 @@
 
     trainer.py    TrainOptions, Trainer (the step, schedules, dead latents, logging), train_on_store
     checkpoint.py run-folder checkpoints and resume
+    schedule.py   --checkpoint-every: steps (500) or wall time (10m)
+    parallel.py   the loss module DistributedDataParallel wraps (no unused-parameter search for the TopK family)
     optim.py      Adam with the unit-norm decoder's renormalisation in the same pass
     report.py     what a finished run prints
     live.py       live training: one SAE per layer from one forward pass (`sae train --model`)

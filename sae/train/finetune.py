@@ -67,6 +67,9 @@ def start_from(source, cls, store, layer=None, d_sae: int | None = None, knobs: 
     merged = {k: v for k, v in {**inherited, **(knobs or {})}.items() if k in cls.KNOBS}
     model = cls.create(loaded.d_in, loaded.d_sae, **merged)
     state = {k: v.detach().float().cpu() for k, v in loaded.state_dict().items()}
+    buffers = dict(model.named_buffers())
+    for key in set(buffers) - set(state):      # a buffer the source's variant lacks (batchtopk's θ): its default
+        state[key] = buffers[key]
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -393,6 +393,9 @@ class StoreWriter:
             tensors = shard_tensors(self._pending, self.layers, self.has_labels)
             name = shard_name(len(self.manifest["shards"]))
             write_shard(self.path / name, tensors)
+            from sae.store import index as store_index
+            if not self.manifest["shards"] or (self.path / store_index.INDEX).is_file():   # an older store has none
+                store_index.append(self.path, store_index.shard_meta(name, tensors, self.layers, self.path / name))
             self.manifest["shards"].append(name)
             self.manifest["shard_rows"].append(len(tensors["doc_id"]))
             self.manifest["n_tokens"] += len(tensors["doc_id"])

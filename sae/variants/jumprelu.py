@@ -7,8 +7,8 @@ gradient: with the rectangle kernel K(u) = 1[|u| < ½] and bandwidth ε,
   ∂/∂θ [pre · H(pre − θ)] := −(θ/ε) K((pre − θ)/ε),   ∂/∂θ H(pre − θ) := −(1/ε) K((pre − θ)/ε),
 and, as in Anthropic's January 2025 update, the L0 term's pseudo-gradient also reaches pre
 (∂/∂pre H(pre − θ) := (1/ε) K((pre − θ)/ε)), so encoder and bias learn sparsity too, not the threshold alone.
-θ = exp(log_threshold) stays positive; it starts, per latent, at the pre-activation quantile of a data sample
-that makes about min(64, d_sae/4) latents fire per token (so a short run starts sparse rather than dense).
+θ = exp(log_threshold) stays positive; it starts small, with b_enc set so that each latent fires on a data
+sample's top min(64 or --target-l0, d_sae/4)/d_sae share of tokens (a short run starts sparse, with small codes).
 Codes are exactly zero below θ.
 
 The current recipes, as knobs beside the original one:
@@ -17,8 +17,7 @@ The current recipes, as knobs beside the original one:
 - `--pre-act-coefficient λ_p` (Anthropic, January 2025): + λ_p · Σ_j ReLU(θ_j − pre_j), which pulls every
   latent's pre-activation up toward its threshold, so latents that stopped firing come back (0: off).
 - `--target-l0 T` holds the mean L0 near T (Gemma Scope 2's way): the sparsity term becomes a quadratic pull
-  d_in · (L0 / T − 1)² of the batch's L0 toward T (its straight-through count, or with tanh the
-  smooth count Σ tanh(c · f_j)) (scaled with d_in, as the reconstruction
+  d_in · (L0 / T − 1)² of the batch's straight-through L0 toward T (scaled with d_in, as the reconstruction
   term is), which pushes both ways, and the thresholds start where about T latents fire per token. λ and the
   sparsity warm-up do not apply in this mode.
 """
@@ -111,14 +110,19 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
         super().init_from_data(x)
-        self.log_threshold.copy_(self.sparse_start_log_threshold(self.pre_acts(x)))
+        self.sparse_start(self.pre_acts(x), torch.ones(self.d_sae, dtype=torch.bool, device=x.device))
 
     @torch.no_grad()
-    def sparse_start_log_threshold(self, pre: torch.Tensor) -> torch.Tensor:
-        """[n, m] pre-activations -> [m] log θ at which each latent fires on about min(64, d_sae/4)/d_sae of them."""
+    def sparse_start(self, pre: torch.Tensor, latents: torch.Tensor) -> None:
+        """pre [n, m] pre-activations of the m chosen latents ([d_sae] bool) -> each fires on about
+        min(T or 64, d_sae/4)/d_sae of the tokens: θ at the small INITIAL_THRESHOLD and b_enc lowered by the
+        pre-activation quantile, so that firing codes start small (just above θ; a θ at the quantile itself
+        would make every code at least that large) and the decoder can grow them."""
         rate = min(0.25, (self.knobs.get("target_l0") or INITIAL_L0) / self.d_sae)
         rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
-        return pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log()
+        quantile = pre.kthvalue(rank, dim=0).values                # [m]
+        self.b_enc[latents] += INITIAL_THRESHOLD - quantile
+        self.log_threshold[latents] = float(torch.tensor(INITIAL_THRESHOLD).log())
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -149,8 +153,9 @@ class JumpReLUSAE(SAE):
         if target is None:
             weight = self.knobs["l0_coefficient"] * ctx.sparsity_scale
             loss = recon + weight * sparsity
-        else:   # a quadratic pull of the batch's L0 (its straight-through count or tanh proxy) toward the target
-            loss = recon + TARGET_WEIGHT * self.d_in * (sparsity / target - 1.0).pow(2)
+        else:   # a quadratic pull of the batch's straight-through L0 toward the target
+            l0 = sparsity if self.knobs["sparsity_penalty"] == "l0" else _Step.apply(pre, threshold, eps).sum(dim=1).mean()
+            loss = recon + TARGET_WEIGHT * self.d_in * (l0 / target - 1.0).pow(2)
         terms = {"recon": recon.detach(), "sparsity": sparsity.detach(), "fvu": batch_fvu(x_hat.detach(), x_target)}
         if self.knobs["pre_act_coefficient"] > 0:
             pre_act = torch.relu(threshold - pre).sum(dim=1).mean()
@@ -164,5 +169,5 @@ class JumpReLUSAE(SAE):
         if revived:
             # a revived latent starts as sparse as a fresh one: a fixed small θ would let it fire on a large
             # share of tokens at once, and many such latents blow the reconstruction up
-            self.log_threshold[dead_mask] = self.sparse_start_log_threshold(self.pre_acts(x)[:, dead_mask])
+            self.sparse_start(self.pre_acts(x)[:, dead_mask], dead_mask)
         return revived

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.variants.base import SAE, LossOutput, StepContext, total_variance
+from sae.variants.base import SAE, LossOutput, StepContext, geometric_median, total_variance
 
 _CLASSES: dict[type, type] = {}
 
@@ -105,6 +105,13 @@ class TranscoderMixin:
             getattr(self, f"{name}_scale").fill_(math.sqrt(self.d_in) / float(mean_norm))
         self.init_from_data(y.float().to(self.target_scale.device) * self.target_scale)
         self.normalize_decoder()
+        W_enc, b_enc, b_dec = (getattr(self, name, None) for name in ("W_enc", "b_enc", "b_dec"))
+        if all(isinstance(t, torch.Tensor) for t in (W_enc, b_enc, b_dec)) and b_enc.shape == (self.d_sae,):
+            # the encoder subtracts b_dec, the *target's* median; the input's own median sits elsewhere: the
+            # encoder bias starts where the pre-activations are those of the input centred on its median
+            # (without it a large shared input component favours a few latents and most never fire)
+            x_median = geometric_median(x.float().to(W_enc.device) * self.input_scale)             # [d_in]
+            b_enc.copy_(-(x_median - b_dec) @ W_enc)
 
     def training_loss(self, x_input: torch.Tensor, x_target: torch.Tensor, ctx: StepContext) -> LossOutput:
         """x_input: the scaled (possibly corrupted) MLP input; x_target: the scaled MLP output to predict."""

@@ -40,7 +40,7 @@ class VariationalAutoencoder(SAE):
         "free_bits": Knob(0.05, "per-dimension KL floor in nats (free bits) against posterior collapse", float,
                           minimum=0.0),
         "kl_warmup": Knob(0.1, "share of training over which the KL weight rises linearly from 0 to β (KL "
-                          "annealing against posterior collapse), in [0, 1]; 0: off", float, minimum=0.0),
+                          "annealing against posterior collapse), in [0, 1]; 0: off", float),
     }
     signed_codes = True
 
