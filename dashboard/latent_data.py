@@ -114,7 +114,7 @@ def contrast(codes_a: list, codes_b: list, k: int = 30) -> pd.DataFrame:
 @dataclass
 class WindowIndex:
     keys: pd.DataFrame             # shard, window_index, doc_id per row
-    matrix: object                 # [windows, d_sae] sparse CSR, rows of unit norm (mean codes)
+    matrix: object                 # [windows, d_sae] sparse CSR: mean codes × idf, rows of unit norm
 
 
 @st.cache_resource(show_spinner="Indexing contexts…", max_entries=4)
@@ -131,8 +131,12 @@ def build_window_index(arrow_table, d_sae: int | None = None) -> WindowIndex:
     data = values.values.to_numpy().astype(np.float32)
     width = d_sae or (int(columns.max()) + 1 if len(columns) else 1)
     matrix = csr_matrix((data, columns, offsets), shape=(len(offsets) - 1, width))
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
     from scipy.sparse import diags
+    # idf weights: a latent among the strongest of every window (position, BOS-like) tells windows apart
+    # no better than a stop word, and would otherwise make every window look alike
+    present = np.bincount(columns, minlength=width)
+    matrix = matrix @ diags(np.log((matrix.shape[0] + 1) / (present + 1)).astype(np.float32))
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
     matrix = diags(1.0 / np.maximum(norms, 1e-12)) @ matrix
     keys = arrow_table.select(["shard", "window_index", "doc_id"]).to_pandas()
     return WindowIndex(keys, matrix.tocsr())
@@ -144,7 +148,7 @@ def window_index(run) -> WindowIndex | None:
 
 
 def similar_windows(index: WindowIndex, row: int, k: int = 10) -> pd.DataFrame:
-    """The k stored windows whose mean codes are nearest (cosine) to window `row`'s, itself excluded."""
+    """The k stored windows whose idf-weighted mean codes are nearest (cosine) to window `row`'s, itself excluded."""
     similarity = (index.matrix @ index.matrix[row].T).toarray().ravel()
     similarity[row] = -np.inf
     order = np.argsort(-similarity, kind="stable")[:k]

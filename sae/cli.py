@@ -257,10 +257,10 @@ def entry() -> None:
     need the GIL. Otherwise (a group still initialised, or left after an error) the process exits the ordinary
     way: a rank leaving early would reset its peers' connections. Kept out of main() itself, which tests and
     other programs call in their own processes."""
-    from sae.devices import keep_freed_memory
     from sae.threads import apply as apply_thread_policy
+    apply_thread_policy(sys.argv[1:])     # OpenMP's waiting policy, before torch loads (sae.devices imports it)
+    from sae.devices import keep_freed_memory
     keep_freed_memory()
-    apply_thread_policy(sys.argv[1:])     # OpenMP's waiting policy, before torch loads (sae.threads)
     try:
         main()
         code = 0

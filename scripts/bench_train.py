@@ -12,6 +12,7 @@ minutes), and the fraction of the roofline reached:
   dense variants       10·d_in·d_sae FLOP a token (forward 4, backward about 6);
   TopK family (any variant with a `k` knob): the encoder-only limit 2·d_in·d_sae FLOP a token
   (issue 4: only the encoder's product needs to be dense).
+jumprelu runs with --target-l0 32 unless --set names it.
 Held-out FVU, L0 and dead fraction come from the run's train_summary.json (up to 16,384 held-out
 tokens of the store's fixed doc_id split), then the L0–FVU pairs of the sparse families.
 """
@@ -31,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ["topk", "batchtopk", "jumprelu", "gated", "l1"]
+# knobs the bench gives unless --set names the variant: jumprelu at the TopK family's L0 (issue 22's target)
+DEFAULT_SET = {"jumprelu": ["--target-l0", "32"]}
 
 
 def cache_dir() -> Path:
@@ -81,7 +84,7 @@ def train_one(variant: str, store: Path, out: Path, args) -> dict:
                "--device", args.device, "--seed", str(args.seed), "--force", "--checkpoint-every", "24h"]  # 0 is refused: one at the end
     if args.expansion is not None:
         command += ["--expansion", str(args.expansion)]
-    command += args.extra.get(variant, [])
+    command += args.extra.get(variant, DEFAULT_SET.get(variant, []))
     if args.bf16:
         command.append("--bf16")
     start = time.perf_counter()

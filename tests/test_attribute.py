@@ -44,7 +44,7 @@ def replacement(tiny_lm):
     with torch.no_grad():
         clean = rm.prepare(ids)
     token = int(clean[-1].argmax())
-    rows = direct_effect_rows(rm, token, max_feature_nodes=None, batch_size=16, progress=False)
+    rows = direct_effect_rows(rm, token, max_feature_nodes=None, batch_size=64, progress=False)
     return rm, clean, token, rows
 
 

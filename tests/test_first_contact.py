@@ -341,3 +341,13 @@ def test_the_policy_is_set_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "SAE_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
     assert out.split() == ["{'OMP_WAIT_POLICY':", "'PASSIVE'}", "PASSIVE", "True"]
+
+
+def test_the_sae_command_applies_the_policy_before_torch_loads():
+    """Through the real entry point (`python -m sae`): a command sees OMP_WAIT_POLICY as sae.threads set it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "SAE_THREADS")}
+    probe = ("import os, sys\nimport sae.cli\nsys.argv = ['sae', 'dashboard', 'RUN']\n"
+             "sae.cli.main = lambda: print('POLICY', os.environ.get('OMP_WAIT_POLICY'), flush=True)\n"
+             "sae.cli.entry()\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout
+    assert "POLICY PASSIVE" in out, out

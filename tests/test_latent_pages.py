@@ -65,7 +65,8 @@ def test_similar_windows_match_brute_force(world):
     window = store.column("window_index").long()
     means = torch.zeros(int(window.max()) + 1, codes.shape[1]).index_add_(0, window, codes)
     means = means / torch.bincount(window)[:, None]
-    unit = torch.nn.functional.normalize(means, dim=1)
+    idf = torch.log((len(means) + 1) / ((means > 0).sum(0) + 1))      # d_sae = 8 < 256 kept: every latent is kept
+    unit = torch.nn.functional.normalize(means * idf, dim=1)
     for row in (0, 5, 17):
         w = int(index.keys["window_index"].iloc[row])
         brute = (unit @ unit[w]).numpy()

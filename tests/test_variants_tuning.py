@@ -246,3 +246,16 @@ def test_tpp_with_label_latents_scores_high_and_without_them_low():
     mixed = tpp_score(doc_ids, labels.numpy(), (raw @ W_mixed.T).numpy(), raw.numpy(), W_mixed, n_latents=1)
     assert mixed["tpp"] < labelled["tpp"] - 0.5
     assert math.isfinite(mixed["tpp_raw"])
+
+
+def test_gated_p_annealing_knob_and_its_penalty():
+    with pytest.raises(UserError, match="--p-end must be in"):
+        variants.create("gated", d_in=8, d_sae=16, p_end=0.0)
+    from sae.variants.base import StepContext
+    torch.manual_seed(0)
+    model = variants.create("gated", d_in=8, d_sae=16, p_end=0.5, l1_coefficient=1.0)
+    x = torch.randn(32, 8)
+    gate = torch.relu(model.paths(x)[0])
+    halfway = model.training_loss(x, x, StepContext(progress=0.5))
+    expected = gate.detach().pow(0.75).sum(dim=1).mean()          # p = 1 + (0.5 − 1) · 0.5
+    assert float(halfway.terms["l1"]) == pytest.approx(float(expected), rel=1e-5)

@@ -123,24 +123,27 @@ def layout(graph: dict, links: dict | None = None) -> tuple[pd.DataFrame, pd.Dat
                   "y2": where[e["target"]][1], "weight": e["weight"], "width": 0.4 + 6.0 * abs(e["weight"]) / top,
                   "sign": "positive" if e["weight"] >= 0 else "negative",
                   "edge": f"{labels[e['source']]} → {labels[e['target']]}"} for e in edges]
-    token_rows = [{"x": float(i), "y": -1.7, "token": token} for i, token in enumerate(tokens)]
+    token_rows = [{"x": float(i), "y": -1.55, "token": token if len(token) <= 12 else token[:11] + "…"}
+                  for i, token in enumerate(tokens)]
     return frame, pd.DataFrame(edge_rows), pd.DataFrame(token_rows)
 
 
 def chart(nodes: pd.DataFrame, edges: pd.DataFrame, tokens: pd.DataFrame, n_layers: int) -> alt.LayerChart:
     x_scale = alt.Scale(domain=[-0.6, max(len(tokens), 1) - 0.4], nice=False)
-    y_scale = alt.Scale(domain=[-2.1, n_layers + 0.6], nice=False)
+    y_scale = alt.Scale(domain=[-2.0, n_layers + 0.6], nice=False)
+    y_axis = alt.Axis(values=list(range(-1, n_layers + 1)), title="layer", labelOverlap=True,
+                      labelExpr=f"datum.value == -1 ? 'embed' : datum.value == {n_layers} ? 'logit' : datum.label")
     layers = []
     if len(edges):
         layers.append(alt.Chart(edges).mark_rule(opacity=0.55).encode(
-            x=alt.X("x:Q", scale=x_scale, axis=None), y=alt.Y("y:Q", scale=y_scale, title="layer"),
+            x=alt.X("x:Q", scale=x_scale, axis=None), y=alt.Y("y:Q", scale=y_scale, axis=y_axis),
             x2="x2:Q", y2="y2:Q", strokeWidth=alt.StrokeWidth("width:Q", legend=None),
             color=alt.Color("sign:N", scale=alt.Scale(domain=["positive", "negative"], range=["#2e6fdb", "#d62728"]),
                             legend=alt.Legend(title="edge")),
             tooltip=["edge:N", alt.Tooltip("weight:Q", format="+.4g")]))
     layers.append(alt.Chart(nodes).mark_circle(opacity=0.95, stroke="#333", strokeWidth=0.5).encode(
         x=alt.X("x:Q", scale=x_scale, axis=None),
-        y=alt.Y("y:Q", scale=y_scale, title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("y:Q", scale=y_scale, axis=y_axis),
         size=alt.Size("influence:Q", scale=alt.Scale(range=[40, 400]), legend=None),
         fill=alt.Fill("kind:N", scale=alt.Scale(domain=list(KIND_COLOURS), range=list(KIND_COLOURS.values())),
                       legend=alt.Legend(title="node")),
@@ -148,8 +151,8 @@ def chart(nodes: pd.DataFrame, edges: pd.DataFrame, tokens: pd.DataFrame, n_laye
         tooltip=["label:N", "kind:N", "layer:Q", "position:Q", "feature:Q",
                  alt.Tooltip("activation:Q", format=".4g"), alt.Tooltip("influence:Q", format=".3f"),
                  alt.Tooltip("direct effect:Q", format="+.4g"), "top inputs:N", "top outputs:N"]))
-    layers.append(alt.Chart(tokens).mark_text(angle=315, align="right", baseline="middle", fontSize=12).encode(
-        x=alt.X("x:Q", scale=x_scale, axis=None), y=alt.Y("y:Q", scale=y_scale), text="token:N"))
+    layers.append(alt.Chart(tokens).mark_text(align="center", baseline="top", fontSize=12, font="monospace").encode(
+        x=alt.X("x:Q", scale=x_scale, axis=None), y=alt.Y("y:Q", scale=y_scale, axis=y_axis), text="token:N"))
     height = max(420, 26 * (n_layers + 3))
     return alt.layer(*layers).properties(height=height).interactive(bind_y=False)
 

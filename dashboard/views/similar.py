@@ -1,6 +1,6 @@
 """Similar contexts: given a stored context window, the stored windows whose codes are nearest (cosine of
-the windows' mean SAE codes, from analysis/window_codes.parquet): retrieval in code space, not in raw
-activations."""
+the windows' mean SAE codes, each latent weighted by its idf over the windows; analysis/window_codes.parquet):
+retrieval in code space, not in raw activations."""
 from __future__ import annotations
 
 import streamlit as st
@@ -20,7 +20,7 @@ def show(runs, place) -> None:
         raise DataProblem(f"{run.name} has no window_codes.parquet: run `sae analyze` again with this version")
     meta = read_meta(run)
     st.caption(md(run.describe()) + f" · {len(index.keys):,} stored windows, compared by the cosine of their "
-               "mean codes")
+               "mean codes, each latent weighted by its idf (rare latents count more)")
     shards = sorted(index.keys["shard"].unique().tolist())
     left, right = st.columns(2)
     shard = left.selectbox("Shard", shards, key="similar_shard")

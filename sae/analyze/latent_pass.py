@@ -7,7 +7,8 @@ statistics (sae.analyze.pipeline calls update() per batch and write() at the end
     anomalies.parquet       every stored context window ranked by reconstruction error: the mean over its
                             tokens of ‖x − x̂‖², divided by the store's mean ‖x‖²; the worst windows also
                             carry their tokens and per-token errors
-    window_codes.parquet    per window, the strongest latents of its mean code (retrieval in code space)
+    window_codes.parquet    per window, the 256 strongest latents of its mean code (retrieval in code space; the
+                            dashboard weights them by idf, as the densest latents are strong in every window)
 
 Per batch only the row's `per_row` strongest codes are counted for the token table, so its cost does not
 grow with dense codes.
@@ -22,7 +23,7 @@ import torch
 
 class LatentStats:
     def __init__(self, store, d_sae: int, device="cpu", per_row: int = 16, per_token: int = 16,
-                 per_window: int = 32, worst_windows: int = 200, floor: float = 0.0, signed: bool = False):
+                 per_window: int = 256, worst_windows: int = 200, floor: float = 0.0, signed: bool = False):
         self.store, self.d_sae, self.device = store, d_sae, device
         self.per_row, self.per_token, self.per_window = min(per_row, d_sae), per_token, min(per_window, d_sae)
         self.worst_windows, self.floor, self.signed = worst_windows, floor, signed

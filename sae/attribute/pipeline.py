@@ -62,6 +62,11 @@ def prompt_ids(loaded, prompt: str, device) -> torch.Tensor:
     ids = loaded.tokenizer(prompt)["input_ids"]                                  # BOS as the model adds it
     if not ids:
         raise UserError("--prompt tokenises to nothing: give some text")
+    config = getattr(loaded.model, "config", None)
+    limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, key, None), int)), None)
+    if limit is not None and len(ids) > limit:
+        raise UserError(f"--prompt is {len(ids)} tokens, more than {loaded.name} takes ({limit} positions)")
     return torch.tensor([ids], dtype=torch.long, device=device)                  # [1, n_pos]
 
 

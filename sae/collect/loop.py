@@ -23,7 +23,9 @@ import torch
 from sae import distributed
 from sae import store as store_lib
 from sae.collect import progress
+from sae.collect.ahead import ahead
 from sae.collect.norms import NormSketch, merged, read_back
+from sae.collect.early import check_before_loading
 from sae.collect.rows import BatchRows, batch_rows, shard_tensors
 from sae.collect.targets import capture_sites, check_complete, check_target_site
 from sae.data import PAD_DOC, load_documents, pack_windows
@@ -169,13 +171,11 @@ def collect(options: CollectOptions, loaded: LoadedModel | None = None) -> Colle
     """Run a collection (see the module docstring). Returns where the store is and what it holds.
     The store folder is locked while it is written (rank 0 holds the lock): a second writer is refused."""
     import contextlib
-    from sae.collect.early import already_complete, check_before_loading, remove_if_left_empty
+    from sae.collect.early import already_complete, remove_if_left_empty
     out = Path(options.out)
     if options.resume and (done := already_complete(out, options.tokens)) is not None:
         return CollectResult(out, **done, already_complete=True)
     created = not out.exists()
-    if loaded is None and distributed.is_main_process():
-        check_before_loading(options)        # from the model's config: seconds, before any folder or weights
     try:
         with FolderLock(out, "sae collect") if distributed.is_main_process() else contextlib.nullcontext():
             return _collect(options, loaded)
@@ -195,6 +195,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     if d.enabled and d.rank != 0:
         old_manifest = prepare_out(out, options.resume, True) if options.resume else None
     if loaded is None:
+        check_before_loading(options)       # --layers from the model's config: seconds, before the weights
         loaded = load_model(options.model, device=device, dtype=options.model_dtype)
     model_dtype = loaded_dtype(loaded)
     if options.dtype is None:   # the store follows the model: a bf16 model writes a bf16 store
@@ -219,7 +220,8 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     batch_size = state["batch_size"]
 
     documents, label_names = load_documents(options.dataset, options.text_column, options.split)
-    windows = pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id, loaded.eos_id, loaded.pad_id)
+    windows = ahead(pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id, loaded.eos_id,
+                                 loaded.pad_id))     # tokenised in a thread, ahead of the model
     stored_dtype = DTYPES[options.dtype]
     element = torch.tensor([], dtype=stored_dtype).element_size()
     d_site = site_width(loaded, options.site, layers)      # the rows' width: d_model, or n_heads·d_head for attn_z

@@ -33,9 +33,9 @@ CLASSIC = ("linear", "relu", "l1", "kl", "denoising", "contractive", "vae", "vq"
 K_GRID = (16, 32, 64)
 PENALTY_FACTORS = (4.0, 1.0, 0.25)  # × the variant's default coefficient: sparse → dense
 PENALTY_KNOBS = ("l1_coefficient", "l0_coefficient", "sparsity_coefficient")
-TABLE_COLUMNS = ["name", "variant", "knobs", "d_sae", "l0", "fvu", "explained_variance", "mse", "dead_fraction",
-                 "cosine_similarity", "l2_ratio", "ce_loss_recovered", "kl_div_score", "ce_loss_spliced",
-                 "probe_top1", "train_seconds", "rank"]
+TABLE_COLUMNS = ["name", "variant", "knobs", "d_sae", "l0", "fvu", "fvu_sparse", "explained_variance", "mse",
+                 "dead_fraction", "cosine_similarity", "l2_ratio", "ce_loss_recovered", "kl_div_score",
+                 "ce_loss_spliced", "probe_top1", "absorption", "tpp", "train_seconds", "rank"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ class GridPoint:
 
 def short_knob(name: str) -> str:
     return {"k": "k", "l1_coefficient": "l1c", "l0_coefficient": "l0c", "kl_coefficient": "klc",
-            "sparsity_target": "rho", "contractive_coefficient": "cc"}.get(name, name)
+            "sparsity_target": "rho", "contractive_coefficient": "cc", "target_l0": "t"}.get(name, name)
 
 
 def format_value(value) -> str:
@@ -70,8 +70,9 @@ def default_points(variant: str) -> list[GridPoint]:
     """The modern family at k ∈ {16, 32, 64} (or three penalties around the default); classic at defaults."""
     from sae import variants
     knobs = variants.get(variant).KNOBS
-    if "k" in knobs:
-        return [GridPoint(variant, {"k": k}) for k in K_GRID]
+    if "k" in knobs or "target_l0" in knobs:   # jumprelu: its target L0 on the same grid as k
+        name = "k" if "k" in knobs else "target_l0"
+        return [GridPoint(variant, {name: k if name == "k" else float(k)}) for k in K_GRID]
     if variant in MODERN:
         for penalty in PENALTY_KNOBS:
             if penalty in knobs:
@@ -312,7 +313,8 @@ def plot_frontier(table, path: Path) -> None:
 
     with_ce = bool(table["ce_loss_recovered"].notna().any())
     fig, axes = plt.subplots(1, 2 if with_ce else 1, figsize=(12 if with_ce else 7, 5.2), squeeze=False)
-    panels = [("fvu", "FVU (lower is better)")] + ([("ce_loss_recovered", "CE loss recovered")] if with_ce else [])
+    table = table.assign(fvu_shown=table["fvu_sparse"].fillna(table["fvu"]))   # codes > τ only, where not exact zeros
+    panels = [("fvu_shown", "FVU (lower is better; ◇ = of the codes above τ)")] + ([("ce_loss_recovered", "CE loss recovered")] if with_ce else [])
     palette = plt.get_cmap("tab20")
     variants = sorted(table["variant"].unique())
     style = {v: (palette(i % 20), "os^Dv<>PXh"[i % 10]) for i, v in enumerate(variants)}
@@ -321,8 +323,10 @@ def plot_frontier(table, path: Path) -> None:
             group = table[table["variant"] == variant]
             color, marker = style[variant]
             sparse = group[group["l0"].notna() & group[metric].notna()].sort_values("l0")
+            thresholded = metric == "fvu_shown" and bool(group["fvu_sparse"].notna().any())
             if len(sparse):
-                ax.plot(sparse["l0"], sparse[metric], marker=marker, color=color, label=variant)
+                ax.plot(sparse["l0"], sparse[metric], marker="D" if thresholded else marker, color=color,
+                        label=f"{variant} (sparse FVU: codes ≤ τ zeroed)" if thresholded else variant)
             for value in group[group["l0"].isna() & group[metric].notna()][metric]:
                 ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{variant} (dense codes)")
         ax.set_xscale("log")
@@ -346,8 +350,8 @@ def plot_frontier(table, path: Path) -> None:
 def format_table(table) -> str:
     """The sweep's table for the terminal, sorted by variant then L0."""
     shown = table.sort_values(["variant", "l0"], na_position="last")
-    columns = ["name", "d_sae", "l0", "fvu", "dead_fraction", "ce_loss_recovered", "kl_div_score", "probe_top1",
-               "train_seconds"]
+    columns = ["name", "d_sae", "l0", "fvu", "fvu_sparse", "dead_fraction", "ce_loss_recovered", "kl_div_score",
+               "probe_top1", "absorption", "tpp", "train_seconds"]
     columns = [c for c in columns if c in shown and (c in ("name", "d_sae") or shown[c].notna().any())]
     return shown[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="n/a")
 

@@ -6,12 +6,16 @@ codes = f_gate · ReLU(π_mag), x̂ = codes W_dec + b_dec (unit-norm decoder row
 loss = ‖x − x̂‖² + λ · s · ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², the last ("aux") term decoding the
 gate's ReLU through a frozen copy of the decoder, so that the gate learns to reconstruct too (the L1 term
 alone would only shrink it).
+p-annealing (dictionary_learning's GatedAnneal trainer), an option: with --p-end p_e < 1 the penalty becomes
+λ · s · Σ_j ReLU(π_gate)_j^p with p falling linearly from 1 to p_e over training, an L_p penalty that nears the
+L0 count the gate actually pays for (1: off, the plain L1 of the paper).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from sae.errors import UserError
 from sae.kernels.matmul import addmm, mm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
                                squared_error)
@@ -20,8 +24,16 @@ from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fi
 @register
 class GatedSAE(SAE):
     name = "gated"
-    KNOBS = {"l1_coefficient": Knob(4.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0)}
+    KNOBS = {"l1_coefficient": Knob(4.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0),
+             "p_end": Knob(1.0, "p-annealing: the exponent of the penalty Σ ReLU(π_gate)^p falls linearly from 1 "
+                           "to this value over training, in (0, 1] (1: off)", float)}
     revive_dead = True
+
+    @classmethod
+    def check_knobs(cls, d_in, d_sae, knobs):
+        super().check_knobs(d_in, d_sae, knobs)
+        if knobs.get("p_end") is not None and not 0 < knobs["p_end"] <= 1:
+            raise UserError(f"--p-end must be in (0, 1] for gated, got {knobs['p_end']:g}")
 
     def build(self) -> None:
         W_enc, W_dec = kaiming_pair(self.d_in, self.d_sae)
@@ -51,7 +63,9 @@ class GatedSAE(SAE):
         x_hat = self.decode_scaled(codes)
         recon = squared_error(x_hat, x_target)
         gate = torch.relu(pi_gate)
-        l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * gate.sum(dim=1).mean()
+        p = 1.0 + (self.knobs.get("p_end", 1.0) - 1.0) * ctx.progress          # p-annealing (1: the paper's L1)
+        penalty = gate.sum(dim=1) if p == 1.0 else (gate + 1e-12).pow(p).mul(gate > 0).sum(dim=1)
+        l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * penalty.mean()
         aux = squared_error(addmm(self.b_dec.detach(), gate, self.W_dec.detach()), x_target)
         return LossOutput(recon + l1 + aux, x_hat, fired(codes),
                           {"recon": recon.detach(), "l1": l1.detach(), "aux": aux.detach(),
