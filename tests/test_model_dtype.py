@@ -124,7 +124,7 @@ def test_bf16_load_takes_no_fp32_copy_in_host_memory(tmp_path):
 
 def _collect(capsys, model, corpus, out, *extra):
     status, _, err = sae_main(capsys, "collect", "--model", model, "--dataset", corpus, "--layers", "0,1",
-                              "--context-size", "24", "--tokens", "600", "--batch-size", "4", "--out", out,
+                              "--context-size", "24", "--tokens", "600", "--batch-windows", "4", "--out", out,
                               "--device", "cpu", *extra)
     assert status == 0, err
     return ActivationStore(out)
@@ -147,7 +147,7 @@ def test_collect_and_eval_in_each_dtype(tiny_llama_dir, corpus, tmp_path, capsys
     assert kept.manifest["dtype"] == "float32" and kept.manifest["model_dtype"] == dtype
     # resuming under another model dtype is refused
     status, _, err = sae_main(capsys, "collect", "--model", tiny_llama_dir, "--dataset", corpus, "--layers", "0,1",
-                              "--context-size", "24", "--tokens", "900", "--batch-size", "4", "--out", tmp_path / "s",
+                              "--context-size", "24", "--tokens", "900", "--batch-windows", "4", "--out", tmp_path / "s",
                               "--resume", "--model-dtype", "float32" if dtype != "float32" else "bfloat16")
     assert status == 2 and "model_dtype" in err and len(err.strip().splitlines()) == 1
 

@@ -333,7 +333,7 @@ def test_limits_and_leftovers(project, tmp_path, tiny_llama_dir):
     for argv, message in (
             (["collect", "--model", tiny_llama_dir, "--dataset", corpus, "--layers", 0, "--context-size", 100000,
               "--out", tmp_path / "long"], "more than"),
-            (["eval", "--run", run, "--activations", store, "--batch-size", 0], "--batch-size"),
+            (["eval", "--run", run, "--activations", store, "--batch-rows", 0], "--batch-size"),
             (["eval", "--run", run, "--activations", store, "--probe-rows", -5], "--probe-rows"),
             (["collect", "--model", tiny_llama_dir, "--layers", 0, "--shard-tokens", 0, "--out", tmp_path / "s"],
              "--shard-tokens"),

@@ -173,3 +173,17 @@ def test_collection_writes_at_most_105_percent_of_the_store(tiny_lm, tmp_path):
     stats = store.manifest["norm_stats"]["2"]                       # computed while collecting, exact here
     norms = torch.cat([store.read_shard(i, "activations.2").norm(dim=-1) for i in range(len(store.shards))])
     assert stats["p99"] == pytest.approx(float(norms.double().quantile(0.99)), rel=1e-5)
+
+
+def test_gpu_check_parses_and_refuses_cleanly_without_cuda(tmp_path):
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the script would run its check")
+    done = subprocess.run(["bash", str(script), str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): this check needs one"]
+    assert not (tmp_path / "work").exists()                     # nothing written before the refusal

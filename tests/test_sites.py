@@ -279,6 +279,7 @@ def test_cli_refuses_a_site_the_family_lacks(docs, tmp_path, tiny_tokenizer, cap
         block.self_attn.register_module("proj", block.self_attn.o_proj)
         del block.self_attn.o_proj
     monkeypatch.setattr(collect_lib, "load_model", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(collect_lib, "check_before_loading", lambda options: None)   # no folder to read early
     capsys.readouterr()  # drop save_pretrained's progress bars
     with pytest.raises(SystemExit) as exit_info:
         main(["collect", "--model", "tiny-llama", "--dataset", str(docs), "--layers", "0", "--site", "attn_z",

@@ -44,7 +44,7 @@ class BandSampler:
     """Per latent and log bin (within `span` bins of the latent's running max bin), `per_bin` random entries."""
 
     def __init__(self, d_sae: int, n_bands: int, per_band: int, radius: int | None, device="cpu", seed: int = 0):
-        self.d_sae, self.seed = d_sae, seed
+        self.d_sae, self.seed, self.n_bands = d_sae, seed, max(n_bands, 1)
         self.edges = sampling_edges().to(device)
         self.span = window_span(n_bands)
         self.keeper = TopKeeper(per_bin_for(per_band), d_sae * self.span, radius, device)  # set = (latent, bin % span)
@@ -53,8 +53,13 @@ class BandSampler:
         self.top_bin = torch.full((d_sae,), -1, dtype=torch.int64, device=device)              # [d_sae]
 
     def offer(self, latents: torch.Tensor, scores: torch.Tensor, acts: torch.Tensor, rows: torch.Tensor,
-              context: BatchContext) -> None:
-        """Firing entries of one batch (all [m]: latent, |code|, code, batch-local row)."""
+              context: BatchContext, running_max: torch.Tensor | None = None) -> None:
+        """Firing entries of one batch (all [m]: latent, |code|, code, batch-local row). running_max ([d_sae],
+        this batch included): entries below running_max / n_bands are band 0 for good (the max only grows),
+        which the plain reservoir serves, so they are dropped first."""
+        if running_max is not None:
+            upper = scores >= running_max[latents] / self.n_bands
+            latents, scores, acts, rows = latents[upper], scores[upper], acts[upper], rows[upper]
         n_bins = len(self.edges) - 1
         bins = (torch.bucketize(scores.double(), self.edges, right=True) - 1).clamp_(0, n_bins - 1)   # [m]
         self.top_bin.scatter_reduce_(0, latents, bins, reduce="amax")

@@ -162,7 +162,7 @@ class FeatureStats:
         self.top.offer(latents, scores, acts, rows, context)
         keys = hash_keys(context.global_rows[rows], latents, self.seed)
         self.reservoir.offer(latents, 1.0 - keys, acts, rows, context)
-        self.bands.offer(latents, scores, acts, rows, context)
+        self.bands.offer(latents, scores, acts, rows, context, self.max_score)
 
     # ---- results ---------------------------------------------------------------------------
     def histograms(self) -> torch.Tensor:

@@ -32,6 +32,7 @@ SPLIT_F1_GAIN = 0.03         # τ_fs: a further main latent must raise the k-spa
 MAX_MAIN = 5
 MIN_TOKENS = 10              # a letter needs this many training and test tokens to be scored
 MAX_ROWS = 20_000
+_LETTERS: dict = {}          # {(model, vocabulary size): {token id: first letter}}, one tokenizer pass per process
 
 
 def first_letter(token: str) -> str | None:
@@ -42,9 +43,8 @@ def first_letter(token: str) -> str | None:
 
 def token_letters(vocab) -> dict[int, str]:
     """{token id: first letter} from a list of token strings or a Hugging Face tokenizer."""
-    if hasattr(vocab, "convert_ids_to_tokens"):
-        size = len(vocab)
-        strings = [vocab.decode([i]) for i in range(size)]
+    if hasattr(vocab, "convert_ids_to_tokens"):         # byte-level pieces (Ġ, ▁ markers), no decode per id
+        strings = [str(t) for t in vocab.convert_ids_to_tokens(list(range(len(vocab))))]
     else:
         strings = list(vocab)
     return {i: letter for i, s in enumerate(strings) if (letter := first_letter(str(s))) is not None}
@@ -158,7 +158,12 @@ def store_absorption(sae, store, layer, special_ids: set[int], vocab=None, devic
         except Exception as error:   # noqa: BLE001 - any failure to load means: no vocabulary here
             return None, f"the store's tokenizer ({name}) could not be loaded: {type(error).__name__}"
     token_ids = store.column("token_ids")
-    letters = token_letters(vocab)
+    key = (store.manifest.get("model"), len(vocab)) if hasattr(vocab, "convert_ids_to_tokens") else None
+    letters = _LETTERS.get(key) if key else None
+    if letters is None:
+        letters = token_letters(vocab)
+        if key:
+            _LETTERS[key] = letters
     wanted = torch.zeros(int(token_ids.max()) + 1, dtype=torch.bool)
     ids = torch.tensor([i for i in letters if i < len(wanted)], dtype=torch.long)
     wanted[ids] = True

@@ -40,15 +40,12 @@ def plain(tokens) -> str:
 
 
 QUESTION = "What do the marked tokens have in common? Reply with one short phrase (at most ten words), no preamble."
-# one worked example (a small explainer copies its form: a noun phrase, not a sentence about the markers)
-SHOT = [{"role": "user", "content": "Example 1: the <<dog>> barked at the postman\nExample 2: she fed the <<cat>>"
-                                    " and left\nExample 3: a <<horse>> and a <<cow>> in the field\n\n" + QUESTION},
-        {"role": "assistant", "content": "animals (dog, cat, horse, cow)"}]
+# No worked example: with one (animals: dog, cat, ...) SmolLM2-135M copied its answer for every feature.
 
 
 def explain_prompt(contexts) -> list[dict]:
     examples = "\n".join(f"Example {i + 1}: {mark(c.tokens, c.firing())}" for i, c in enumerate(contexts))
-    return [{"role": "system", "content": SYSTEM}, *SHOT, {"role": "user", "content": f"{examples}\n\n{QUESTION}"}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{examples}\n\n{QUESTION}"}]
 
 
 def detection_prompt(explanation: str, context) -> list[dict]:

@@ -39,7 +39,7 @@ class VariationalAutoencoder(SAE):
         "beta": Knob(1.0, "weight β of the KL term (β-VAE)", float, minimum=0.0),
         "free_bits": Knob(0.05, "per-dimension KL floor in nats (free bits) against posterior collapse", float,
                           minimum=0.0),
-        "kl_warmup": Knob(0.1, "share of training over which the KL weight rises linearly from 0 to β (KL "
+        "kl_warmup": Knob(0.0, "share of training over which the KL weight rises linearly from 0 to β (KL "
                           "annealing against posterior collapse), in [0, 1]; 0: off", float),
     }
     signed_codes = True
