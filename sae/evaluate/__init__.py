@@ -3,6 +3,8 @@
     scores.py    the one held-out scorer (FVU, MSE, L0, dead fraction ...), used by eval AND by training's summary
     metrics.py   `evaluate`: reconstruction, downstream (spliced CE/KL) and probing figures -> RUN/eval.json
     probing.py   sparse probing on the store's labels
+    absorption.py  first-letter feature absorption (SAEBench)
+    tpp.py       targeted probe perturbation on the store's labels (SAEBench)
     splice.py    an SAE's reconstruction in place of a site's activation (sae.splice), zero ablation
     steer.py     features set to chosen values / removed at a site (sae.steer, sae.ablate)
     sweep.py     a grid of variants trained and scored in one pass over the data

@@ -126,6 +126,7 @@ class SAELensCacheStore(ActivationStore):
                                  int(first.row_starts[i])) for i in range(len(first.views))]
         self._seq_starts = first.seq_starts
         self._handles, self._columns = {}, {}
+        self._segments, self.metas = {}, None      # the split is computed from doc_id when first asked for
         fingerprints = [json.loads((d / STATE).read_text()).get("_fingerprint", "") for d in dirs]
         self.manifest = {
             "format": "saelens-activation-cache", "model": None, "layers": self.layers,
@@ -189,9 +190,14 @@ class SAELensCacheStore(ActivationStore):
     def read_shard(self, shard_index: int, name: str) -> torch.Tensor:
         return self.read(shard_index, name)
 
-    def gather(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
-        """Activations of global row indices in any order (the training batches): only those rows are read."""
-        return self.rows(layer, global_indices)
+    def gather(self, layer, global_indices: torch.Tensor, tensor: str = "activations",
+               dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Activations of global row indices in any order (the training batches): only those rows are read
+        (a cache holds no transcoder targets)."""
+        if tensor != "activations":
+            raise UserError("a SAELens activation cache holds no transcoder targets")
+        rows = self.rows(layer, global_indices)
+        return rows if dtype is None else rows.to(dtype)
 
     def rows(self, layer, global_indices: torch.Tensor) -> torch.Tensor:
         """Activations of global row indices (sorted or not) as float32 [len(idx), d_model]; reads only those rows."""

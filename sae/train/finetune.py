@@ -35,8 +35,8 @@ def load_source(source, device="cpu"):
     """The SAE module of a run folder / foreign folder / release name, or the module itself."""
     if isinstance(source, torch.nn.Module):
         return source
-    import sae
-    return sae.load(str(source), device=device)
+    from sae.runs import load
+    return load(str(source), device=device)
 
 
 def check_compatible(model, cls, d_in: int, source_name: str) -> None:
