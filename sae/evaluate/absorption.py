@@ -154,7 +154,7 @@ def store_absorption(sae, store, layer, special_ids: set[int], vocab=None, devic
         name = store.manifest.get("model")
         try:
             from sae.lm import load_tokenizer
-            vocab = load_tokenizer(name)
+            vocab = load_tokenizer(name, local_only=True)   # never the hub: eval --no-model promises it
         except Exception as error:   # noqa: BLE001 - any failure to load means: no vocabulary here
             return None, f"the store's tokenizer ({name}) could not be loaded: {type(error).__name__}"
     token_ids = store.column("token_ids")
