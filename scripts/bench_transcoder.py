@@ -63,7 +63,10 @@ def main(argv=None) -> int:
                                batch_size=16, device=str(device)), loaded=loaded)
     store = ActivationStore(store_path)
     collect_seconds = store.manifest.get("collect_seconds") or time.perf_counter() - started
-    for skip in [kind == "skip" for kind in args.kinds.split(",")]:
+    kinds = ["plain", "skip"] if args.kinds == "both" else args.kinds.split(",")
+    if set(kinds) - {"plain", "skip"}:
+        raise SystemExit(f"--kinds: plain, skip, both or plain,skip; got {args.kinds!r}")
+    for skip in [kind == "skip" for kind in kinds]:
         run = work / ("skip_transcoder" if skip else "transcoder")
         options = TrainOptions(tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, seed=0,
                                device=str(device), checkpoint_every=0, log_every=50, eval_rows=0)
