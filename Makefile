@@ -8,7 +8,7 @@ DEMO_TOKENS ?= 200000
 PORT      ?= 8501
 
 CIRCUITS  ?= circuits
-CIRCUITS_TOKENS ?= 65536
+CIRCUITS_TOKENS ?= 16384
 CIRCUITS_PROMPT ?= The Eiffel Tower is in the city of
 .PHONY: install test demo browser bench clean circuits
 
