@@ -5,7 +5,6 @@ activations at several layers to an activation store.
     rows.py   the rows one batch contributes, and a shard's tensors
     progress.py  the run's progress appended to the store's per-shard index; --resume rebuilt from it
     norms.py  the stored rows' norm statistics, kept while collecting
-    ahead.py  tokenising in a thread, ahead of the model
     early.py  what is settled before the model loads: an already complete store, the layers; the empty
               folder a failed run leaves
 

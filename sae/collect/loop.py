@@ -22,8 +22,8 @@ import torch
 
 from sae import distributed
 from sae import store as store_lib
+from sae.store.reader import in_background
 from sae.collect import progress
-from sae.collect.ahead import ahead
 from sae.collect.norms import NormSketch, merged, read_back
 from sae.collect.early import check_before_loading
 from sae.collect.rows import BatchRows, batch_rows, shard_tensors
@@ -220,8 +220,9 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     batch_size = state["batch_size"]
 
     documents, label_names = load_documents(options.dataset, options.text_column, options.split)
-    windows = ahead(pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id, loaded.eos_id,
-                                 loaded.pad_id))     # tokenised in a thread, ahead of the model
+    windows = in_background(pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id,
+                                         loaded.eos_id, loaded.pad_id),
+                            256, "sae-tokenize")      # tokenised in a thread, ahead of the model
     stored_dtype = DTYPES[options.dtype]
     element = torch.tensor([], dtype=stored_dtype).element_size()
     d_site = site_width(loaded, options.site, layers)      # the rows' width: d_model, or n_heads·d_head for attn_z

@@ -25,13 +25,8 @@ def sites_of(tc) -> tuple[str, str]:
     return config.get("site") or "mlp_in", config.get("target_site") or "mlp_out"
 
 
-@contextmanager
-def splice_transcoder(hf_model, tc, layer, error_term: bool = False, keep_mask: torch.Tensor | None = None,
-                      record_codes: bool = False, site: str | None = None, target_site: str | None = None):
-    """The transcoder's prediction replaces the target site's activation (see the module docstring)."""
-    default_site, default_target = sites_of(tc)
-    site, target_site = site or default_site, target_site or default_target
-    hf = _unwrap(hf_model)
+def _stash_input(hf, site: str, layer):
+    """A hook that keeps the transcoder's input (the site's activation) in stash["x"] on every forward."""
     point = site_point(hf, site, layer)
     stash: dict = {}
     if point.kind == "input":
@@ -39,6 +34,17 @@ def splice_transcoder(hf_model, tc, layer, error_term: bool = False, keep_mask: 
             lambda module, args, kwargs: stash.update(x=_input_of(args, kwargs)), with_kwargs=True)
     else:
         hook = point.module.register_forward_hook(lambda module, args, output: stash.update(x=_first(output)))
+    return hook, stash
+
+
+@contextmanager
+def splice_transcoder(hf_model, tc, layer, error_term: bool = False, keep_mask: torch.Tensor | None = None,
+                      record_codes: bool = False, site: str | None = None, target_site: str | None = None):
+    """The transcoder's prediction replaces the target site's activation (see the module docstring)."""
+    default_site, default_target = sites_of(tc)
+    site, target_site = site or default_site, target_site or default_target
+    hf = _unwrap(hf_model)
+    hook, stash = _stash_input(hf, site, layer)
     state = {}
 
     def predict(y: torch.Tensor) -> torch.Tensor:
@@ -75,13 +81,7 @@ def steer_transcoder(hf_model, tc, layer, features: dict, mode: str = "clamp", k
     values = torch.tensor([float(v) for v in features.values()])                     # [m]
     with torch.no_grad():
         directions = tc.decoder_directions_raw()[ids].detach().float()               # [m, d_in]
-    point = site_point(hf, site, layer)
-    stash: dict = {}
-    if point.kind == "input":
-        hook = point.module.register_forward_pre_hook(
-            lambda module, args, kwargs: stash.update(x=_input_of(args, kwargs)), with_kwargs=True)
-    else:
-        hook = point.module.register_forward_hook(lambda module, args, output: stash.update(x=_first(output)))
+    hook, stash = _stash_input(hf, site, layer)
 
     def edit(y: torch.Tensor) -> torch.Tensor:
         x = stash.pop("x")

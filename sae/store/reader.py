@@ -9,6 +9,7 @@ straight to its step.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import threading
@@ -391,35 +392,42 @@ class ActivationStore:
 
 def _prefetched(produce, start_step: int, depth: int):
     """Run produce(step) for step = start_step, start_step+1, ... in a background thread."""
-    if depth <= 0:
-        step = start_step
-        while True:
-            yield produce(step)
-            step += 1
+    steps = (produce(step) for step in itertools.count(start_step))
+    return steps if depth <= 0 else in_background(steps, depth)
+
+
+_END = object()
+
+
+def in_background(iterator, depth: int, name: str = "sae-prefetch"):
+    """Yield iterator's items, produced by a daemon thread up to `depth` ahead (batches for training, packed
+    windows for collection); its exceptions are re-raised here, and the thread stops when this generator does."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def worker():
-        step = start_step
         try:
-            while not stop.is_set():
-                item = produce(step)
+            for item in iterator:
                 while not stop.is_set():
                     try:
                         slots.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                step += 1
-        except BaseException as error:  # surfaced in the consumer
+                if stop.is_set():
+                    return
+            slots.put(_END)
+        except BaseException as error:  # noqa: BLE001 - surfaced in the consumer
             slots.put(error)
 
-    thread = threading.Thread(target=worker, daemon=True)
+    thread = threading.Thread(target=worker, daemon=True, name=name)
     _LIVE_PREFETCHERS.append((stop, thread))
     thread.start()
     try:
         while True:
             item = slots.get()
+            if item is _END:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
