@@ -197,6 +197,60 @@ def test_detection_and_fuzzing_equal_hand_computed_values():
     assert math.isnan(balanced_accuracy([True, True], [True, False]))      # one class: nothing to tell apart
 
 
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
+def test_packed_yes_no_margins_equal_each_prompt_run_alone(family, attention):
+    """Prompts with a common start are packed into one row under a block mask; each margin must equal the
+    margin of that prompt run alone through the model (the test's own forward and log-softmax)."""
+    from conftest import build_tiny_lm
+    from sae.explain.explainers import LocalLM, _as_text, shared_prefix_groups
+    loaded = build_tiny_lm(family)
+    loaded.model.config._attn_implementation = attention
+    judge = LocalLM("tiny", loaded=loaded)
+    gen = np.random.default_rng(0)
+    words = ["the", "dog", "ran", "cat", "sat", "on", "a", "mat"]
+    texts = [" ".join(gen.choice(words, size=gen.integers(2, 7))) for _ in range(11)]
+    questions = ([[{"role": "user", "content": f"Pattern: dogs. Text: {t}"}] for t in texts] +
+                 [[{"role": "user", "content": f"Pattern: cats on mats. Marked: {t}"}] for t in texts] +
+                 [[{"role": "user", "content": "x"}]])         # short prompts: every one fits the 256 positions
+    ids = [judge.tokenizer(_as_text(judge.tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    assert max(map(len, ids)) < 256
+    assert len(list(shared_prefix_groups(ids))) <= 8              # packing happens: 23 prompts in a few rows
+    margins = judge.yes_no(questions, tokens_per_pass=150)       # several forward passes of packed rows
+    yes, no = (torch.tensor(judge.answer_ids[w]) for w in ("Yes", "No"))
+    with torch.no_grad():
+        for question, margin in zip(questions, margins):
+            ids = judge.tokenizer(_as_text(judge.tokenizer, question), add_special_tokens=False,
+                                  return_tensors="pt")["input_ids"]
+            logp = loaded.model(input_ids=ids).logits[0, -1].log_softmax(-1)
+            assert margin == pytest.approx(float(logp[yes].logsumexp(-1) - logp[no].logsumexp(-1)), abs=1e-4)
+
+
+def test_shared_prefix_groups_cover_every_prompt_once_with_a_true_common_start():
+    from sae.explain.explainers import shared_prefix_groups
+    gen = np.random.default_rng(1)
+    heads = [gen.integers(0, 50, size=20).tolist() for _ in range(3)]
+    ids = [heads[k // 10] + gen.integers(0, 50, size=gen.integers(1, 6)).tolist() for k in range(30)] + [[7]]
+    groups = list(shared_prefix_groups(ids, most=8))
+    assert [i for a, b, _ in groups for i in range(a, b)] == list(range(len(ids)))
+    for a, b, shared in groups:
+        assert b - a <= 8 and all(ids[i][:shared] == ids[a][:shared] and len(ids[i]) > shared for i in range(a, b))
+        if b - a > 1:
+            assert shared >= 20                     # the whole common head is shared
+
+
+def test_a_local_judges_margins_are_calibrated_to_the_number_of_true_yes():
+    """A judge that leans Yes on everything (as SmolLM2-135M does) scores chance on its raw answers; its
+    margins still rank the items, and the calibrated answers say Yes to the n_yes most Yes-leaning."""
+    from sae.explain.scorers import balanced_accuracy, judged
+    truth = [True, True, True, False, False, False]
+    margins = [3.0, 2.5, 1.0, 2.0, 0.5, 0.1]                       # all > 0: raw answers all Yes
+    assert balanced_accuracy(truth, [m > 0 for m in margins]) == pytest.approx(0.5)
+    said = judged(margins, n_yes=3)
+    assert said == [True, True, False, True, False, False]
+    assert balanced_accuracy(truth, said) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert judged([True, False, True], n_yes=1) == [True, False, True]           # booleans are kept as given
+
+
 def test_embedding_scorer_ranks_the_true_explanation(world):
     from sae.explain.scorers import Embedder, embedding_scores
     source = source_for(world)

@@ -42,7 +42,7 @@ def run(args):
         features=args.features, explainer=args.explainer, explainer_url=args.explainer_url,
         explainer_model=args.explainer_model, key_env=args.explainer_key_env,
         scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()),
-        batch_features=args.batch_size or 8, lm_batch_size=args.lm_batch_size, device=args.device,
+        batch_features=args.batch_size or ExplainOptions.batch_features, lm_batch_size=args.lm_batch_size, device=args.device,
         model_dtype=args.model_dtype, seed=args.seed, force=args.force, allow_incomplete=args.allow_incomplete,
         contexts=ContextOptions(radius=args.context, n_explain_top=args.examples, n_score=args.score_examples,
                                 seed=args.seed))

@@ -1,11 +1,13 @@
 """The language models that write explanations and answer the scorers' yes/no questions.
 
     LocalLM        a causal LM in this process (the embedded smollm2, a Hugging Face id or a folder): batched,
-                   left-padded generation; yes/no read off the next-token logits of "Yes" and "No"
+                   left-padded generation; yes/no questions answered as a margin, log P(Yes) - log P(No) of
+                   the next token, prompts with a common start packed into one row under a block mask
     ChatEndpoint   any OpenAI-compatible /v1/chat/completions endpoint (vLLM, llama.cpp's server, a hosted
                    API), spoken to with urllib; the key comes from an environment variable
 
-Both take prompts as chat messages (sae.explain.prompts) and have .name, generate() and yes_no().
+Both take prompts as chat messages (sae.explain.prompts) and have .name, generate() and yes_no(); yes_no()
+gives booleans (an endpoint's answers) or margins (a local model's lean, calibrated by sae.explain.scorers).
 """
 from __future__ import annotations
 
@@ -83,18 +85,95 @@ class LocalLM:
         return out
 
     @torch.no_grad()
-    def yes_no(self, prompts: list[list[dict]]) -> list[bool]:
-        """True where the model's next token is more likely "Yes" than "No" (one forward pass per batch)."""
-        answers = []
-        yes, no = torch.tensor(self.answer_ids["Yes"]), torch.tensor(self.answer_ids["No"])
-        for i in range(0, len(prompts), self.batch_size):
-            batch = self._batch([_as_text(self.tokenizer, p) for p in prompts[i:i + self.batch_size]])
+    def yes_no(self, prompts: list[list[dict]], tokens_per_pass: int = 2048) -> list[float]:
+        """The judge's lean for each prompt: log P(Yes) - log P(No) at its next token (> 0 leans Yes).
+
+        Consecutive prompts that start alike (the system turn and the explanation) are packed into one row:
+        their common start once, then each prompt's own tail, with a block mask and positions that make
+        every tail see only the start and itself, exactly as if it had been run alone. Rows hold at most 8
+        prompts (the block mask's attention grows with the square of a row) and are batched to about
+        tokens_per_pass tokens a forward pass (large matrix products keep AMX/GPU units busy)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        ids = [self.tokenizer(_as_text(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [row[-limit:] if limit else row for row in ids]              # a too-long prompt loses its start
+        packed = [_pack(ids[start:stop], shared) for start, stop, shared in shared_prefix_groups(ids)]
+        margins: list[float] = []
+        i = 0
+        while i < len(packed):
+            rows = [packed[i]]
+            while i + len(rows) < len(packed) and \
+                    (len(rows) + 1) * max(len(r[0]) for r in packed[i:i + len(rows) + 1]) <= tokens_per_pass:
+                rows.append(packed[i + len(rows)])
             try:
-                logits = self.model(**batch, logits_to_keep=1).logits[:, -1].float().cpu()     # [b, vocab]
-            except TypeError:      # a model whose forward takes no logits_to_keep
-                logits = self.model(**batch).logits[:, -1].float().cpu()
-            answers += (logits[:, yes].amax(-1) > logits[:, no].amax(-1)).tolist()
-        return answers
+                margins += self._packed_margins(rows)
+            except Exception as error:  # noqa: BLE001 - a model that cannot run: one line
+                raise UserError(f"the explainer {self.name!r} could not answer: {type(error).__name__}: "
+                                f"{error}") from None
+            i += len(rows)
+        return margins
+
+    def _packed_margins(self, rows) -> list[float]:
+        """Margins of packed rows ((tokens, positions, segment, read) each, from _pack), in one forward pass."""
+        yes, no = torch.tensor(self.answer_ids["Yes"]), torch.tensor(self.answer_ids["No"])
+        width = max(len(r[0]) for r in rows)
+        tokens = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        segment = torch.full((len(rows), width), -2, dtype=torch.long)   # -1: the shared start; k: tail k; -2: pad
+        for r, (row_tokens, row_positions, row_segment, _) in enumerate(rows):
+            n = len(row_tokens)
+            tokens[r, :n], positions[r, :n], segment[r, :n] = row_tokens, row_positions, row_segment
+        query, key = segment[:, :, None], segment[:, None, :]                              # [b, L, 1], [b, 1, L]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()                         # [L, L]
+        allowed = causal & ((key == -1) | (key == query))                                  # [b, L, L]
+        allowed[:, :, 0] |= segment == -2           # a pad sees the first token only (no empty softmax row)
+        read = torch.cat([r[3] for r in rows])                                             # [n] positions read
+        row_of = torch.cat([torch.full((len(r[3]),), i) for i, r in enumerate(rows)])      # [n]
+        keep = torch.unique(read)
+        mask = allowed[:, None].to(self.device)                                            # [b, 1, L, L]
+        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":           # eager: additive
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask,
+                                                                                        torch.finfo(dtype).min)
+        logits = self.model(input_ids=tokens.to(self.device), position_ids=positions.to(self.device),
+                            attention_mask=mask,
+                            logits_to_keep=keep.to(self.device)).logits                    # [b, |keep|, vocab]
+        logp = logits[row_of, torch.searchsorted(keep, read)].float().cpu().log_softmax(-1)  # [n, vocab]
+        return (logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).tolist()
+
+
+def _pack(group: list[list[int]], shared: int):
+    """One row for prompts whose first `shared` tokens are equal: (tokens, positions, segment ids, the
+    positions where each prompt's next token is read), all 1-D int64 tensors."""
+    tokens, positions, segment, read = list(group[0][:shared]), list(range(shared)), [-1] * shared, []
+    for k, row in enumerate(group):
+        tail = row[shared:]
+        tokens += tail
+        positions += range(shared, shared + len(tail))
+        segment += [k] * len(tail)
+        read.append(len(tokens) - 1)
+    return tuple(torch.tensor(x, dtype=torch.long) for x in (tokens, positions, segment, read))
+
+
+def shared_prefix_groups(ids: list[list[int]], min_shared: int = 8, keep: float = 0.8, most: int = 8):
+    """(start, stop, shared) runs of at most `most` consecutive token lists whose first `shared` tokens are
+    equal; a run grows while its common start stays at least `keep` of what the run's first two members
+    share (and at least min_shared tokens); every member keeps one token of its own after the shared start."""
+    start = 0
+    while start < len(ids):
+        first, shared, stop = ids[start], len(ids[start]) - 1, start + 1
+        target = None
+        while stop < len(ids) and stop - start < most:
+            row = ids[stop]
+            n, cap = 0, min(shared, len(row) - 1)
+            while n < cap and first[n] == row[n]:
+                n += 1
+            if n < min_shared or (target is not None and n < target):
+                break
+            if target is None:
+                target = keep * n
+            shared, stop = n, stop + 1
+        yield start, stop, max(0, shared) if stop > start + 1 else max(0, len(first) - 1)
+        start = stop
 
 
 class ChatEndpoint:

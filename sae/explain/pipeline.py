@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from sae.errors import UserError
 from sae.explain import prompts, scorers
@@ -35,7 +36,7 @@ class ExplainOptions:
     explainer_model: str | None = None  # ... and the model name it serves
     key_env: str = "OPENAI_API_KEY"   # environment variable holding the endpoint's key
     scorers: tuple = ALL_SCORERS
-    batch_features: int = 8           # features per batch (one generation, one write)
+    batch_features: int = 16          # features per batch (one generation, one write)
     lm_batch_size: int = 16           # prompts per forward pass of a local explainer
     max_new_tokens: int = 24
     device: str = "cpu"
@@ -171,9 +172,12 @@ def _summary(writer, chosen, todo, skipped, name, started) -> dict:
 
 def _explainer(options: ExplainOptions, device):
     from sae.explain.explainers import make_explainer
-    from sae.lm.loading import parse_model_dtype
+    from sae.lm.loading import cpu_has_fast_bf16, parse_model_dtype
+    dtype = parse_model_dtype(options.model_dtype, str(device))
+    if options.model_dtype == "auto" and device.type == "cpu" and cpu_has_fast_bf16():
+        dtype = torch.bfloat16         # a judge needs no fp32: bf16 runs about 3x faster on AMX/AVX512-BF16 CPUs
     return make_explainer(options.explainer, options.explainer_url, options.explainer_model, device=device,
-                          dtype=parse_model_dtype(options.model_dtype, str(device)), batch_size=options.lm_batch_size,
+                          dtype=dtype, batch_size=options.lm_batch_size,
                           key_env=options.key_env)
 
 
@@ -194,11 +198,11 @@ def _explain_batch(batch, source, partners, explainer, embedder, options):
     controls = {f: contexts_of(partners[f]).score if f in partners else [] for f in ready}
     # every yes/no question of the batch at once: (feature, scorer, own or control) -> slice of the answers
     questions, truths, spans = [], [], {}
-    for f in ready:
-        for which, contexts in (("own", contexts_of(f).score), ("control", controls[f])):
-            for name in ("detection", "fuzzing"):
-                if name not in options.scorers:
-                    continue
+    for f in ready:   # own and control questions of one scorer run together: they share the explanation
+        for name in ("detection", "fuzzing"):
+            if name not in options.scorers:
+                continue
+            for which, contexts in (("own", contexts_of(f).score), ("control", controls[f])):
                 if name == "detection":
                     items, truth = scorers.detection_items(explanations[f], contexts)
                 else:
@@ -226,7 +230,8 @@ def _explain_batch(batch, source, partners, explainer, embedder, options):
                     value = embedded.get((f, which))
                 elif (f, name, which) in spans:
                     lo, hi = spans[(f, name, which)]
-                    value = scorers.balanced_accuracy(truths[lo:hi], answers[lo:hi])
+                    said = scorers.judged(answers[lo:hi], n_yes=sum(truths[lo:hi]))
+                    value = scorers.balanced_accuracy(truths[lo:hi], said)
                 else:
                     value = None
                 row[key] = None if value is None or math.isnan(value) else float(value)

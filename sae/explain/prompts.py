@@ -48,15 +48,17 @@ def explain_prompt(contexts) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{examples}\n\n{QUESTION}"}]
 
 
+# the question comes before the text, so that the prompts of one explanation share all but the text (one
+# cached start, sae.explain.explainers.LocalLM.yes_no)
 def detection_prompt(explanation: str, context) -> list[dict]:
-    user = (f"Pattern: {explanation}\nText: {plain(context.tokens)}\n"
-            "Does the text contain this pattern? Answer Yes or No.")
+    user = (f"Pattern: {explanation}\nDoes the text below contain this pattern? Answer Yes or No.\n"
+            f"Text: {plain(context.tokens)}")
     return [{"role": "system", "content": JUDGE}, {"role": "user", "content": user}]
 
 
 def fuzzing_prompt(explanation: str, context, marked) -> list[dict]:
-    user = (f"Pattern: {explanation}\nText: {mark(context.tokens, marked)}\n"
-            "Are the tokens marked <<like this>> instances of the pattern? Answer Yes or No.")
+    user = (f"Pattern: {explanation}\nAre the tokens marked <<like this>> in the text below instances of the "
+            f"pattern? Answer Yes or No.\nText: {mark(context.tokens, marked)}")
     return [{"role": "system", "content": JUDGE}, {"role": "user", "content": user}]
 
 

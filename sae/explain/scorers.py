@@ -31,6 +31,19 @@ def balanced_accuracy(truth, predicted) -> float:
     return float(balanced_accuracy_score(truth, predicted))
 
 
+def judged(answers, n_yes: int) -> list[bool]:
+    """A judge's answers as booleans. Booleans (an endpoint's Yes/No) are kept. Margins (a local model's
+    log P(Yes) - log P(No)) are calibrated: Yes for the n_yes most Yes-leaning items, n_yes being how many
+    items of the set are truly Yes. A small model leans the same way on every question (SmolLM2-135M says
+    Yes to all), so its raw answers score exactly chance; its ranking of the items still carries signal."""
+    if all(isinstance(a, (bool, np.bool_)) for a in answers):
+        return [bool(a) for a in answers]
+    order = np.argsort(-np.asarray(answers, dtype=float), kind="stable")
+    predicted = np.zeros(len(answers), dtype=bool)
+    predicted[order[:n_yes]] = True
+    return predicted.tolist()
+
+
 def auroc(truth, scores) -> float:
     truth = np.asarray(truth, dtype=bool)
     if truth.all() or not truth.any():

@@ -157,6 +157,15 @@ def parse_model_dtype(value="auto", device="cpu") -> torch.dtype:
     return MODEL_DTYPES[text]
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16: about 4x fp32's matmul rate there)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'bfloat16' (the names manifests and run configs record)."""
     return str(dtype).replace("torch.", "")
