@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("store")
     parser.add_argument("--features", default="256", help="N densest, all, or ids (default 256)")
     parser.add_argument("--explainer", default="smollm2")
-    parser.add_argument("--scorers", default="detection,fuzzing,embedding")
+    parser.add_argument("--scorers", default=None, help="default: the command's (all three; embedding only "
+                        "with the embedded smollm2 judge)")
     parser.add_argument("--force", action="store_true", help="explain anew (time every feature)")
     parser.add_argument("--plot", default=None, help="write the score histograms to this PNG")
     args = parser.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     options = ExplainOptions(features=args.features, explainer=args.explainer, force=args.force,
-                             scorers=tuple(args.scorers.split(",")))
+                             scorers=tuple(args.scorers.split(",")) if args.scorers else None)
     start = time.perf_counter()
     summary = explain(args.run, args.store, options)
     total = time.perf_counter() - start
@@ -47,7 +48,7 @@ def main() -> None:
     table = table[table["feature"].isin(choose_features(args.features, density))]
 
     print(f"\nsae explain: {len(table)} features of {args.run}, explainer {summary['explainer']}, "
-          f"scorers {args.scorers}")
+          f"scorers {summary.get('scorers', args.scorers)}")
     print(f"{'figure':<48}{'value':>12}")
     print("-" * 60)
     rows = [("features explained now", f"{summary['n_new']}"),

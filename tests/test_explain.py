@@ -388,3 +388,17 @@ def test_choose_features():
     assert choose_features("3,0", density) == [3, 0]
     with pytest.raises(UserError, match="out of range: 4"):
         choose_features("0,4", density)
+
+
+def test_default_scorers_drop_the_yes_no_scorers_only_for_the_embedded_judge():
+    from sae.explain.pipeline import ALL_SCORERS, ExplainOptions, default_scorers
+    assert default_scorers(ExplainOptions()) == ("embedding",)
+    assert default_scorers(ExplainOptions(explainer="Qwen/Qwen2.5-1.5B-Instruct")) == ALL_SCORERS
+    assert default_scorers(ExplainOptions(explainer_url="http://localhost:8000/v1", explainer_model="m")) == ALL_SCORERS
+
+
+def test_explanations_lose_the_small_models_preamble():
+    from sae.explain.prompts import parse_explanation
+    assert parse_explanation("have in common that they are all about the French star") == "about the French star"
+    assert parse_explanation("Explanation: sports teams\nmore") == "sports teams"
+    assert parse_explanation("They all share the word bank") == "share the word bank"

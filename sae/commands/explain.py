@@ -15,8 +15,9 @@ def add_arguments(parser):
     parser.add_argument("--explainer-model", default=None, metavar="NAME", help="the model name the endpoint serves")
     parser.add_argument("--explainer-key-env", default="OPENAI_API_KEY", metavar="VAR",
                         help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
-    parser.add_argument("--scorers", default="detection,fuzzing,embedding",
-                        help="which scorers to run (default detection,fuzzing,embedding)")
+    parser.add_argument("--scorers", default=None,
+                        help="some of detection,fuzzing,embedding (default: all three; embedding only with the "
+                             "embedded smollm2 judge, whose yes/no answers score at chance)")
     parser.add_argument("--examples", type=int, default=6, help="top examples shown to the explainer (default 6)")
     parser.add_argument("--score-examples", type=int, default=8,
                         help="held-out activating contexts per feature for scoring, and as many non-activating (default 8)")
@@ -41,7 +42,7 @@ def run(args):
     options = ExplainOptions(
         features=args.features, explainer=args.explainer, explainer_url=args.explainer_url,
         explainer_model=args.explainer_model, key_env=args.explainer_key_env,
-        scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()),
+        scorers=None if args.scorers is None else tuple(s.strip() for s in args.scorers.split(",") if s.strip()),
         batch_features=args.batch_size or ExplainOptions.batch_features, lm_batch_size=args.lm_batch_size, device=args.device,
         model_dtype=args.model_dtype, seed=args.seed, force=args.force, allow_incomplete=args.allow_incomplete,
         contexts=ContextOptions(radius=args.context, n_explain_top=args.examples, n_score=args.score_examples,

@@ -62,13 +62,17 @@ def fuzzing_prompt(explanation: str, context, marked) -> list[dict]:
     return [{"role": "system", "content": JUDGE}, {"role": "user", "content": user}]
 
 
+PREAMBLES = ("explanation:", "answer:", "the marked tokens are", "the marked tokens", "have in common that",
+             "have in common", "they are all", "they all", "they are")
+
+
 def parse_explanation(text: str) -> str:
     """The first non-empty line, without a leading 'Explanation:' or quotes, cut to MAX_EXPLANATION chars."""
     for line in (text or "").splitlines():
         line = line.strip().strip("\"'`*").strip()
-        for prefix in ("explanation:", "answer:", "the marked tokens are", "the marked tokens"):
+        for prefix in PREAMBLES:      # in order: "... have in common that they are all X" -> "X"
             if line.lower().startswith(prefix):
-                line = line[len(prefix):].strip(" :")
+                line = line[len(prefix):].strip(" :,")
         if line:
             return line[:MAX_EXPLANATION]
     return ""
