@@ -402,3 +402,4 @@ def test_explanations_lose_the_small_models_preamble():
     assert parse_explanation("have in common that they are all about the French star") == "about the French star"
     assert parse_explanation("Explanation: sports teams\nmore") == "sports teams"
     assert parse_explanation("They all share the word bank") == "share the word bank"
+    assert parse_explanation("have a common thread of <<federal budget>> and **cuts**") == "federal budget and cuts"

@@ -63,12 +63,14 @@ def fuzzing_prompt(explanation: str, context, marked) -> list[dict]:
 
 
 PREAMBLES = ("explanation:", "answer:", "the marked tokens are", "the marked tokens", "have in common that",
-             "have in common", "they are all", "they all", "they are")
+             "have in common", "have a common thread in the context of", "have a common thread of being",
+             "have a common thread of", "have a common thread in", "they are all", "they all", "they are")
 
 
 def parse_explanation(text: str) -> str:
     """The first non-empty line, without a leading 'Explanation:' or quotes, cut to MAX_EXPLANATION chars."""
     for line in (text or "").splitlines():
+        line = line.replace("<<", "").replace(">>", "").replace("**", "")     # marks copied from the examples
         line = line.strip().strip("\"'`*").strip()
         for prefix in PREAMBLES:      # in order: "... have in common that they are all X" -> "X"
             if line.lower().startswith(prefix):
