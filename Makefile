@@ -8,7 +8,10 @@ DEMO_TOKENS ?= 200000
 PORT      ?= 8501
 
 CIRCUITS  ?= circuits
-CIRCUITS_TOKENS ?= 16384
+# bf16 products and a bf16 model where the CPU has bf16 units (AMX, AVX512-BF16): 2-4x faster there, slower elsewhere
+CIRCUITS_BF16 ?= $(shell grep -q -m1 -w -e amx_bf16 -e avx512_bf16 /proc/cpuinfo 2>/dev/null && echo --bf16 --model-dtype bfloat16)
+# tokens of live training: 131,072 (about 11 minutes) with bf16 units, a quarter of that without
+CIRCUITS_TOKENS ?= $(if $(CIRCUITS_BF16),131072,32768)
 CIRCUITS_PROMPT ?= The Eiffel Tower is in the city of
 .PHONY: install test demo browser bench clean circuits
 
@@ -54,7 +57,7 @@ demo: install
 circuits: install
 	$(BIN)/sae train --model smollm2 --dataset bbc --site mlp_in --target-site mlp_out --transcoder --skip \
 	    --layers $$(seq -s, 0 29) --variant topk --k 16 --expansion 4 --tokens $(CIRCUITS_TOKENS) \
-	    --batch-size 512 --buffer-size 600MB --out $(CIRCUITS)/tc --resume
+	    --batch-size 512 --buffer-size 600MB $(CIRCUITS_BF16) --out $(CIRCUITS)/tc --resume
 	mkdir -p $(CIRCUITS)/tc/graphs
 	$(BIN)/sae attribute --run $(CIRCUITS)/tc --prompt "$(CIRCUITS_PROMPT)" --out $(CIRCUITS)/tc/graphs/factual.json \
 	    --max-feature-nodes 256 --force

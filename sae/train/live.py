@@ -206,7 +206,7 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
     writer = StoreWriter(save_activations, loaded, spec, dataset, label_names, resume,
                          dtype=stored) if save_activations else None   # the saved store follows the model
     stop_at = total if max_steps is None else min(total, max_steps)
-    bar = tqdm(total=total, initial=step, unit="step", desc=f"live {variant} layers {','.join(map(str, layers))}",
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"live {variant} {_layer_list(layers)}",
                disable=None if progress is None else not progress, dynamic_ncols=True)
     sae_seconds, consumer_wait, last_postfix, first_step = 0.0, 0.0, 0.0, step
     with StopFlag() as stop_flag, Producer(loaded, documents_factory, spec, device, gen_index, start_window,
@@ -266,6 +266,13 @@ def _train_live(loaded, documents_factory, source: LiveOptions, variant: str, ou
         print(f"interrupted at step {step}/{total}: checkpoints saved under {out}/layer_*/checkpoints\n"
               f"continue with the same command and --resume", file=sys.stderr)
     return {layer: {**trainer.last_metrics, "interrupted": True} for layer, trainer in trainers.items()}
+
+
+def _layer_list(layers) -> str:
+    """'layers 3,6' or, for many, 'layers 0-29 (30)': a progress line must keep room for its counts."""
+    if len(layers) <= 4:
+        return "layers " + ",".join(map(str, layers))
+    return f"layers {min(layers)}-{max(layers)} ({len(layers)})"
 
 
 @torch.no_grad()

@@ -26,7 +26,10 @@ class GatedSAE(SAE):
     name = "gated"
     KNOBS = {"l1_coefficient": Knob(4.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0),
              "p_end": Knob(1.0, "p-annealing: the exponent of the penalty Σ ReLU(π_gate)^p falls linearly from 1 "
-                           "to this value over training, in (0, 1] (1: off)", float)}
+                           "to this value over training, in (0, 1] (1: off)", float),
+             "start_l0": Knob(0.0, "sparse start: gate and magnitude biases set so that about this many latents "
+                              "fire per token at step 0, with small codes (0: biases at zero, the paper's init)",
+                              float, minimum=0.0)}
     revive_dead = True
 
     @classmethod
@@ -43,6 +46,24 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))      # [d_sae]
         self.W_dec = nn.Parameter(W_dec)                        # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """b_dec at the geometric median; with start_l0 > 0 each latent's gate opens on about the top
+        start_l0/d_sae share of the sample's tokens, and its magnitude starts just above zero there
+        (b_enc = b_mag = −quantile: at step 0 the codes are those of a ReLU with that bias)."""
+        super().init_from_data(x)
+        if self.knobs["start_l0"] > 0:
+            self.sparse_start(mm(x - self.b_dec, self.W_enc), torch.ones(self.d_sae, dtype=torch.bool, device=x.device))
+
+    @torch.no_grad()
+    def sparse_start(self, projected: torch.Tensor, latents: torch.Tensor) -> None:
+        """projected [n, m]: (x − b_dec) W_enc of the m chosen latents ([d_sae] bool)."""
+        rate = min(0.25, self.knobs["start_l0"] / self.d_sae)
+        rank = min(len(projected), max(1, int(round((1 - rate) * len(projected)))))
+        quantile = projected.kthvalue(rank, dim=0).values            # [m]
+        self.b_enc[latents] = -quantile
+        self.b_mag[latents] = -quantile * self.r_mag[latents].exp()
 
     def paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         projected = mm(x - self.b_dec, self.W_enc)              # [batch, d_sae]
@@ -76,4 +97,6 @@ class GatedSAE(SAE):
         revived = super().revive(dead_mask, x, x_hat)
         self.r_mag[dead_mask] = 0.0
         self.b_mag[dead_mask] = 0.0
+        if revived and self.knobs["start_l0"] > 0:   # a revived latent starts as sparse as a fresh one
+            self.sparse_start(mm(x - self.b_dec, self.W_enc[:, dead_mask]), dead_mask)
         return revived
