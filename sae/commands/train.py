@@ -211,8 +211,13 @@ def _run_store(args, options, knobs) -> int:
                             "under bf16 autocast)")
         from sae.train.sharded import train_sharded_on_store
         train_sharded_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
-                               d_sae=args.d_sae, expansion=args.expansion, force=args.force)
+                               d_sae=args.d_sae, expansion=args.expansion, force=args.force, resume=args.resume)
         return 0
+    if args.resume:
+        from sae.train import sharded_checkpoint
+        if sharded_checkpoint.latest(args.out) is not None:
+            raise UserError(f"cannot resume {args.out} without --shard-latents: it is a --shard-latents run "
+                            f"(resume it under torchrun with --shard-latents)")
     summary = train_on_store(store, args.variant, args.out, options, knobs=knobs, layer=args.layer,
                              allow_incomplete=args.allow_incomplete,
                              d_sae=args.d_sae, expansion=args.expansion, resume=args.resume, force=args.force,

@@ -9,6 +9,7 @@
     live.py       live training: one SAE per layer from one forward pass (`sae train --model`)
     producer.py   live training's producer thread and its --save-activations writer
     sharded.py    --shard-latents: the latents of one very wide TopK SAE split across ranks
+    sharded_checkpoint.py  a sharded run's checkpoints: one part per rank and a completion marker; --resume
     finetune.py   --init-from RUN: start from an existing SAE's weights (ours or what sae.load opens)
     loggers.py    --log wandb|tensorboard|none: every training path's metrics and final eval, one run per folder
 

@@ -294,60 +294,141 @@ class ShardedTrainer:
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired.masked_fill_(out.fire_counts > 0, 0)
         self.step_count += 1
-        return {"loss": float(out.loss), **{k: float(v) for k, v in out.terms.items()}}
+        return {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.terms.items()}}
+
+
+    # ---- checkpoints (sae.train.sharded_checkpoint writes and reads them) -----------------------
+    def slices(self) -> list[tuple[int, int]]:
+        return [shard_bounds(self.model.d_sae, r, self.model.world_size) for r in range(self.model.world_size)]
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able meta) of this rank: its parameters, Adam state, dead-latent counters and RNG."""
+        model, optim_state = self.model, self.optimizer.state_dict()
+        tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+        for index, state in optim_state["state"].items():
+            tensors.update({f"optim.{index}.{key}": value for key, value in state.items()})
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors["rng.torch"] = torch.get_rng_state()
+        if model.W_enc.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(model.W_enc.device)
+        groups = [{k: v for k, v in group.items() if k != "lr"} for group in optim_state["param_groups"]]
+        return tensors, {"step": self.step_count, "rank": model.rank, "slice": [model.lo, model.hi],
+                         "base_lr": self.base_lr, "param_groups": groups}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        model = self.model
+        self.base_lr = float(meta["base_lr"])
+        if list(meta["slice"]) != [model.lo, model.hi]:
+            raise UserError(f"the checkpoint's part for rank {model.rank} holds latents {meta['slice']}, "
+                            f"this rank owns [{model.lo}, {model.hi}]")
+        model.load_state_dict({name[6:]: value for name, value in tensors.items() if name.startswith("model.")})
+        state: dict[int, dict] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        groups = [{**group, "lr": self.base_lr, "betas": tuple(group["betas"])} for group in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and model.W_enc.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], model.W_enc.device)
+        self.step_count = int(meta["step"])
+
+
+def _on_main(action) -> str:
+    """Run action() (a refusal: UserError; a result: a str) on rank 0 and give every rank its verdict."""
+    from sae import distributed
+    refusal, result = "", ""
+    if distributed.is_main_process():
+        try:
+            result = action() or ""
+        except UserError as error:
+            refusal = str(error)
+    refusal = distributed.broadcast_bytes(refusal.encode()).decode()
+    if refusal:
+        raise UserError(refusal)
+    return distributed.broadcast_bytes(result.encode()).decode()
 
 
 def train_sharded_on_store(store, variant: str, run_dir, options, knobs: dict | None = None, layer=None,
                            d_sae: int | None = None, expansion: float | None = None, force: bool = False,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, resume: bool = False) -> dict:
     """`torchrun --nproc-per-node N -m sae train --activations S --variant topk --shard-latents --out RUN`:
-    every rank reads the same global batches; the latents are split; rank 0 writes the assembled SAE
-    (an ordinary run folder) and metrics.jsonl. No resume: a sharded run restarts from scratch."""
+    every rank reads the same global batches; the latents are split; each rank checkpoints its slice
+    (sae.train.sharded_checkpoint, on --checkpoint-every's schedule); --resume continues from the newest complete
+    checkpoint with the same world size; rank 0 writes the assembled SAE (an ordinary run folder) and metrics.jsonl."""
     import json
     from pathlib import Path
     from tqdm import tqdm
     from sae import distributed, variants
     from sae.runs import save_run
     from sae.files import write_json
+    from sae.train import sharded_checkpoint
+    from sae.train.options import TrainOptions
+    from sae.train.schedule import CheckpointClock
     info = distributed.info()
+    run_dir = Path(run_dir)
+    resume_from = None
+    if resume:   # read-only checks first: a refused resume leaves the folder as it was
+        chosen = _on_main(lambda: str(sharded_checkpoint.find_resumable(run_dir, info.world_size) or ""))
+        resume_from = Path(chosen) if chosen else None
     if not info.enabled:
         raise UserError("--shard-latents splits the latents across ranks: launch it with torchrun --nproc-per-node N")
     if variant not in SHARDED_VARIANTS:
         raise UserError(f"--shard-latents supports {', '.join(SHARDED_VARIANTS)}, not {variant}")
-    run_dir = Path(run_dir)
-    if info.is_main:
-        checkpoint.prepare_run_dir(run_dir, resume=False, force=force)   # --force removes only a run's own files
-    dist.barrier()
     layer = store.resolve_layer(layer)
+    if resume_from is not None:
+        saved = sharded_checkpoint.read_config(resume_from)
+        checkpoint.check_resumable(saved, run_dir, variant, store, layer, d_sae, dict(knobs or {}))
+        extended = checkpoint.check_resumed_options(saved["training"], options, run_dir)   # a larger --tokens
+        d_sae, knobs = saved["d_sae"], saved["knobs"]
+        options = TrainOptions.from_json({**saved["training"], "device": options.device,
+                                          **({"tokens": extended} if extended else {})})
+        _on_main(lambda: sharded_checkpoint.prepare_resume(run_dir, resume_from))
+    elif resume:
+        _on_main(lambda: sharded_checkpoint.prepare_resume(run_dir, None))    # no checkpoint yet: start afresh
+    else:
+        _on_main(lambda: checkpoint.prepare_run_dir(run_dir, resume=False, force=force))  # --force: a run's files only
     device = torch.device("cuda", info.local_rank) if options.device != "cpu" and torch.cuda.is_available() \
         else torch.device("cpu")
     distributed.check_same_config({"variant": variant, "knobs": knobs, "d_sae": d_sae, "layer": str(layer),
-                                   "options": options.to_json(), "store": store.digest})
+                                   "options": options.to_json(), "store": store.digest,
+                                   "resume_from": str(resume_from)})
     torch.manual_seed(options.seed)  # the same full initialisation on every rank; each keeps its slice
     full = variants.create(variant, store.d_model, d_sae, expansion=expansion or 8.0, **(knobs or {}))
     model = ShardedTopK.from_full(full).to(device)
     del full
     trainer = ShardedTrainer(model, options)
-    init_rows = min(options.init_rows, store.split_size("train"))  # the rows train_on_store uses
-    samples = store.train_batches(layer, init_rows, options.seed + 1)
-    trainer.init_from_sample(next(samples))
-    samples.close()
-    batches = store.train_batches(layer, options.batch_size, seed=options.seed,   # the global batch, every rank
-                                  prefetch=4 if torch.device(device).type == "cuda" else 0)
-    bar = tqdm(total=trainer.total_steps, unit="step", disable=None if progress and info.is_main else True,
-               desc=f"sharded {variant} ×{info.world_size}")
+    if resume_from is not None:
+        trainer.load_state_dict(*sharded_checkpoint.load_part(resume_from, info.rank))
+    else:
+        init_rows = min(options.init_rows, store.split_size("train"))  # the rows train_on_store uses
+        samples = store.train_batches(layer, init_rows, options.seed + 1)
+        trainer.init_from_sample(next(samples))
+        samples.close()
+    config = {"variant": variant, "d_in": model.d_in, "d_sae": model.d_sae, "knobs": model.knobs, "layer": layer,
+              "store_digest": store.digest, "training": {**options.to_json(), "lr": trainer.base_lr}}
+    batches = store.train_batches(layer, options.batch_size, seed=options.seed, start_step=trainer.step_count,
+                                  prefetch=4 if torch.device(device).type == "cuda" else 0)   # the global batch
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, unit="step",
+               disable=None if progress and info.is_main else True, desc=f"sharded {variant} ×{info.world_size}")
     metrics_path = run_dir / "metrics.jsonl"
+    clock, last = CheckpointClock(options.checkpoint_every, True), {}
     try:
         while trainer.step_count < trainer.total_steps:
             last = trainer.step(next(batches))
             bar.update(1)
-            if info.is_main and (trainer.step_count % options.log_every == 0
-                                 or trainer.step_count == trainer.total_steps):
+            logging = trainer.step_count % options.log_every == 0 or trainer.step_count == trainer.total_steps
+            if info.is_main and logging:
                 line = {"step": trainer.step_count, "tokens": trainer.step_count * options.batch_size, **last}
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
                 loggers.log_metrics(run_dir, line)          # --log wandb|tensorboard (a no-op without it)
                 bar.set_postfix_str(f"loss {last['loss']:.4g}", refresh=False)
+            if clock.due(trainer.step_count, logging) or trainer.step_count == trainer.total_steps:   # as Trainer
+                sharded_checkpoint.save(run_dir, trainer, config, keep=options.keep_checkpoints)
+                clock.saved()
     finally:
         bar.close()
         batches.close()
