@@ -5,6 +5,7 @@ deepest one. Rows are the kept token positions (BOS/EOS/padding dropped unless a
 minus tokens whose norm exceeds `max_norm_ratio` × the layer's median (median over the first
 8,192 kept tokens, stored in the manifest so that a resumed run drops the same rows).
 
+Under torchrun each rank reads, tokenizes and packs only its share of the documents (sae.collect.ranks).
 Bookkeeping: batches are fixed groups of this rank's windows; shards are flushed between batches
 (no window spans two shards), each written under a temporary name and renamed; after each shard
 the manifest (under torchrun: the rank's progress file) records how far the run got, so `resume`
@@ -24,6 +25,7 @@ from sae import distributed
 from sae import store as store_lib
 from sae.store.reader import in_background
 from sae.collect import progress
+from sae.collect.ranks import DEALING, DocumentShare, batches, check_resumable, deal, numbered, rank_budget
 from sae.collect.norms import NormSketch, merged, read_back
 from sae.collect.early import check_before_loading
 from sae.collect.rows import BatchRows, batch_rows, shard_tensors
@@ -129,33 +131,13 @@ def _remove_temporaries(out: Path) -> None:
 
 # ---- the run -----------------------------------------------------------------------------------
 
-def _batches(window_iter, d: distributed.DistInfo, batch_size: int, start_window: int, seen: list):
-    """This rank's windows (number % world == rank, number >= start_window) in fixed groups."""
-    group = []
-    for window in window_iter:
-        seen[0] += 1
-        if window.index % d.world_size != d.rank or window.index < start_window:
-            continue
-        group.append(window)
-        if len(group) == batch_size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def _rank_budget(tokens: int | None, d: distributed.DistInfo) -> int | None:
-    if tokens is None:
-        return None
-    return tokens // d.world_size + (1 if d.rank < tokens % d.world_size else 0)
-
-
 def _recipe(options: CollectOptions, d: distributed.DistInfo, model_dtype: str) -> dict:
+    sharing = {"rank_share": DEALING} if d.enabled else {}    # how the ranks shared the documents
     return {"model": options.model, "layers": list(options.layers), "site": options.site, "dataset": options.dataset,
             "text_column": options.text_column, "split": options.split, "context_size": options.context_size,
             "dtype": options.dtype, "special_tokens_kept": options.keep_special_tokens,
             "max_norm_ratio": options.max_norm_ratio, "world_size": d.world_size, "model_dtype": model_dtype,
-            "target_site": options.target_site}
+            "target_site": options.target_site, **sharing}
 
 
 def _check_recipe(old: dict, new: dict) -> None:
@@ -213,6 +195,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
              "batch_size": options.batch_size or 8, "exhausted": False}
     if old_manifest is not None:
         _check_recipe(old_manifest, recipe)
+        check_resumable(old_manifest)
         progress.restore(out, d, old_manifest, state, layers)   # from the per-shard index (or an old manifest)
         if options.batch_size is None:
             state["batch_size"] = old_manifest.get("batch_size", state["batch_size"])
@@ -220,15 +203,16 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     batch_size = state["batch_size"]
 
     documents, label_names = load_documents(options.dataset, options.text_column, options.split)
-    windows = in_background(pack_windows(documents, loaded.tokenizer, options.context_size, loaded.bos_id,
-                                         loaded.eos_id, loaded.pad_id),
+    share = DocumentShare()               # this rank tokenizes only its documents (sae.collect.ranks)
+    windows = in_background(numbered(pack_windows(deal(documents, d, share), loaded.tokenizer, options.context_size,
+                                                  loaded.bos_id, loaded.eos_id, loaded.pad_id), d),
                             256, "sae-tokenize")      # tokenised in a thread, ahead of the model
     stored_dtype = DTYPES[options.dtype]
     element = torch.tensor([], dtype=stored_dtype).element_size()
     d_site = site_width(loaded, options.site, layers)      # the rows' width: d_model, or n_heads·d_head for attn_z
     per_row = d_site * element * len(layers) * (2 if options.target_site else 1)    # bytes a row takes
     shard_tokens = options.shard_tokens or max(1024, (256 << 20) // per_row)
-    budget = _rank_budget(options.tokens, d)
+    budget = rank_budget(options.tokens, d)
     special = torch.tensor(sorted(loaded.special_ids), dtype=torch.int64)
     labelled = label_names is not None
 
@@ -308,13 +292,13 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     progress_bar = _progress(options, budget, state["rows"], d)
     start_time = time.perf_counter()
     finished_data = False
-    seen = [0]  # windows packed, all ranks
+    seen = [0]  # windows packed by this rank
     hf = loaded.model
     forward_kwargs = {"use_cache": False} if getattr(hf.config, "use_cache", None) is not None else {}
     try:
         with torch.inference_mode(), capture_sites(hf, options.site, options.target_site, layers) as (
                 captured, captured_targets):
-            for group in ([] if done else _batches(windows, d, batch_size, state["next_window"], seen)):
+            for group in ([] if done else batches(windows, batch_size, state["next_window"], seen)):
                 input_ids = torch.stack([w.input_ids for w in group]).to(device)   # [B, T]
                 inputs = {"input_ids": input_ids, **forward_kwargs}
                 padding = torch.stack([w.doc_ids for w in group]) == PAD_DOC
@@ -340,7 +324,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
                     break
             else:
                 finished_data = True
-                if seen[0] == 0 and not done:
+                if seen[0] == 0 and not done and (not d.enabled or share.with_text == 0):
                     raise UserError(f"dataset {options.dataset!r} holds no text to collect from")
             if state["norm_median"] is None and options.max_norm_ratio is not None:
                 settle_median()
