@@ -54,4 +54,4 @@ def run(args):
         own, control = summary.get(f"mean_{name}"), summary.get(f"mean_{name}_control")
         if own is not None:
             print(f"  {name:<10} mean {own:.3f}   random-pairing control {control if control is None else f'{control:.3f}'}")
-    print(f"wrote {summary['path']}")
+    print(f"wrote {summary['path']}" if summary["n_new"] else f"nothing new to explain: {summary['path']} is unchanged")

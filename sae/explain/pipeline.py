@@ -101,12 +101,9 @@ def explain(run_dir, store, options: ExplainOptions | None = None, layer=None, j
     from sae.store import ActivationStore
 
     options = options or ExplainOptions()
-    if options.scorers is None:
+    chose_scorers = options.scorers is None
+    if chose_scorers:
         options = replace(options, scorers=default_scorers(options) if judge is None else ALL_SCORERS)
-        if options.scorers != ALL_SCORERS:
-            log("note: the embedded 135M judge answers yes/no questions at chance (detection 0.517 against its "
-                "control 0.513 on 256 features), so only the embedding scorer runs; --scorers "
-                "detection,fuzzing,embedding runs all three")
     unknown = set(options.scorers) - set(ALL_SCORERS)
     if unknown or not options.scorers:
         raise UserError(f"--scorers takes some of {', '.join(ALL_SCORERS)} (got {', '.join(options.scorers)})")
@@ -133,6 +130,10 @@ def explain(run_dir, store, options: ExplainOptions | None = None, layer=None, j
         started, skipped = time.perf_counter(), []
         if not todo:
             return _summary(writer, chosen, todo, skipped, name, started, options.scorers)
+        if chose_scorers and options.scorers != ALL_SCORERS:
+            log("note: the embedded 135M judge answers yes/no questions at chance (detection 0.517 against its "
+                "control 0.513 on 256 features), so only the embedding scorer runs; --scorers "
+                "detection,fuzzing,embedding runs all three")
         explainer = judge or _explainer(options, device)
         sae_model = load(run_dir).to(device).eval()
         threshold = config.get("fire_threshold")
