@@ -6,6 +6,7 @@ activations at several layers to an activation store.
     ranks.py  under torchrun: each rank's share of the documents, window numbers, its share of --tokens
     progress.py  the run's progress appended to the store's per-shard index; --resume rebuilt from it
     norms.py  the stored rows' norm statistics, kept while collecting
+    shard_writer.py  the background thread that writes finished shards, in order, while the model runs
     early.py  what is settled before the model loads: an already complete store, the layers; the empty
               folder a failed run leaves
 

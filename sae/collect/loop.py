@@ -6,10 +6,12 @@ minus tokens whose norm exceeds `max_norm_ratio` × the layer's median (median o
 8,192 kept tokens, stored in the manifest so that a resumed run drops the same rows).
 
 Under torchrun each rank reads, tokenizes and packs only its share of the documents (sae.collect.ranks).
-Bookkeeping: batches are fixed groups of this rank's windows; shards are flushed between batches
-(no window spans two shards), each written under a temporary name and renamed; after each shard
-the manifest (under torchrun: the rank's progress file) records how far the run got, so `resume`
-continues with the next batch and ends with exactly the rows of an uninterrupted run.
+Bookkeeping: batches are fixed groups of this rank's windows (`batch_size` windows, or
+`batch_tokens` // context_size); shards are flushed between batches (no window spans two shards) and
+written in a background thread (sae.collect.shard_writer) while the model goes on, each under a
+temporary name and renamed; after each shard's file is in place its line in the index records how far
+the run got, so `resume` continues with the next batch and ends with exactly the rows of an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from sae.collect.ranks import DEALING, DocumentShare, batches, check_resumable, 
 from sae.collect.norms import NormSketch, merged, read_back
 from sae.collect.early import check_before_loading
 from sae.collect.rows import BatchRows, batch_rows, shard_tensors
+from sae.collect.shard_writer import ShardWriter
 from sae.collect.targets import capture_sites, check_complete, check_target_site
 from sae.data import PAD_DOC, load_documents, pack_windows
 from sae.errors import UserError
@@ -53,6 +56,7 @@ class CollectOptions(SourceOptions):
     out: Path
     tokens: int | None = None          # rows to write (all ranks together); None: the whole dataset
     batch_size: int | None = None      # windows per forward pass
+    batch_tokens: int | None = None    # or tokens per forward pass: max(1, batch_tokens // context_size) windows
     dtype: str | None = None           # stored dtype; None: the model's dtype (a bf16 model writes bf16)
     device: str = "cpu"
     shard_tokens: int | None = None    # rows per shard (default: about 256 MB of activations)
@@ -67,10 +71,14 @@ class CollectOptions(SourceOptions):
             raise UserError("--resume and --force contradict each other: pick one")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("tokens", "batch_size", "shard_tokens"):
+        flags = {"tokens": "--tokens", "batch_size": "--batch-windows", "batch_tokens": "--batch-tokens",
+                 "shard_tokens": "--shard-tokens"}
+        for name, flag in flags.items():
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise UserError(f"{flag} must be positive, got {value}")
+        if self.batch_size is not None and self.batch_tokens is not None:
+            raise UserError("--batch-windows and --batch-tokens both size a batch: give one of them")
 
 
 @dataclass
@@ -191,13 +199,15 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     recipe = _recipe(options, d, model_dtype)
 
     # resume state
+    asked_batch = options.batch_size or (max(1, options.batch_tokens // options.context_size)
+                                         if options.batch_tokens is not None else None)
     state = {"shards": [], "shard_rows": [], "next_window": 0, "rows": 0, "norm_median": None,
-             "batch_size": options.batch_size or 8, "exhausted": False}
+             "batch_size": asked_batch or 8, "exhausted": False}
     if old_manifest is not None:
         _check_recipe(old_manifest, recipe)
         check_resumable(old_manifest)
         progress.restore(out, d, old_manifest, state, layers)   # from the per-shard index (or an old manifest)
-        if options.batch_size is None:
+        if asked_batch is None:
             state["batch_size"] = old_manifest.get("batch_size", state["batch_size"])
         _remove_temporaries(out)
     batch_size = state["batch_size"]
@@ -239,6 +249,20 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
 
     pending: list[BatchRows] = []    # rows waiting for the next shard
     prelude: list[BatchRows] = []    # rows held until the norm median is known
+    # `state` runs ahead of the disk by the shards handed to the writer; `recorded` is what the index holds
+    recorded = {**state, "shards": list(state["shards"]), "shard_rows": list(state["shard_rows"])}
+
+    def write(job):
+        """In the writer's thread: one shard's file, then its index line (sae.collect.shard_writer)."""
+        index, name, tensors, norms, after = job
+        try:
+            store_lib.write_shard(out / name, tensors, {"rank": d.rank, "index": index})
+            size = (out / name).stat().st_size + progress.record(out, d, name, tensors, layers, norms, after)
+        except OSError as error:
+            raise UserError(f"cannot write {name} to {out}: {error.strerror or error}") from error
+        recorded.update(after, shards=recorded["shards"] + [name],
+                        shard_rows=recorded["shard_rows"] + [len(tensors["doc_id"])])
+        written[0] += size
 
     def flush():
         if not pending:
@@ -252,7 +276,6 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
             return
         tensors = shard_tensors(pending, layers, labelled)
         n_rows = len(tensors["doc_id"])
-        store_lib.write_shard(out / name, tensors, {"rank": d.rank, "index": index})
         norms = torch.stack([tensors[f"activations.{layer}"].float().norm(dim=-1) for layer in layers], dim=1)  # [n, L]
         sketch.add(norms, MEDIAN_TOKENS)
         state["shards"].append(name)
@@ -260,7 +283,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
         state["rows"] += n_rows
         state["next_window"] = next_window
         pending.clear()
-        written[0] += (out / name).stat().st_size + progress.record(out, d, name, tensors, layers, norms, state)
+        writer.submit((index, name, tensors, norms, progress.small_state(state)))
 
     def accept(rows: BatchRows) -> bool:
         """Filter by norm, cut to the budget, queue for a shard. False once the budget is met."""
@@ -295,6 +318,7 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
     seen = [0]  # windows packed by this rank
     hf = loaded.model
     forward_kwargs = {"use_cache": False} if getattr(hf.config, "use_cache", None) is not None else {}
+    writer = ShardWriter(write)         # shards are written in its thread while the model goes on
     try:
         with torch.inference_mode(), capture_sites(hf, options.site, options.target_site, layers) as (
                 captured, captured_targets):
@@ -334,14 +358,22 @@ def _collect(options: CollectOptions, loaded: LoadedModel | None) -> CollectResu
                     finished_data = False
                     break
             flush()
+            writer.close()            # every shard written and recorded; the writer's error, if any, here
     except KeyboardInterrupt:
-        # the shard in flight is discarded; the manifest (and the index) describe every shard on disk
+        # the shard being written is finished, those not yet started are discarded; the manifest (and the
+        # index) describe every shard on disk
+        writer.stop()
         _remove_temporaries(out)
         if not d.enabled:
-            save_manifest(manifest(False, state["shards"], state["shard_rows"], state["rows"],
-                                   {"progress": {"0": progress.small_state(state)}}))
-        print(f"\ninterrupted: {out} keeps {state['rows']:,} rows in {len(state['shards'])} shards; "
+            save_manifest(manifest(False, recorded["shards"], recorded["shard_rows"], recorded["rows"],
+                                   {"progress": {"0": progress.small_state(recorded)}}))
+        print(f"\ninterrupted: {out} keeps {recorded['rows']:,} rows in {len(recorded['shards'])} shards; "
               f"continue with --resume", file=sys.stderr)
+        raise
+    except BaseException:
+        writer.stop()             # the shards written so far stay recorded; no half-written file of ours stays
+        for path in out.glob(f".shard_*.tmp{os.getpid()}"):
+            path.unlink(missing_ok=True)
         raise
     finally:
         if progress_bar is not None:

@@ -16,6 +16,9 @@ def add_arguments(parser):
     parser.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
     parser.add_argument("--force", action="store_true", help="replace the store in a non-empty --out")
     add_common_arguments(parser, batch="windows")
+    parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                        help="size a forward pass in tokens instead of --batch-windows: "
+                             "max(1, N // --context-size) windows per forward pass")
 
 
 def run(args):
@@ -29,8 +32,8 @@ def run(args):
     options = CollectOptions(
         model=args.model, layers=args.layers, site=args.site, target_site=args.target_site, dataset=args.dataset,
         out=args.out, tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
-        dtype=args.dtype, device=args.device, text_column=args.text_column, split=args.split,
-        keep_special_tokens=args.keep_special_tokens, max_norm_ratio=args.max_norm_ratio,
+        batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device, text_column=args.text_column,
+        split=args.split, keep_special_tokens=args.keep_special_tokens, max_norm_ratio=args.max_norm_ratio,
         shard_tokens=args.shard_tokens, resume=args.resume, force=args.force, model_dtype=args.model_dtype)
     torch.manual_seed(args.seed)
     try:
