@@ -178,7 +178,7 @@ def test_bad_inputs(store, tmp_path):
         run_sweep(tmp_path / "folder", tmp_path / "o4")
     proc = sae_cli("sweep", "--activations", str(store.path), "--out", str(tmp_path / "o2"), "--variants", "l1:k=4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    expected = "error: --variants l1:k=4: l1 has no knob 'k' (it takes: l1_coefficient)"
+    expected = "error: --variants l1:k=4: l1 has no knob 'k' (it takes: l1_coefficient, pre_act_coefficient)"
     assert proc.stderr.strip().splitlines() == [expected]
 
 

@@ -10,7 +10,8 @@ from sae.variants import create
 from sae.variants.base import StepContext
 from sae.variants.kl import kl_sparsity
 from sae.variants.vae import gaussian_kl
-from variant_fitting import assert_save_load_identical, fit as _fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse)
+from variant_fitting import (assert_save_load_identical, firing_again_after_silencing, fit as _fit, fvu,  # noqa: F401
+                             one_thread, sparse_data)  # (one_thread: autouse)
 
 
 def fit(model, x, **options):
@@ -92,6 +93,45 @@ def test_vq_revive_restarts_codes_at_poorly_reconstructed_tokens():
     restarted = {tuple(model.W_dec[i].tolist()) for i in (2, 7)}
     assert restarted == {tuple((x[i] - model.b_dec).tolist()) for i in (5, 9)}
     assert torch.equal(model.W_dec[~dead], before[~dead])
+
+
+def test_l1_revives_latents_sparse_at_the_live_decoder_norm():
+    """A revived l1 latent fires on the batch's top REVIVED_L0/d_sae share with small codes (at b_enc = 0 it would
+    fire on about half the tokens) and its decoder row takes the live rows' mean norm; live latents are untouched."""
+    from sae.variants.l1 import REVIVED_L0
+    x = sparse_data(n=2048)
+    model, _ = fit(create("l1", d_in=32, d_sae=512, l1_coefficient=0.5), x, steps=20)
+    scaled = x * model.input_scale
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[::4] = True
+    live_before = (model.W_enc.detach()[:, ~dead].clone(), model.W_dec.detach()[~dead].clone())
+    live_norm = float(model.W_dec.detach()[~dead].norm(dim=1).mean())
+    with torch.no_grad():
+        assert model.revive(dead, scaled, model.decode_scaled(model.encode_scaled(scaled))) == 128
+        codes = model.encode_scaled(scaled)[:, dead]                       # [2048, 128]
+        live_max = float(model.encode_scaled(scaled)[:, ~dead].max())
+    share = float((codes > 0).float().mean())
+    assert share == pytest.approx(REVIVED_L0 / 512, rel=0.1)            # 1/8 of the tokens, not 1/2
+    assert float(codes.max()) < live_max                                  # small codes
+    assert torch.allclose(model.W_dec.detach()[dead].norm(dim=1), torch.full((128,), live_norm), rtol=1e-5)
+    assert torch.equal(model.W_enc.detach()[:, ~dead], live_before[0])
+    assert torch.equal(model.W_dec.detach()[~dead], live_before[1])
+
+
+def test_l1_pre_activation_loss_lifts_latents_that_stopped_firing():
+    """Latents pushed just below firing on every token get no gradient from the reconstruction or the L1 term,
+    so they stay dead; the default pre-activation loss Σ ReLU(−pre)‖W_dec‖ pulls them back up."""
+    x = sparse_data()
+
+    def silence(model, scaled):
+        model.b_enc[:16] -= model.pre_acts(scaled)[:, :16].max(dim=0).values + 0.05   # silent on every token
+
+    def killed_then_trained(pre_act_coefficient):
+        model, _ = fit(create("l1", d_in=32, d_sae=128, l1_coefficient=0.5), x, steps=30)
+        return firing_again_after_silencing(model, x, pre_act_coefficient, silence, fitter=fit)
+
+    assert killed_then_trained(0.0) == 0
+    assert killed_then_trained(create("l1", d_in=32, d_sae=128).knobs["pre_act_coefficient"]) >= 4
 
 
 def test_vae_closed_form_kl_equals_monte_carlo():

@@ -9,7 +9,8 @@ from sae.errors import UserError
 from sae.kernels.autograd import sparse_decode
 from sae.variants import create
 from sae.variants.base import StepContext
-from variant_fitting import assert_save_load_identical, fit, fvu, one_thread, sparse_data  # noqa: F401 (one_thread: autouse)
+from variant_fitting import (assert_save_load_identical, firing_again_after_silencing, fit, fvu,  # noqa: F401
+                             one_thread, sparse_data)  # (one_thread: autouse)
 
 
 MODERN = ["topk", "batchtopk", "gated", "jumprelu", "matryoshka"]
@@ -171,6 +172,59 @@ def test_jumprelu_threshold_starts_at_the_target_firing_rate():
     with torch.no_grad():
         l0 = float((model.encode_scaled(x[:1024]) > 0).sum(dim=1).float().mean())
     assert 50 < l0 < 80                                                  # about min(64, d_sae / 4)
+
+
+def test_gated_starts_sparse_with_small_codes_and_revives_the_same_way():
+    """By default (start_l0 64) the gate opens on about 64 of 512 latents per token at step 0 and the codes are
+    those of a ReLU with the gate's bias (magnitude just above zero where the gate opens); start_l0 = 0 keeps the
+    paper's zero biases (about half the latents open). A revived latent starts as sparse."""
+    x = sparse_data()
+    model = create("gated", d_in=32, d_sae=512)
+    assert model.knobs["start_l0"] == 64
+    scaled = x[:1024] * (math.sqrt(32) / x.norm(dim=1).mean())
+    model.init_from_data(scaled)
+    with torch.no_grad():
+        codes = model.encode_scaled(scaled)                                 # [1024, 512]
+        pi_gate, _ = model.paths(scaled)
+    assert 56 < float((codes > 0).sum(dim=1).float().mean()) < 72
+    assert torch.allclose(codes, torch.relu(pi_gate), atol=1e-5)
+    paper = create("gated", d_in=32, d_sae=512, start_l0=0.0)
+    paper.init_from_data(scaled)
+    with torch.no_grad():
+        assert float((paper.encode_scaled(scaled) > 0).sum(dim=1).float().mean()) > 150
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[:100] = True
+    with torch.no_grad():
+        assert model.revive(dead, scaled, torch.zeros_like(scaled)) == 100
+        revived = model.encode_scaled(scaled)[:, dead]
+    assert float((revived > 0).float().mean()) == pytest.approx(64 / 512, rel=0.1)
+
+
+def test_jumprelu_default_pre_activation_loss_lifts_latents_below_their_threshold():
+    """Latents pushed just below θ on every token get no gradient from the reconstruction and none from the
+    L0 target (outside the kernel's window), so they stay dead; the default pre-activation loss pulls them back."""
+    x = sparse_data()
+
+    def silence(model, scaled):
+        gap = (model.pre_acts(scaled)[:, :16] - model.threshold[:16]).max(dim=0).values
+        model.b_enc[:16] -= gap + 0.1                               # silent on every token, outside ε/2
+
+    def killed_then_trained(pre_act_coefficient):
+        model, _ = fit(create("jumprelu", d_in=32, d_sae=128, target_l0=8.0), x, steps=30)
+        return firing_again_after_silencing(model, x, pre_act_coefficient, silence)
+
+    assert killed_then_trained(0.0) == 0
+    assert killed_then_trained(create("jumprelu", d_in=32, d_sae=128).knobs["pre_act_coefficient"]) >= 4
+
+
+def test_jumprelu_trains_at_a_higher_default_rate_than_the_rule():
+    from sae.train.options import default_lr
+    from sae.variants.jumprelu import LR_FACTOR
+    for d_sae in (4608, 65536):
+        model = create("jumprelu", d_in=64, d_sae=d_sae)
+        rule = 8e-4 * math.sqrt(16384 / d_sae)
+        assert default_lr(model) == pytest.approx(min(4e-3, LR_FACTOR * rule))
+        assert default_lr(model) > default_lr(create("topk", d_in=64, d_sae=d_sae, k=8))
 
 
 @pytest.mark.parametrize("name", MODERN)

@@ -76,3 +76,16 @@ def assert_save_load_identical(model, x, run_dir):
     with torch.no_grad():
         assert torch.equal(loaded.encode(x), model.encode(x))
         assert torch.equal(loaded(x), model(x))
+
+
+def firing_again_after_silencing(model, x, pre_act_coefficient, silence, n_silenced=16, fitter=None):
+    """Train `model` 60 steps after silencing its first n_silenced latents on every token of x (silence(model,
+    scaled x) lowers their b_enc), with the given pre-activation coefficient; how many of them fire again."""
+    model.knobs["pre_act_coefficient"] = pre_act_coefficient
+    scaled = x * model.input_scale
+    with torch.no_grad():
+        silence(model, scaled)
+        assert int((model.encode_scaled(scaled)[:, :n_silenced] > 0).sum()) == 0
+    (fitter or fit)(model, x, steps=60, init=False, seed=1)
+    with torch.no_grad():
+        return int((model.encode_scaled(scaled)[:, :n_silenced] > 0).any(dim=0).sum())

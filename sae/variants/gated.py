@@ -6,6 +6,11 @@ codes = f_gate · ReLU(π_mag), x̂ = codes W_dec + b_dec (unit-norm decoder row
 loss = ‖x − x̂‖² + λ · s · ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², the last ("aux") term decoding the
 gate's ReLU through a frozen copy of the decoder, so that the gate learns to reconstruct too (the L1 term
 alone would only shrink it).
+Sparse start (the default, --start-l0 64; 0 for the paper's zero biases): b_enc = b_mag = −q, with q each
+latent's pre-activation quantile on the initial sample such that about 64 latents open per token, so training
+starts sparse with small codes (a ReLU with that bias) instead of with half the latents open; a revived latent
+starts the same way. At the bench's budget (512 steps) this took held-out FVU from 0.204 at L0 42.5
+to 0.081 at L0 21.6 (dead 0.02% → 3.2%).
 p-annealing (dictionary_learning's GatedAnneal trainer), an option: with --p-end p_e < 1 the penalty becomes
 λ · s · Σ_j ReLU(π_gate)_j^p with p falling linearly from 1 to p_e over training, an L_p penalty that nears the
 L0 count the gate actually pays for (1: off, the plain L1 of the paper).
@@ -27,8 +32,9 @@ class GatedSAE(SAE):
     KNOBS = {"l1_coefficient": Knob(4.0, "weight λ of the L1 penalty on the gate's ReLU", float, minimum=0.0),
              "p_end": Knob(1.0, "p-annealing: the exponent of the penalty Σ ReLU(π_gate)^p falls linearly from 1 "
                            "to this value over training, in (0, 1] (1: off)", float),
-             "start_l0": Knob(0.0, "sparse start: gate and magnitude biases set so that about this many latents "
-                              "fire per token at step 0, with small codes (0: biases at zero, the paper's init)",
+             "start_l0": Knob(64.0, "sparse start: gate and magnitude biases set so that about this many "
+                              "latents fire per token at step 0 (and after a revival), with small codes (0: biases "
+                              "at zero, the paper's init, where about half the latents fire at first)",
                               float, minimum=0.0)}
     revive_dead = True
 

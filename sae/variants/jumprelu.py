@@ -15,13 +15,15 @@ The current recipes, as knobs beside the original one:
 - `--sparsity-penalty tanh` (Anthropic, January 2025): λ · Σ_j tanh(c · f_j) with c = 4 (f_j the code; decoder
   rows are unit norm) in place of the L0 count: the same push on small codes, none on large ones.
 - `--pre-act-coefficient λ_p` (Anthropic, January 2025): + λ_p · Σ_j ReLU(θ_j − pre_j), which pulls every
-  latent's pre-activation up toward its threshold, so latents that stopped firing come back (0: off).
+  latent's pre-activation up toward its threshold, so latents that stopped firing come back (default 1e-3; 0: off).
 - `--target-l0 T` holds the mean L0 near T (Gemma Scope 2's way): the sparsity term becomes a quadratic pull
   d_in · (L0 / T − 1)² of the batch's straight-through L0 toward T (scaled with d_in, as the reconstruction
   term is), which pushes both ways, and the thresholds start where about T latents fire per token. λ and the
   sparsity warm-up do not apply in this mode.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -36,6 +38,7 @@ INITIAL_L0 = 64
 TANH_SCALE = 4.0          # c of the tanh penalty (Anthropic's value)
 TARGET_WEIGHT = 1.0       # the quadratic target term: TARGET_WEIGHT · d_in · (L0 / T − 1)²
 PENALTIES = ("l0", "tanh")
+LR_FACTOR = 2.7           # default learning rate: this times the trainer's d_sae-scaled rule (see default_lr)
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,7 @@ class JumpReLUSAE(SAE):
         "target_l0": Knob(None, "hold the mean L0 near this value (a quadratic pull toward it in place of λ; "
                           "default: off)", float),
         "sparsity_penalty": Knob("l0", "l0 (the count, Gemma Scope) or tanh (Anthropic 2025)", str),
-        "pre_act_coefficient": Knob(0.0, "weight λ_p of the pre-activation loss Σ ReLU(θ − pre) against dead "
+        "pre_act_coefficient": Knob(1e-3, "weight λ_p of the pre-activation loss Σ ReLU(θ − pre) against dead "
                                     "latents (Anthropic 2025; 0: off)", float, minimum=0.0),
     }
 
@@ -98,6 +101,12 @@ class JumpReLUSAE(SAE):
             raise UserError(f"--sparsity-penalty must be one of {', '.join(PENALTIES)} for jumprelu, "
                             f"got {knobs.get('sparsity_penalty')!r}")
     revive_dead = True
+
+    @property
+    def default_lr(self) -> float:
+        """LR_FACTOR × the trainer's rule 8e-4·sqrt(16384/d_sae), within [2e-4, 4e-3] (4e-3 at d_sae 4,608): log θ
+        moves about lr a step, so at the rule's rate the thresholds barely leave their small start in a short run."""
+        return float(min(4e-3, max(2e-4, LR_FACTOR * 8e-4 * math.sqrt(16384 / self.d_sae))))
 
     def build(self) -> None:
         W_enc, W_dec = kaiming_pair(self.d_in, self.d_sae)

@@ -5,17 +5,29 @@ loss = ‖x − x̂‖² + λ · s · Σ_j f_j ‖W_dec[j]‖, with s the traine
 Weighting each code by its decoder row's norm replaces the unit-norm constraint (decoder rows are free) and makes
 the penalty invariant to trading scale between encoder and decoder. Decoder rows start at norm 0.1 in random
 directions, the encoder at the decoder's transpose, b_enc at zero.
+A pre-activation loss (Anthropic, January 2025), on by default: + λ_p · Σ_j ReLU(−pre_j) ‖W_dec[j]‖, a small
+pull up on every latent where it does not fire, so that latents that stop firing late (after the trainer's last
+revival, at 80% of the run) come back; a latent firing on less than about λ_p/λ of the tokens is pulled up.
+A dead latent is revived sparse (the trainer's resampling, then revive() below): its decoder row at the live
+rows' mean norm, and b_enc lowered so that it fires on the batch's top REVIVED_L0/d_sae share of tokens with small
+codes; revived at b_enc = 0 it would fire on half the tokens, pay the full L1 price at once and die again.
 """
 from __future__ import annotations
 
-from sae.variants.base import Knob, StepContext, register
+import torch
+
+from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, fired, register, squared_error
 from sae.variants.relu import ReLUAutoencoder
+
+REVIVED_L0 = 64     # a revived latent fires on about this many tokens in d_sae
 
 
 @register
 class L1SAE(ReLUAutoencoder):
     name = "l1"
-    KNOBS = {"l1_coefficient": Knob(5.0, "weight λ of the L1 penalty Σ_j f_j ‖W_dec[j]‖", float, minimum=0.0)}
+    KNOBS = {"l1_coefficient": Knob(5.0, "weight λ of the L1 penalty Σ_j f_j ‖W_dec[j]‖", float, minimum=0.0),
+             "pre_act_coefficient": Knob(0.002, "weight λ_p of the pre-activation loss Σ_j ReLU(−pre_j) ‖W_dec[j]‖, "
+                                         "which lifts latents that stopped firing (0: off)", float, minimum=0.0)}
     unit_norm_decoder = False
     revive_dead = True
 
@@ -24,6 +36,28 @@ class L1SAE(ReLUAutoencoder):
         self.W_dec.data.mul_(0.1)
         self.W_enc.data.copy_(self.W_dec.data.T)
 
-    def penalty(self, x, codes, ctx: StepContext):
-        weighted = codes @ self.W_dec.norm(dim=1)                   # [batch]
-        return {"l1": self.knobs["l1_coefficient"] * ctx.sparsity_scale * weighted.mean()}
+    def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
+        pre = self.pre_acts(x_input)                                 # [batch, d_sae]
+        codes = torch.relu(pre)
+        x_hat = self.decode_scaled(codes)
+        recon = squared_error(x_hat, x_target)
+        norms = self.W_dec.norm(dim=1)                               # [d_sae]
+        terms = {"l1": self.knobs["l1_coefficient"] * ctx.sparsity_scale * (codes @ norms).mean()}
+        if self.knobs["pre_act_coefficient"] > 0:
+            terms["pre_act"] = self.knobs["pre_act_coefficient"] * (torch.relu(-pre) @ norms).mean()
+        return LossOutput(recon + sum(terms.values()), x_hat, fired(codes),
+                          {"recon": recon.detach(), "fvu": batch_fvu(x_hat.detach(), x_target),
+                           **{name: value.detach() for name, value in terms.items()}})
+
+    @torch.no_grad()
+    def revive(self, dead_mask, x, x_hat) -> int:
+        revived = SAE.revive(self, dead_mask, x, x_hat)             # unit decoder rows at poorly fit inputs
+        if revived:
+            alive = ~dead_mask
+            if bool(alive.any()):
+                self.W_dec[dead_mask] *= self.W_dec[alive].norm(dim=1).mean()
+            pre = self.pre_acts(x)[:, dead_mask]                      # [batch, n_dead]
+            rate = min(0.25, REVIVED_L0 / self.d_sae)
+            rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
+            self.b_enc[dead_mask] -= pre.kthvalue(rank, dim=0).values
+        return revived
