@@ -15,6 +15,7 @@ from sae.collect import CollectOptions, collect
 from sae.collect.shard_writer import ShardWriter
 from sae.errors import UserError
 from sae.store import ActivationStore
+from test_collect import columns  # every column of a store, in store order
 
 N_DOCS = 48
 CONTEXT = 24
@@ -53,15 +54,6 @@ def shard_contents(path) -> dict:
         with safe_open(str(Path(path) / name), framework="pt") as handle:
             contents[name] = (handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()})
     return contents
-
-
-def columns(path) -> dict:
-    store = ActivationStore(path)
-    out = {}
-    for i in range(len(store.shards)):
-        for name in store.tensor_names(i):
-            out.setdefault(name, []).append(store.read_shard(i, name))
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def assert_same_store(a, b):

@@ -290,6 +290,15 @@ def batch_fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return squared_distance(x_hat, x) / total_variance(x)
 
 
+def firing_quantile(pre: torch.Tensor, l0: float, d_sae: int) -> torch.Tensor:
+    """pre [n, m] pre-activations of m latents -> [m] each latent's value exceeded on about min(l0, d_sae/4)/d_sae
+    of the n tokens: a bias lowered by it makes about l0 of d_sae latents fire a token (the sparse starts and
+    revivals of jumprelu, gated and l1)."""
+    rate = min(0.25, l0 / d_sae)
+    rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
+    return pre.kthvalue(rank, dim=0).values
+
+
 def fired(codes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """[batch, d_sae] codes -> [d_sae] number of tokens on which each latent fired (code > τ)."""
     return (codes.detach() > threshold).sum(dim=0)

@@ -22,8 +22,8 @@ from torch import nn
 
 from sae.errors import UserError
 from sae.kernels.matmul import addmm, mm
-from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
-                               squared_error)
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
+                               register, squared_error)
 
 
 @register
@@ -65,9 +65,7 @@ class GatedSAE(SAE):
     @torch.no_grad()
     def sparse_start(self, projected: torch.Tensor, latents: torch.Tensor) -> None:
         """projected [n, m]: (x − b_dec) W_enc of the m chosen latents ([d_sae] bool)."""
-        rate = min(0.25, self.knobs["start_l0"] / self.d_sae)
-        rank = min(len(projected), max(1, int(round((1 - rate) * len(projected)))))
-        quantile = projected.kthvalue(rank, dim=0).values            # [m]
+        quantile = firing_quantile(projected, self.knobs["start_l0"], self.d_sae)     # [m]
         self.b_enc[latents] = -quantile
         self.b_mag[latents] = -quantile * self.r_mag[latents].exp()
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from sae.errors import UserError
 from sae.kernels.matmul import addmm
-from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, kaiming_pair, register,
-                               squared_error)
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
+                               register, squared_error)
 
 INITIAL_THRESHOLD = 0.1   # scaled units (inputs have about unit RMS per coordinate); before init_from_data
 INITIAL_L0 = 64
@@ -127,9 +127,7 @@ class JumpReLUSAE(SAE):
         min(T or 64, d_sae/4)/d_sae of the tokens: θ at the small INITIAL_THRESHOLD and b_enc lowered by the
         pre-activation quantile, so that firing codes start small (just above θ; a θ at the quantile itself
         would make every code at least that large) and the decoder can grow them."""
-        rate = min(0.25, (self.knobs.get("target_l0") or INITIAL_L0) / self.d_sae)
-        rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
-        quantile = pre.kthvalue(rank, dim=0).values                # [m]
+        quantile = firing_quantile(pre, self.knobs.get("target_l0") or INITIAL_L0, self.d_sae)   # [m]
         self.b_enc[latents] += INITIAL_THRESHOLD - quantile
         self.log_threshold[latents] = float(torch.tensor(INITIAL_THRESHOLD).log())
 

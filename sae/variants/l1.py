@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from sae.variants.base import SAE, Knob, LossOutput, StepContext, batch_fvu, fired, register, squared_error
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, register,
+                               squared_error)
 from sae.variants.relu import ReLUAutoencoder
 
 REVIVED_L0 = 64     # a revived latent fires on about this many tokens in d_sae
@@ -57,7 +58,5 @@ class L1SAE(ReLUAutoencoder):
             if bool(alive.any()):
                 self.W_dec[dead_mask] *= self.W_dec[alive].norm(dim=1).mean()
             pre = self.pre_acts(x)[:, dead_mask]                      # [batch, n_dead]
-            rate = min(0.25, REVIVED_L0 / self.d_sae)
-            rank = min(len(pre), max(1, int(round((1 - rate) * len(pre)))))
-            self.b_enc[dead_mask] -= pre.kthvalue(rank, dim=0).values
+            self.b_enc[dead_mask] -= firing_quantile(pre, REVIVED_L0, self.d_sae)
         return revived
