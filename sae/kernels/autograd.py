@@ -10,6 +10,9 @@ else touches only the k selected latents of each token:
   among dead latents' columns only (AuxK).
   Backward: the weight gradient as an `embedding_bag` over the latent-sorted selections (a bag per latent,
   reading only the selected rows of x); no dense [batch, d_sae] gradient is ever formed.
+- `decode_sparse_codes(codes, W_dec)` — the same sparse decoder for variants whose dense codes are mostly
+  zero (jumprelu, gated, l1 once their codes are sparse): the nonzero codes listed token by token, then
+  sparse_decode; on the CPU only, where listing them costs no host sync.
 - `sparse_decode(values, indices, W_dec)` — forward: `embedding_bag` gather-and-sum of the selected
   decoder rows. Backward: the value gradient by a sampled dense-dense product at the selected entries,
   the decoder gradient by the same latent-major `embedding_bag`; with unit_rows, the gradient component
@@ -418,3 +421,42 @@ def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int,
         return values.new_zeros(values.shape[0], d_sae).scatter_add_(1, indices, values)
     codes = values.new_zeros(offsets.numel() - 1, d_sae)
     return codes.index_put_((bag_ids(offsets), indices), values, accumulate=True)
+
+
+# Above this share of nonzero codes the dense products beat the sparse decoder (scripts/bench_sparse_codes.py).
+SPARSE_CODES_DENSITY = 1 / 16
+
+
+def decode_sparse_codes(codes: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None,
+                        support: torch.Tensor | None = None,
+                        max_density: float = SPARSE_CODES_DENSITY) -> torch.Tensor | None:
+    """codes W_dec (+ b_dec) -> [batch, d_in] through the sparse decoder, for codes [batch, d_sae] (with autograd)
+    of which at most max_density are listed; None otherwise, and on devices where listing them would be a host
+    sync (a GPU keeps its dense product, which its tensor cores make cheap).
+
+    The listed entries are those where support [batch, d_sae] (no grad; default: the codes) is > 0: they must
+    hold every nonzero code and every zero code whose gradient the variant uses (jumprelu's threshold learns
+    from the codes' gradient just below the jump). There the forward and the gradients equal the dense
+    `codes @ W_dec`; elsewhere the codes get no gradient. The decode, the codes' gradient and W_dec's are
+    sparse, 6 of a dense step's 10·d_in·d_sae FLOP a token; the encoder's product and its gradient stay dense."""
+    if sync_free(codes) or codes.dim() != 2:
+        return None
+    listed = (codes if support is None else support).detach()
+    most = int(max_density * listed.numel())
+    counted = native.count_above(listed, 0.0)
+    if counted is not None:
+        if counted > most:
+            return None
+        rows, cols, _ = native.entries_above(listed, 0.0)             # [n] each, token by token
+    else:
+        above = listed > 0
+        if int(above.sum()) > most:
+            return None
+        rows, cols = above.nonzero(as_tuple=True)                     # [n] each, row-major
+    if rows.numel() == 0:
+        return None                                                   # nothing listed: the dense path keeps the graph
+    values = codes[rows, cols]                                        # [n], its backward scatters into the codes
+    offsets = torch.zeros(listed.shape[0] + 1, dtype=torch.int64, device=listed.device)   # [batch + 1]
+    offsets[1:] = torch.bincount(rows, minlength=listed.shape[0]).cumsum(0)
+    x_hat = sparse_decode(values, cols, W_dec, offsets=offsets)        # [batch, d_in]
+    return x_hat if b_dec is None else x_hat + b_dec

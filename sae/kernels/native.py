@@ -222,6 +222,16 @@ def decoder_backward(grad_out: torch.Tensor, W: torch.Tensor, ids: torch.Tensor,
     return sampled, grad_W
 
 
+def count_above(pre: torch.Tensor, bound: float) -> int | None:
+    """How many entries of pre [batch, width] are greater than bound (one pass, no temporaries); None where
+    entries_above would be None."""
+    lib = library()
+    if lib is None or pre.dim() != 2 or not _plain(pre, torch.float32) or not math.isfinite(bound):
+        return None
+    counts = torch.empty(pre.shape[0], dtype=torch.int64)  # [batch]
+    return int(lib.sae_count_above(pre.data_ptr(), pre.shape[0], pre.shape[1], bound, counts.data_ptr()))
+
+
 def entries_above(pre: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(rows, cols, values) [n] of the entries of pre [batch, width] greater than bound, row by row and in
     column order within a row (so sorted by rows·width + cols). None when the kernels are not here or pre

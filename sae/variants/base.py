@@ -20,6 +20,7 @@ from torch import nn
 
 from sae import distributed
 from sae.kernels import native
+from sae.kernels.autograd import decode_sparse_codes
 from sae.errors import UserError
 
 REGISTRY: dict[str, type["SAE"]] = {}
@@ -185,6 +186,12 @@ class SAE(nn.Module):
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_training(self, codes: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+        """decode_scaled (codes W_dec + b_dec) for a training step: through the sparse decoder once the codes are
+        sparse enough, else dense; support: see sae.kernels.autograd.decode_sparse_codes."""
+        x_hat = decode_sparse_codes(codes, self.W_dec, self.b_dec, support)
+        return self.decode_scaled(codes) if x_hat is None else x_hat
 
     def training_loss(self, x_input: torch.Tensor, x_target: torch.Tensor, ctx: StepContext) -> LossOutput:
         """x_input: the (possibly corrupted) scaled input; x_target: the clean scaled input to reconstruct."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
+from sae.kernels.autograd import decode_sparse_codes
 from sae.kernels.matmul import addmm, mm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
                                register, squared_error)
@@ -85,13 +86,16 @@ class GatedSAE(SAE):
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         pi_gate, pi_mag = self.paths(x_input)
         codes = (pi_gate > 0).to(x_input.dtype) * torch.relu(pi_mag)           # [batch, d_sae]
-        x_hat = self.decode_scaled(codes)
+        x_hat = self.decode_training(codes)
         recon = squared_error(x_hat, x_target)
         gate = torch.relu(pi_gate)
         p = 1.0 + (self.knobs.get("p_end", 1.0) - 1.0) * ctx.progress          # p-annealing (1: the paper's L1)
         penalty = gate.sum(dim=1) if p == 1.0 else (gate + 1e-12).pow(p).mul(gate > 0).sum(dim=1)
         l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * penalty.mean()
-        aux = squared_error(addmm(self.b_dec.detach(), gate, self.W_dec.detach()), x_target)
+        gate_hat = decode_sparse_codes(gate, self.W_dec.detach(), self.b_dec.detach())   # the frozen decoder
+        if gate_hat is None:
+            gate_hat = addmm(self.b_dec.detach(), gate, self.W_dec.detach())
+        aux = squared_error(gate_hat, x_target)
         return LossOutput(recon + l1 + aux, x_hat, fired(codes),
                           {"recon": recon.detach(), "l1": l1.detach(), "aux": aux.detach(),
                            "fvu": batch_fvu(x_hat.detach(), x_target)})

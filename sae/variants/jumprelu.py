@@ -149,7 +149,9 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x_input)                              # [batch, d_sae]
         threshold, eps = self.threshold, self.knobs["bandwidth"]
         codes = _JumpReLU.apply(pre, threshold, eps)              # [batch, d_sae]
-        x_hat = self.decode_scaled(codes)
+        # the sparse decoder lists the codes above θ − ε/2: the threshold's pseudo-gradient reads the codes' gradient
+        # in the kernel's window, just below the jump too
+        x_hat = self.decode_training(codes, support=(pre - (threshold - eps / 2)).detach())
         recon = squared_error(x_hat, x_target)
         if self.knobs["sparsity_penalty"] == "tanh":
             sparsity = torch.tanh(TANH_SCALE * codes).sum(dim=1).mean()

@@ -40,7 +40,7 @@ class L1SAE(ReLUAutoencoder):
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         pre = self.pre_acts(x_input)                                 # [batch, d_sae]
         codes = torch.relu(pre)
-        x_hat = self.decode_scaled(codes)
+        x_hat = self.decode_training(codes)
         recon = squared_error(x_hat, x_target)
         norms = self.W_dec.norm(dim=1)                               # [d_sae]
         terms = {"l1": self.knobs["l1_coefficient"] * ctx.sparsity_scale * (codes @ norms).mean()}

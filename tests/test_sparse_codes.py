@@ -1,0 +1,95 @@
+"""The penalty variants' sparse decoder (sae.kernels.autograd.decode_sparse_codes) against dense autograd, and
+the variants taking it once their codes are sparse."""
+import pytest
+import torch
+
+from sae import kernels
+from sae.kernels import autograd, native
+from sae import variants
+from sae.variants.base import StepContext
+
+
+def sparse_codes(batch=64, d_sae=512, density=0.03, seed=0):
+    """[batch, d_sae] codes ≥ 0 with about `density` nonzero, a leaf with autograd, plus a jump-like cut."""
+    generator = torch.Generator().manual_seed(seed)
+    pre = torch.randn(batch, d_sae, generator=generator)
+    cut = torch.quantile(pre.reshape(-1), 1 - density)
+    codes = (pre * (pre > cut)).requires_grad_()
+    return codes
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sparse_codes_decode_and_gradients_match_dense_autograd(compiled, monkeypatch):
+    if compiled and not native.available():
+        pytest.skip("no C compiler here")
+    if not compiled:
+        monkeypatch.setattr(native, "count_above", lambda *a, **k: None)
+        monkeypatch.setattr(native, "bag_sum", lambda *a, **k: None)
+        monkeypatch.setattr(native, "decoder_backward", lambda *a, **k: None)
+        monkeypatch.setattr(native, "latent_major", lambda *a, **k: None)
+    codes = sparse_codes()
+    W_dec = torch.randn(512, 40, requires_grad=True)
+    b_dec = torch.randn(40, requires_grad=True)
+    target = torch.randn(64, 40)
+    got = autograd.decode_sparse_codes(codes, W_dec, b_dec)
+    assert got is not None
+    (got - target).pow(2).sum().backward()
+    grads = codes.grad.clone(), W_dec.grad.clone(), b_dec.grad.clone()
+    codes.grad = W_dec.grad = b_dec.grad = None
+    want = codes @ W_dec + b_dec                                          # the dense reference
+    (want - target).pow(2).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    live = codes.detach() > 0
+    # the codes' gradient where they are nonzero (a zero code's path is cut by the variant's ReLU or jump)
+    torch.testing.assert_close(grads[0][live], codes.grad[live], rtol=1e-5, atol=1e-4)
+    assert not grads[0][~live].any()
+    torch.testing.assert_close(grads[1], W_dec.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[2], b_dec.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_dense_codes_or_a_sync_free_device_keep_the_dense_product(monkeypatch):
+    W_dec = torch.randn(512, 40)
+    dense = sparse_codes(density=0.5)
+    assert autograd.decode_sparse_codes(dense, W_dec) is None                  # above SPARSE_CODES_DENSITY
+    assert autograd.decode_sparse_codes(torch.zeros(8, 512), W_dec) is None    # nothing fires
+    monkeypatch.setattr(kernels.autograd, "SYNC_FREE_ON_CPU", True)            # what a GPU does: no host reads
+    assert autograd.decode_sparse_codes(sparse_codes(), W_dec) is None
+
+
+@pytest.mark.parametrize("variant,knobs", [("jumprelu", {"target_l0": 8.0}), ("gated", {"start_l0": 8.0}),
+                                           ("l1", {})])
+def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(variant, knobs, monkeypatch):
+    """A step's loss and every parameter's gradient equal those of the same step with the dense decoder, and
+    the sparse decoder is the one used once the codes are sparse."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    sae = variants.create(variant, 32, 256, **knobs)
+    sae.init_from_data(x)
+    if variant == "l1":                      # l1 starts dense; make it sparse as training would
+        with torch.no_grad():
+            sae.b_enc -= torch.quantile(sae.pre_acts(x), 0.97, dim=0)
+    calls = []
+    original = autograd.decode_sparse_codes
+
+    def counted(*args, **kwargs):
+        found = original(*args, **kwargs)
+        calls.append(found is not None)
+        return found
+
+    def step():
+        sae.zero_grad()
+        out = sae.training_loss(x, x, StepContext(progress=0.5, sparsity_scale=1.0))
+        out.loss.backward()
+        return out.loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+
+    for module in ("sae.variants.base", "sae.variants.gated"):
+        monkeypatch.setattr(f"{module}.decode_sparse_codes", counted)
+    sparse_loss, sparse_grads = step()
+    assert calls and all(calls)
+    for module in ("sae.variants.base", "sae.variants.gated"):   # the dense decoder, as before
+        monkeypatch.setattr(f"{module}.decode_sparse_codes", lambda *a, **k: None)
+    dense_loss, dense_grads = step()
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
