@@ -11,7 +11,9 @@ and just after the variant's run (the faster of the two: these machines drift by
 minutes), and the fraction of the roofline reached:
   dense variants       10·d_in·d_sae FLOP a token (forward 4, backward about 6);
   TopK family (any variant with a `k` knob): the encoder-only limit 2·d_in·d_sae FLOP a token
-  (issue 4: only the encoder's product needs to be dense).
+  (issue 4: only the encoder's product needs to be dense);
+  penalty variants that decode sparse codes (jumprelu, gated, l1): the encoder's product and its weight
+  gradient, 4·d_in·d_sae (the decoder, its gradient and the codes' gradient are sparse once codes are).
 jumprelu runs with --target-l0 32 unless --set names it.
 Held-out FVU, L0 and dead fraction come from the run's train_summary.json (up to 16,384 held-out
 tokens of the store's fixed doc_id split), then the L0–FVU pairs of the sparse families.
@@ -124,6 +126,8 @@ def flops_per_token(variant: str, d_in: int, d_sae: int) -> tuple[int, str]:
     from sae import variants
     if "k" in variants.get(variant).KNOBS:
         return 2 * d_in * d_sae, "encoder-only 2·d·m"
+    if variants.get(variant).sparse_decoding:   # sparse codes: the encoder's product and its gradient stay dense
+        return 4 * d_in * d_sae, "dense encoder 4·d·m"
     return 10 * d_in * d_sae, "dense 10·d·m"
 
 

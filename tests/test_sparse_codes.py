@@ -56,14 +56,20 @@ def test_dense_codes_or_a_sync_free_device_keep_the_dense_product(monkeypatch):
     assert autograd.decode_sparse_codes(sparse_codes(), W_dec) is None
 
 
-@pytest.mark.parametrize("variant,knobs", [("jumprelu", {"target_l0": 8.0}), ("gated", {"start_l0": 8.0}),
-                                           ("l1", {})])
-def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(variant, knobs, monkeypatch):
+SPARSE_START = {"jumprelu": {"target_l0": 8.0}, "gated": {"start_l0": 8.0}}
+
+
+def test_the_variants_that_say_they_decode_sparse_are_the_ones_tested_here():
+    assert {name for name in variants.names() if variants.get(name).sparse_decoding} == {"jumprelu", "gated", "l1"}
+
+
+@pytest.mark.parametrize("variant", ["jumprelu", "gated", "l1"])
+def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(variant, monkeypatch):
     """A step's loss and every parameter's gradient equal those of the same step with the dense decoder, and
     the sparse decoder is the one used once the codes are sparse."""
     torch.manual_seed(0)
     x = torch.randn(256, 32)
-    sae = variants.create(variant, 32, 256, **knobs)
+    sae = variants.create(variant, 32, 256, **SPARSE_START.get(variant, {}))
     sae.init_from_data(x)
     if variant == "l1":                      # l1 starts dense; make it sparse as training would
         with torch.no_grad():

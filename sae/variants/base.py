@@ -85,6 +85,7 @@ class SAE(nn.Module):
     revive_dead: ClassVar[bool] = False        # trainer calls revive() on dead latents (resampling / code restart)
     default_noise_std: ClassVar[float] = 0.0   # input corruption applied by the trainer unless the user sets it
     default_lr: ClassVar[float | None] = None  # a learning rate this variant trains well with (None: trainer's)
+    sparse_decoding: ClassVar[bool] = False    # training decodes through decode_training (sparse once codes are)
 
     def __init__(self, d_in: int, d_sae: int, **knobs):
         super().__init__()

@@ -38,6 +38,7 @@ class GatedSAE(SAE):
                               "at zero, the paper's init, where about half the latents fire at first)",
                               float, minimum=0.0)}
     revive_dead = True
+    sparse_decoding = True
 
     @classmethod
     def check_knobs(cls, d_in, d_sae, knobs):

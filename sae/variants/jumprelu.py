@@ -101,6 +101,7 @@ class JumpReLUSAE(SAE):
             raise UserError(f"--sparsity-penalty must be one of {', '.join(PENALTIES)} for jumprelu, "
                             f"got {knobs.get('sparsity_penalty')!r}")
     revive_dead = True
+    sparse_decoding = True
 
     @property
     def default_lr(self) -> float:

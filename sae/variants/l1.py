@@ -31,6 +31,7 @@ class L1SAE(ReLUAutoencoder):
                                          "which lifts latents that stopped firing (0: off)", float, minimum=0.0)}
     unit_norm_decoder = False
     revive_dead = True
+    sparse_decoding = True
 
     def build(self) -> None:
         super().build()
