@@ -89,6 +89,18 @@ CASES += [
     ("train live with a store and a model", setting(TRAIN, "--model", "M"), None),
     ("train with neither store nor model", ["train", "--variant", "topk", "--out", "O"], None),
 ]
+UNSIZED = TRAIN[:TRAIN.index("--k")] + TRAIN[TRAIN.index("--k") + 2:]   # TRAIN without topk's --k 4
+CASES += [   # issue 22's knobs
+    ("train jumprelu --target-l0 0", setting(setting(UNSIZED, "--variant", "jumprelu"), "--target-l0", 0), None),
+    ("train jumprelu --target-l0 above d_sae", setting(setting(UNSIZED, "--variant", "jumprelu"), "--target-l0", 33),
+     None),
+    ("train vae --kl-warmup 1.5", setting(setting(UNSIZED, "--variant", "vae"), "--kl-warmup", 1.5), None),
+    ("train vae --kl-warmup -0.1", setting(setting(UNSIZED, "--variant", "vae"), "--kl-warmup", -0.1), None),
+    ("train l1 --init-from a topk run", setting(setting(UNSIZED, "--variant", "l1"), "--init-from", "P/run"), None),
+    ("train --init-from a run of another d_in", setting(setting(TRAIN, "--activations", "P/store_d8"), "--init-from",
+                                                        "P/run"), None),
+    ("train --init-from a file", setting(TRAIN, "--init-from", "F"), None),
+]
 
 for option, values in {
         "--layers": (99, -1, "abc", ""), "--site": ("bogus",), "--context-size": (0, -1, 100000, "abc"),
