@@ -14,7 +14,7 @@ minutes), and the fraction of the roofline reached:
   (issue 4: only the encoder's product needs to be dense);
   penalty variants that decode sparse codes (jumprelu, gated, l1): the encoder's product and its weight
   gradient, 4·d_in·d_sae (the decoder, its gradient and the codes' gradient are sparse once codes are).
-jumprelu runs with --target-l0 32 unless --set names it.
+jumprelu runs with --target-l0 32 unless --set names that knob (other --set knobs add to it).
 Held-out FVU, L0 and dead fraction come from the run's train_summary.json (up to 16,384 held-out
 tokens of the store's fixed doc_id split), then the L0–FVU pairs of the sparse families.
 """
@@ -86,7 +86,10 @@ def train_one(variant: str, store: Path, out: Path, args) -> dict:
                "--device", args.device, "--seed", str(args.seed), "--force", "--checkpoint-every", "24h"]  # 0 is refused: one at the end
     if args.expansion is not None:
         command += ["--expansion", str(args.expansion)]
-    command += args.extra.get(variant, DEFAULT_SET.get(variant, []))
+    given = args.extra.get(variant, [])                  # --set adds to the bench's defaults, overriding only what it names
+    defaults = DEFAULT_SET.get(variant, [])
+    command += [part for name, value in zip(defaults[::2], defaults[1::2]) if name not in given[::2]
+                for part in (name, value)] + given
     if args.bf16:
         command.append("--bf16")
     start = time.perf_counter()

@@ -210,7 +210,9 @@ def test_jumprelu_default_pre_activation_loss_lifts_latents_below_their_threshol
         model.b_enc[:16] -= gap + 0.1                               # silent on every token, outside ε/2
 
     def killed_then_trained(pre_act_coefficient):
-        model, _ = fit(create("jumprelu", d_in=32, d_sae=128, target_l0=8.0), x, steps=30)
+        # a narrow kernel (ε 0.05), so that 0.1 below θ is outside its window; within 60 steps at the default rate
+        # b_enc moves about 0.24, less than the default ε/2 + 0.1
+        model, _ = fit(create("jumprelu", d_in=32, d_sae=128, target_l0=8.0, bandwidth=0.05), x, steps=30)
         return firing_again_after_silencing(model, x, pre_act_coefficient, silence)
 
     assert killed_then_trained(0.0) == 0

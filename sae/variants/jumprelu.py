@@ -82,7 +82,7 @@ class JumpReLUSAE(SAE):
     KNOBS = {
         "l0_coefficient": Knob(0.5, "weight λ of the sparsity penalty (unused with --target-l0)", float,
                                minimum=0.0),
-        "bandwidth": Knob(0.05, "width ε of the rectangle kernel of the threshold's pseudo-gradient", float,
+        "bandwidth": Knob(0.5, "width ε of the rectangle kernel of the threshold's pseudo-gradient", float,
                           positive=True),
         "target_l0": Knob(None, "hold the mean L0 near this value (a quadratic pull toward it in place of λ; "
                           "default: off)", float),
