@@ -4,8 +4,8 @@
     python scripts/bench_sparse_codes.py --d-sae 16384
 
 One decode with its backward (x̂ = codes W_dec + b_dec; the gradients of the codes, W_dec and b_dec), the dense
-product (sae.kernels.matmul: 6·d_in·d_sae FLOP a token) against sae.kernels.autograd.decode_sparse_codes (its
-forced form, max_density 1), at codes with L0 nonzero entries a token placed at random. Each row alternates
+product (sae.kernels.matmul: 6·d_in·d_sae FLOP a token) against sae.kernels.autograd's list_entries and
+decode_listed (forced: max_density 1), at codes with L0 nonzero entries a token placed at random. Each row alternates
 the two paths and keeps the best of --repeat tries of each (these machines drift by up to 10% within
 minutes). The roofline beside it is this machine's best fp32 product of the decoder's shape, measured in
 the same run. The crossover is where SPARSE_CODES_DENSITY should sit.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from roofline import best_cpu_gflops  # noqa: E402
-from sae.kernels.autograd import SPARSE_CODES_DENSITY, decode_sparse_codes  # noqa: E402
+from sae.kernels.autograd import SPARSE_CODES_DENSITY, decode_listed, list_entries  # noqa: E402
 from sae.kernels.matmul import addmm  # noqa: E402
 
 
@@ -72,7 +72,9 @@ def main() -> None:
             (addmm(b_dec, codes, W_dec) - target).pow(2).sum().backward()
 
         def sparse():
-            (decode_sparse_codes(codes, W_dec, b_dec, max_density=1.0) - target).pow(2).sum().backward()
+            listing = list_entries(codes, max_density=1.0)
+            values = codes[listing.rows, listing.cols]                   # [n]
+            (decode_listed(values, listing, W_dec, b_dec) - target).pow(2).sum().backward()
 
         dense_s = sparse_s = float("inf")
         for _ in range(2):                                                # alternate, best of both rounds

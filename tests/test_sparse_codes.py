@@ -1,4 +1,4 @@
-"""The penalty variants' sparse decoder (sae.kernels.autograd.decode_sparse_codes) against dense autograd, and
+"""The penalty variants' sparse path (sae.kernels.autograd.list_entries, decode_listed) against dense autograd, and
 the variants taking it once their codes are sparse."""
 import pytest
 import torch
@@ -31,8 +31,9 @@ def test_sparse_codes_decode_and_gradients_match_dense_autograd(compiled, monkey
     W_dec = torch.randn(512, 40, requires_grad=True)
     b_dec = torch.randn(40, requires_grad=True)
     target = torch.randn(64, 40)
-    got = autograd.decode_sparse_codes(codes, W_dec, b_dec)
-    assert got is not None
+    listing = autograd.list_entries(codes)
+    assert listing is not None
+    got = autograd.decode_listed(codes[listing.rows, listing.cols], listing, W_dec, b_dec)
     (got - target).pow(2).sum().backward()
     grads = codes.grad.clone(), W_dec.grad.clone(), b_dec.grad.clone()
     codes.grad = W_dec.grad = b_dec.grad = None
@@ -50,37 +51,40 @@ def test_sparse_codes_decode_and_gradients_match_dense_autograd(compiled, monkey
 def test_dense_codes_or_a_sync_free_device_keep_the_dense_product(monkeypatch):
     W_dec = torch.randn(512, 40)
     dense = sparse_codes(density=0.5)
-    assert autograd.decode_sparse_codes(dense, W_dec) is None                  # above SPARSE_CODES_DENSITY
-    assert autograd.decode_sparse_codes(torch.zeros(8, 512), W_dec) is None    # nothing fires
+    assert autograd.list_entries(dense) is None                                # above SPARSE_CODES_DENSITY
+    assert autograd.list_entries(torch.zeros(8, 512)) is None                  # nothing fires
     monkeypatch.setattr(kernels.autograd, "SYNC_FREE_ON_CPU", True)            # what a GPU does: no host reads
-    assert autograd.decode_sparse_codes(sparse_codes(), W_dec) is None
+    assert autograd.list_entries(sparse_codes()) is None
 
 
-SPARSE_START = {"jumprelu": {"target_l0": 8.0}, "gated": {"start_l0": 8.0}}
 
 
 def test_the_variants_that_say_they_decode_sparse_are_the_ones_tested_here():
     assert {name for name in variants.names() if variants.get(name).sparse_decoding} == {"jumprelu", "gated", "l1"}
 
 
-@pytest.mark.parametrize("variant", ["jumprelu", "gated", "l1"])
-def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(variant, monkeypatch):
+@pytest.mark.parametrize("variant,knobs", [("jumprelu", {"target_l0": 8.0}),
+                                           ("jumprelu", {"target_l0": 8.0, "sparsity_penalty": "tanh"}),
+                                           ("gated", {"start_l0": 8.0}), ("l1", {})])
+def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(variant, knobs, monkeypatch):
     """A step's loss and every parameter's gradient equal those of the same step with the dense decoder, and
     the sparse decoder is the one used once the codes are sparse."""
     torch.manual_seed(0)
     x = torch.randn(256, 32)
-    sae = variants.create(variant, 32, 256, **SPARSE_START.get(variant, {}))
+    sae = variants.create(variant, 32, 256, **knobs)
     sae.init_from_data(x)
     if variant == "l1":                      # l1 starts dense; make it sparse as training would
         with torch.no_grad():
             sae.b_enc -= torch.quantile(sae.pre_acts(x), 0.97, dim=0)
     calls = []
-    original = autograd.decode_sparse_codes
 
-    def counted(*args, **kwargs):
-        found = original(*args, **kwargs)
-        calls.append(found is not None)
-        return found
+    def counted(original):
+        def wrapped(*args, **kwargs):
+            found = original(*args, **kwargs)
+            calls.append(found is not None)
+            return found
+        return wrapped
+    patched = [(f"sae.variants.{variant}.list_entries", autograd.list_entries)]
 
     def step():
         sae.zero_grad()
@@ -88,12 +92,12 @@ def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(
         out.loss.backward()
         return out.loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
 
-    for module in ("sae.variants.base", "sae.variants.gated"):
-        monkeypatch.setattr(f"{module}.decode_sparse_codes", counted)
+    for name, original in patched:
+        monkeypatch.setattr(name, counted(original))
     sparse_loss, sparse_grads = step()
     assert calls and all(calls)
-    for module in ("sae.variants.base", "sae.variants.gated"):   # the dense decoder, as before
-        monkeypatch.setattr(f"{module}.decode_sparse_codes", lambda *a, **k: None)
+    for name, _ in patched:                                   # the dense path, as before
+        monkeypatch.setattr(name, lambda *a, **k: None)
     dense_loss, dense_grads = step()
     torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
     assert sparse_grads.keys() == dense_grads.keys()

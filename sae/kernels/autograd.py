@@ -10,9 +10,9 @@ else touches only the k selected latents of each token:
   among dead latents' columns only (AuxK).
   Backward: the weight gradient as an `embedding_bag` over the latent-sorted selections (a bag per latent,
   reading only the selected rows of x); no dense [batch, d_sae] gradient is ever formed.
-- `decode_sparse_codes(codes, W_dec)` — the same sparse decoder for variants whose dense codes are mostly
-  zero (jumprelu, gated, l1 once their codes are sparse): the nonzero codes listed token by token, then
-  sparse_decode; on the CPU only, where listing them costs no host sync.
+- `list_entries(support)` and `decode_listed(values, listing, W_dec)` — the same sparse decoder for the
+  penalty variants (jumprelu, gated, l1) once their codes are sparse: their firing entries listed token by
+  token, every term of the loss on those [n] entries; on the CPU only, where listing costs no host sync.
 - `sparse_decode(values, indices, W_dec)` — forward: `embedding_bag` gather-and-sum of the selected
   decoder rows. Backward: the value gradient by a sampled dense-dense product at the selected entries,
   the decoder gradient by the same latent-major `embedding_bag`; with unit_rows, the gradient component
@@ -427,36 +427,39 @@ def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int,
 SPARSE_CODES_DENSITY = 1 / 16
 
 
-def decode_sparse_codes(codes: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None,
-                        support: torch.Tensor | None = None,
-                        max_density: float = SPARSE_CODES_DENSITY) -> torch.Tensor | None:
-    """codes W_dec (+ b_dec) -> [batch, d_in] through the sparse decoder, for codes [batch, d_sae] (with autograd)
-    of which at most max_density are listed; None otherwise, and on devices where listing them would be a host
-    sync (a GPU keeps its dense product, which its tensor cores make cheap).
+class Listing(NamedTuple):
+    """Entries of a [batch, d_sae] matrix, token by token (latents ascending within a token): the flat form."""
+    rows: torch.Tensor      # [n] token of each entry
+    cols: torch.Tensor      # [n] latent id of each entry
+    offsets: torch.Tensor   # [batch + 1] where token b's entries start (CSR row pointers)
 
-    The listed entries are those where support [batch, d_sae] (no grad; default: the codes) is > 0: they must
-    hold every nonzero code and every zero code whose gradient the variant uses (jumprelu's threshold learns
-    from the codes' gradient just below the jump). There the forward and the gradients equal the dense
-    `codes @ W_dec`; elsewhere the codes get no gradient. The decode, the codes' gradient and W_dec's are
-    sparse, 6 of a dense step's 10·d_in·d_sae FLOP a token; the encoder's product and its gradient stay dense."""
-    if sync_free(codes) or codes.dim() != 2:
+
+def list_entries(support: torch.Tensor, max_density: float = SPARSE_CODES_DENSITY) -> Listing | None:
+    """The entries of support [batch, d_sae] (read without grad) that are > 0, when there are some and at most
+    max_density of all; None otherwise, and on devices where listing them would be a host sync (a GPU keeps
+    its dense products, which its tensor cores make cheap)."""
+    if sync_free(support) or support.dim() != 2:
         return None
-    listed = (codes if support is None else support).detach()
-    most = int(max_density * listed.numel())
-    counted = native.count_above(listed, 0.0)
+    support = support.detach()
+    most = int(max_density * support.numel())
+    counted = native.count_above(support, 0.0)
     if counted is not None:
-        if counted > most:
+        if counted > most or counted == 0:
             return None
-        rows, cols, _ = native.entries_above(listed, 0.0)             # [n] each, token by token
+        rows, cols, _ = native.entries_above(support, 0.0)           # [n] each, token by token
     else:
-        above = listed > 0
-        if int(above.sum()) > most:
+        above = support > 0
+        if not 0 < int(above.sum()) <= most:
             return None
         rows, cols = above.nonzero(as_tuple=True)                     # [n] each, row-major
-    if rows.numel() == 0:
-        return None                                                   # nothing listed: the dense path keeps the graph
-    values = codes[rows, cols]                                        # [n], its backward scatters into the codes
-    offsets = torch.zeros(listed.shape[0] + 1, dtype=torch.int64, device=listed.device)   # [batch + 1]
-    offsets[1:] = torch.bincount(rows, minlength=listed.shape[0]).cumsum(0)
-    x_hat = sparse_decode(values, cols, W_dec, offsets=offsets)        # [batch, d_in]
+    offsets = torch.zeros(support.shape[0] + 1, dtype=torch.int64, device=support.device)   # [batch + 1]
+    offsets[1:] = torch.bincount(rows, minlength=support.shape[0]).cumsum(0)
+    return Listing(rows, cols, offsets)
+
+
+def decode_listed(values: torch.Tensor, listing: Listing, W_dec: torch.Tensor,
+                  b_dec: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ values · W_dec[cols] per token (+ b_dec) -> [batch, d_in]: values [n] (with autograd) at the listed
+    entries, the rest of the codes zero. The decode, W_dec's gradient and the values' gradient are sparse."""
+    x_hat = sparse_decode(values, listing.cols, W_dec, offsets=listing.offsets)   # [batch, d_in]
     return x_hat if b_dec is None else x_hat + b_dec

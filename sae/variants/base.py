@@ -20,7 +20,6 @@ from torch import nn
 
 from sae import distributed
 from sae.kernels import native
-from sae.kernels.autograd import decode_sparse_codes
 from sae.errors import UserError
 
 REGISTRY: dict[str, type["SAE"]] = {}
@@ -85,7 +84,7 @@ class SAE(nn.Module):
     revive_dead: ClassVar[bool] = False        # trainer calls revive() on dead latents (resampling / code restart)
     default_noise_std: ClassVar[float] = 0.0   # input corruption applied by the trainer unless the user sets it
     default_lr: ClassVar[float | None] = None  # a learning rate this variant trains well with (None: trainer's)
-    sparse_decoding: ClassVar[bool] = False    # training decodes through decode_training (sparse once codes are)
+    sparse_decoding: ClassVar[bool] = False    # training lists its codes (list_entries) and decodes them sparse
 
     def __init__(self, d_in: int, d_sae: int, **knobs):
         super().__init__()
@@ -187,12 +186,6 @@ class SAE(nn.Module):
 
     def decode_scaled(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def decode_training(self, codes: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
-        """decode_scaled (codes W_dec + b_dec) for a training step: through the sparse decoder once the codes are
-        sparse enough, else dense; support: see sae.kernels.autograd.decode_sparse_codes."""
-        x_hat = decode_sparse_codes(codes, self.W_dec, self.b_dec, support)
-        return self.decode_scaled(codes) if x_hat is None else x_hat
 
     def training_loss(self, x_input: torch.Tensor, x_target: torch.Tensor, ctx: StepContext) -> LossOutput:
         """x_input: the (possibly corrupted) scaled input; x_target: the clean scaled input to reconstruct."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.kernels.autograd import decode_sparse_codes
+from sae.kernels.autograd import count_latents, decode_listed, list_entries
 from sae.kernels.matmul import addmm, mm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
                                register, squared_error)
@@ -71,8 +71,13 @@ class GatedSAE(SAE):
         self.b_enc[latents] = -quantile
         self.b_mag[latents] = -quantile * self.r_mag[latents].exp()
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(x − b_dec) W_enc -> [batch, d_sae], as x W − b_dec W: b_dec's gradient is then a product with a vector,
+        not the [batch, d_in] gradient of x − b_dec (a second dense product of the encoder's size)."""
+        return addmm(-(self.b_dec @ self.W_enc), x, self.W_enc)
+
     def paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        projected = mm(x - self.b_dec, self.W_enc)              # [batch, d_sae]
+        projected = self.project(x)                             # [batch, d_sae]
         pi_gate = projected + self.b_enc
         pi_mag = projected * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
@@ -85,19 +90,30 @@ class GatedSAE(SAE):
         return addmm(self.b_dec, codes, self.W_dec)
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
-        pi_gate, pi_mag = self.paths(x_input)
-        codes = (pi_gate > 0).to(x_input.dtype) * torch.relu(pi_mag)           # [batch, d_sae]
-        x_hat = self.decode_training(codes)
+        projected = self.project(x_input)                       # [batch, d_sae]
+        pi_gate = projected + self.b_enc
+        listing = list_entries(pi_gate)      # once gates are sparse (CPU): every term on the open gates' [n] entries
+        if listing is None:
+            pi_mag = projected * self.r_mag.exp() + self.b_mag
+            gate = torch.relu(pi_gate)                           # [batch, d_sae]
+            codes = (pi_gate > 0).to(x_input.dtype) * torch.relu(pi_mag)
+            x_hat = self.decode_scaled(codes)
+            gate_hat = addmm(self.b_dec.detach(), gate, self.W_dec.detach())   # through the frozen decoder
+            counts = fired(codes)
+        else:
+            cols = listing.cols
+            open_projected = projected[listing.rows, cols]       # [n]
+            gate = open_projected + self.b_enc[cols]             # [n], each > 0
+            codes = torch.relu(open_projected * self.r_mag[cols].exp() + self.b_mag[cols])
+            x_hat = decode_listed(codes, listing, self.W_dec, self.b_dec)
+            gate_hat = decode_listed(gate, listing, self.W_dec.detach(), self.b_dec.detach())
+            counts = count_latents(cols, (codes.detach() > 0).long(), self.d_sae)   # [d_sae]
         recon = squared_error(x_hat, x_target)
-        gate = torch.relu(pi_gate)
         p = 1.0 + (self.knobs.get("p_end", 1.0) - 1.0) * ctx.progress          # p-annealing (1: the paper's L1)
-        penalty = gate.sum(dim=1) if p == 1.0 else (gate + 1e-12).pow(p).mul(gate > 0).sum(dim=1)
-        l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * penalty.mean()
-        gate_hat = decode_sparse_codes(gate, self.W_dec.detach(), self.b_dec.detach())   # the frozen decoder
-        if gate_hat is None:
-            gate_hat = addmm(self.b_dec.detach(), gate, self.W_dec.detach())
+        penalty = gate.sum() if p == 1.0 else (gate + 1e-12).pow(p).mul(gate > 0).sum()
+        l1 = self.knobs["l1_coefficient"] * ctx.sparsity_scale * penalty / x_input.shape[0]
         aux = squared_error(gate_hat, x_target)
-        return LossOutput(recon + l1 + aux, x_hat, fired(codes),
+        return LossOutput(recon + l1 + aux, x_hat, counts,
                           {"recon": recon.detach(), "l1": l1.detach(), "aux": aux.detach(),
                            "fvu": batch_fvu(x_hat.detach(), x_target)})
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
+from sae.kernels.autograd import count_latents, decode_listed, list_entries
 from sae.kernels.matmul import addmm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
                                register, squared_error)
@@ -57,7 +58,7 @@ class _JumpReLU(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_pre = grad * (pre > threshold)
-        grad_threshold = (-(threshold / eps) * rectangle((pre - threshold) / eps) * grad).sum(dim=0)
+        grad_threshold = (-(threshold / eps) * rectangle((pre - threshold) / eps) * grad).sum_to_size(threshold.shape)
         return grad_pre, grad_threshold, None
 
 
@@ -73,7 +74,7 @@ class _Step(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         kernel = rectangle((pre - threshold) / eps) * grad / eps        # [batch, d_sae]
-        return kernel, -kernel.sum(dim=0), None
+        return kernel, -kernel.sum_to_size(threshold.shape), None
 
 
 @register
@@ -137,7 +138,9 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()                          # [d_sae]
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return addmm(self.b_enc, x - self.b_dec, self.W_enc)    # [batch, d_sae]
+        # x W + (b_enc − b_dec W): b_dec folded into the bias, so that its gradient is a product with a vector, not
+        # the [batch, d_in] gradient of x − b_dec (a second dense product of the encoder's size)
+        return addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)   # [batch, d_sae]
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
@@ -148,23 +151,32 @@ class JumpReLUSAE(SAE):
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         pre = self.pre_acts(x_input)                              # [batch, d_sae]
-        threshold, eps = self.threshold, self.knobs["bandwidth"]
-        codes = _JumpReLU.apply(pre, threshold, eps)              # [batch, d_sae]
-        # the sparse decoder lists the codes above θ − ε/2: the threshold's pseudo-gradient reads the codes' gradient
-        # in the kernel's window, just below the jump too
-        x_hat = self.decode_training(codes, support=(pre - (threshold - eps / 2)).detach())
+        threshold, eps, batch = self.threshold, self.knobs["bandwidth"], pre.shape[0]
+        # Once codes are sparse, every term but the pre-activation loss lives on the entries above θ − ε/2: the
+        # firing codes and the kernel's window, where the threshold's pseudo-gradients are (list_entries: on the
+        # CPU, at most 1/16 of the entries). The codes, the decode and the L0 term are then [n] vectors.
+        listing = list_entries(pre - (threshold - eps / 2))
+        if listing is None:
+            pre_on, threshold_on = pre, threshold                 # [batch, d_sae], [d_sae]
+        else:
+            pre_on, threshold_on = pre[listing.rows, listing.cols], threshold[listing.cols]   # [n] each
+        codes = _JumpReLU.apply(pre_on, threshold_on, eps)        # [batch, d_sae] or [n]
+        if listing is None:
+            x_hat, counts = self.decode_scaled(codes), fired(codes)
+        else:
+            x_hat = decode_listed(codes, listing, self.W_dec, self.b_dec)
+            counts = count_latents(listing.cols, (codes.detach() > 0).long(), self.d_sae)   # [d_sae]
         recon = squared_error(x_hat, x_target)
         if self.knobs["sparsity_penalty"] == "tanh":
-            sparsity = torch.tanh(TANH_SCALE * codes).sum(dim=1).mean()
+            sparsity = torch.tanh(TANH_SCALE * codes).sum() / batch
         else:
-            sparsity = _Step.apply(pre, threshold, eps).sum(dim=1).mean()
-        counts = fired(codes)                                     # [d_sae]
+            sparsity = _Step.apply(pre_on, threshold_on, eps).sum() / batch
         target = self.knobs["target_l0"]
         if target is None:
             weight = self.knobs["l0_coefficient"] * ctx.sparsity_scale
             loss = recon + weight * sparsity
         else:   # a quadratic pull of the batch's straight-through L0 toward the target
-            l0 = sparsity if self.knobs["sparsity_penalty"] == "l0" else _Step.apply(pre, threshold, eps).sum(dim=1).mean()
+            l0 = sparsity if self.knobs["sparsity_penalty"] == "l0" else _Step.apply(pre_on, threshold_on, eps).sum() / batch
             loss = recon + TARGET_WEIGHT * self.d_in * (l0 / target - 1.0).pow(2)
         terms = {"recon": recon.detach(), "sparsity": sparsity.detach(), "fvu": batch_fvu(x_hat.detach(), x_target)}
         if self.knobs["pre_act_coefficient"] > 0:

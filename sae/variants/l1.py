@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sae.kernels.autograd import count_latents, decode_listed, list_entries
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, register,
                                squared_error)
 from sae.variants.relu import ReLUAutoencoder
@@ -40,14 +41,21 @@ class L1SAE(ReLUAutoencoder):
 
     def training_loss(self, x_input, x_target, ctx: StepContext) -> LossOutput:
         pre = self.pre_acts(x_input)                                 # [batch, d_sae]
-        codes = torch.relu(pre)
-        x_hat = self.decode_training(codes)
-        recon = squared_error(x_hat, x_target)
         norms = self.W_dec.norm(dim=1)                               # [d_sae]
-        terms = {"l1": self.knobs["l1_coefficient"] * ctx.sparsity_scale * (codes @ norms).mean()}
+        listing = list_entries(pre)          # once codes are sparse (CPU): the firing codes as [n] vectors
+        if listing is None:
+            codes = torch.relu(pre)                                  # [batch, d_sae]
+            x_hat, counts, l1 = self.decode_scaled(codes), fired(codes), (codes @ norms).mean()
+        else:
+            codes = pre[listing.rows, listing.cols]                  # [n], each > 0
+            x_hat = decode_listed(codes, listing, self.W_dec, self.b_dec)
+            counts = count_latents(listing.cols, torch.ones_like(listing.cols), self.d_sae)   # [d_sae]
+            l1 = (codes * norms[listing.cols]).sum() / pre.shape[0]
+        recon = squared_error(x_hat, x_target)
+        terms = {"l1": self.knobs["l1_coefficient"] * ctx.sparsity_scale * l1}
         if self.knobs["pre_act_coefficient"] > 0:
             terms["pre_act"] = self.knobs["pre_act_coefficient"] * (torch.relu(-pre) @ norms).mean()
-        return LossOutput(recon + sum(terms.values()), x_hat, fired(codes),
+        return LossOutput(recon + sum(terms.values()), x_hat, counts,
                           {"recon": recon.detach(), "fvu": batch_fvu(x_hat.detach(), x_target),
                            **{name: value.detach() for name, value in terms.items()}})
 
