@@ -210,8 +210,19 @@ def _planted_sae(words, letter_dir, word_dir, absorbed_letter: str | None, kept:
     return model.eval()
 
 
-def test_absorption_scores_a_planted_absorbed_latent_high_and_a_clean_one_low():
+def counting(monkeypatch, module, name: str) -> list:
+    """Wrap module.name to record its calls, with the process's probe cache emptied (sae.evaluate.probing)."""
+    from sae.evaluate import probing
+    monkeypatch.setattr(probing, "_FITTED", {})
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_absorption_scores_a_planted_absorbed_latent_high_and_a_clean_one_low(monkeypatch):
+    from sae.evaluate import absorption
     from sae.evaluate.absorption import absorption_score
+    fits = counting(monkeypatch, absorption, "_letter_probe")
     vocab, words, letter_dir, word_dir, rows, token_ids, doc_ids = _planted_vocabulary()
     clean = absorption_score(_planted_sae(words, letter_dir, word_dir, None), rows, token_ids, doc_ids, vocab)
     absorbed = absorption_score(_planted_sae(words, letter_dir, word_dir, "s"), rows, token_ids, doc_ids, vocab)
@@ -224,11 +235,14 @@ def test_absorption_scores_a_planted_absorbed_latent_high_and_a_clean_one_low():
         assert absorbed["absorption_per_letter"][letter]["absorption"] < 0.05
     assert absorbed["absorption"] == pytest.approx(
         np.mean([absorbed["absorption_per_letter"][k]["absorption"] for k in LETTERS]))
+    assert len(fits) == 1             # the letter probe reads the activations, not the SAE: fitted once for both
 
 
 # ---- TPP (planted) -----------------------------------------------------------------------------------
-def test_tpp_with_label_latents_scores_high_and_without_them_low():
+def test_tpp_with_label_latents_scores_high_and_without_them_low(monkeypatch):
+    from sae.evaluate import tpp
     from sae.evaluate.tpp import tpp_score
+    fits = counting(monkeypatch, tpp, "balanced_probe")
     g = torch.Generator().manual_seed(0)
     d_in, n_labels, n_docs = 24, 4, 400
     basis = torch.linalg.qr(torch.randn(d_in, d_in, generator=g))[0].T
@@ -246,6 +260,7 @@ def test_tpp_with_label_latents_scores_high_and_without_them_low():
     mixed = tpp_score(doc_ids, labels.numpy(), (raw @ W_mixed.T).numpy(), raw.numpy(), W_mixed, n_latents=1)
     assert mixed["tpp"] < labelled["tpp"] - 0.5
     assert math.isfinite(mixed["tpp_raw"])
+    assert len(fits) == n_labels      # one probe per label on the raw activations, shared by both SAEs
 
 
 def test_gated_p_annealing_knob_and_its_penalty():

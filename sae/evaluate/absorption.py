@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sae.evaluate.probing import is_probe_test
+from sae.evaluate.probing import fitted_once, is_probe_test
 
 COSINE_THRESHOLD = 0.025     # an absorbing latent's decoder must point this much along the probe (SAEBench)
 SPLIT_F1_GAIN = 0.03         # τ_fs: a further main latent must raise the k-sparse probe's F1 this much
@@ -67,7 +67,6 @@ def absorption_score(sae, activations: torch.Tensor, token_ids: torch.Tensor, do
                      batch_size: int = 4096, seed: int = 0) -> dict | None:
     """activations [n, d_in] raw, token_ids [n], doc_ids [n]; vocab: token strings or a tokenizer.
     Returns the figures above, or None when fewer than two letters have enough tokens."""
-    from sklearn.linear_model import LogisticRegression
     letters = token_letters(vocab)
     letter_of = np.array([letters.get(int(t), "") for t in token_ids.tolist()])
     usable = letter_of != ""
@@ -83,8 +82,7 @@ def absorption_score(sae, activations: torch.Tensor, token_ids: torch.Tensor, do
     x, letter_of, test, train = x[torch.from_numpy(keep)], letter_of[keep], test[keep], train[keep]
     x_np = x.double().numpy()
     centre = x_np[train].mean(axis=0)
-    probe = LogisticRegression(max_iter=2000, random_state=seed, C=1.0)
-    probe.fit(x_np[train] - centre, letter_of[train])
+    probe = fitted_once("first letter", _letter_probe, x_np[train] - centre, letter_of[train], seed)   # not the SAE's
     predicted = probe.predict(x_np - centre)
     directions = torch.from_numpy(probe.coef_ / np.linalg.norm(probe.coef_, axis=1, keepdims=True))  # [L, d_in]
     classes = list(probe.classes_)
@@ -125,6 +123,11 @@ def absorption_score(sae, activations: torch.Tensor, token_ids: torch.Tensor, do
             "absorption_split_features": int(split), "absorption_letters": len(per_letter),
             "absorption_probe_accuracy": float((predicted[test] == letter_of[test]).mean()),
             "absorption_per_letter": per_letter}
+
+
+def _letter_probe(x: np.ndarray, letters: np.ndarray, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(max_iter=2000, random_state=seed, C=1.0).fit(x, letters)
 
 
 def _main_latents(codes: np.ndarray, target: np.ndarray, seed: int) -> list[int]:

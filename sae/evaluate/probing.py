@@ -8,6 +8,8 @@ Documents are split by a fixed function of doc_id: one in five is a test documen
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -54,15 +56,39 @@ class DocumentPool:
         return docs, sums / counts[:, None]
 
 
-def _fit_score(train_x, train_y, test_x, test_y, seed: int) -> float:
+_FITTED: dict = {}      # fitted probes by (kind, digest of the training data, seed), for fitted_once
+
+
+def fitted_once(kind: str, fit, x: np.ndarray, y: np.ndarray, seed: int):
+    """fit(x, y, seed), once per process for the same data and seed. A probe on the model's own activations does
+    not depend on the SAE, and a sweep scores many SAEs on the same store (kind names the fit)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (x, y):
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    key = (kind, digest.hexdigest(), seed)
+    if key not in _FITTED:
+        if len(_FITTED) >= 64:
+            _FITTED.pop(next(iter(_FITTED)))
+        _FITTED[key] = fit(x, y, seed)
+    return _FITTED[key]
+
+
+def balanced_probe(train_x, train_y, seed: int):
+    """A standardised, class-balanced logistic-regression probe, fitted."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000,
                                                                random_state=seed))
-    probe.fit(train_x, train_y)
+    return probe.fit(train_x, train_y)
+
+
+def _fit_score(train_x, train_y, test_x, test_y, seed: int, probe=None) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    probe = balanced_probe(train_x, train_y, seed) if probe is None else probe
     return float(balanced_accuracy_score(test_y, probe.predict(test_x)))
 
 
@@ -98,7 +124,8 @@ def sparse_probing(doc_ids: np.ndarray, labels: np.ndarray, codes: np.ndarray, r
             chosen = top_k_latents(codes[train], target[train], min(k, codes.shape[1]))
             scores[str(k)].append(_fit_score(codes[train][:, chosen], target[train],
                                              codes[test][:, chosen], target[test], seed))
-        scores["full"].append(_fit_score(raw[train], target[train], raw[test], target[test], seed))
+        full = fitted_once("balanced", balanced_probe, raw[train], target[train], seed)   # the same for every SAE
+        scores["full"].append(_fit_score(raw[train], target[train], raw[test], target[test], seed, full))
     if not tasks:
         return None
     result = {key: float(np.mean(values)) for key, values in scores.items()}

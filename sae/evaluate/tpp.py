@@ -19,18 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sae.evaluate.probing import is_probe_test
+from sae.evaluate.probing import balanced_probe, fitted_once, is_probe_test
 
 N_LATENTS = 20
-
-
-def _probe(train_x, train_y, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    probe = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000,
-                                                               random_state=seed))
-    return probe.fit(train_x, train_y)
 
 
 def _accuracy(probe, x, y) -> float:
@@ -52,7 +43,8 @@ def tpp_score(doc_ids: np.ndarray, labels: np.ndarray, codes: np.ndarray, raw: n
         return None
     W = W_dec.detach().double().cpu().numpy()                                            # [d_sae, d_in]
     n = max(1, min(int(n_latents), codes.shape[1]))
-    probes = {label: _probe(raw[train], labels[train] == label, seed) for label in tasks}
+    probes = {label: fitted_once("balanced", balanced_probe, raw[train], labels[train] == label, seed)
+              for label in tasks}                                 # on the raw activations: the same for every SAE
     clean = {label: _accuracy(probes[label], raw[test], labels[test] == label) for label in tasks}
     targeted, collateral, targeted_norm, collateral_norm = [], [], [], []
     for i in tasks:
