@@ -238,6 +238,17 @@ def test_absorption_scores_a_planted_absorbed_latent_high_and_a_clean_one_low(mo
     assert len(fits) == 1             # the letter probe reads the activations, not the SAE: fitted once for both
 
 
+def test_mean_gaps_equal_the_per_group_means():
+    from sae.evaluate.absorption import mean_gaps
+    rng = np.random.default_rng(0)
+    codes = rng.random((300, 40)).astype(np.float32)
+    groups = rng.choice(list("abc"), 300)
+    got = mean_gaps(codes, groups, ["a", "b", "c"])
+    for row, name in enumerate("abc"):
+        want = codes[groups == name].mean(axis=0) - codes[groups != name].mean(axis=0)
+        np.testing.assert_allclose(got[row], want, rtol=1e-4, atol=1e-5)
+
+
 # ---- TPP (planted) -----------------------------------------------------------------------------------
 def test_tpp_with_label_latents_scores_high_and_without_them_low(monkeypatch):
     from sae.evaluate import tpp

@@ -96,11 +96,12 @@ def absorption_score(sae, activations: torch.Tensor, token_ids: torch.Tensor, do
     W_dec = sae.W_dec_raw.detach().float().cpu() if hasattr(sae, "W_dec_raw") else sae.W_dec.detach().float().cpu()
     dec_unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)                  # [d_sae, d_in]
     per_letter, split = {}, 0
-    codes_train = codes[torch.from_numpy(train)]
+    codes_train = codes[torch.from_numpy(train)].numpy()                                 # [m_train, d_sae]
+    gaps = mean_gaps(codes_train, letter_of[train], classes)                             # [letters, d_sae]
     for row, letter in enumerate(classes):
         p = directions[row].float()                                                      # [d_in] unit
         target = letter_of[train] == letter
-        main = _main_latents(codes_train.numpy(), target, seed)
+        main = _main_latents(codes_train, target, seed, gaps[row])
         split += len(main) > 1
         rows = np.nonzero(test & (letter_of == letter) & (predicted == letter))[0]
         if len(rows) == 0:
@@ -130,9 +131,17 @@ def _letter_probe(x: np.ndarray, letters: np.ndarray, seed: int):
     return LogisticRegression(max_iter=2000, random_state=seed, C=1.0).fit(x, letters)
 
 
-def _main_latents(codes: np.ndarray, target: np.ndarray, seed: int) -> list[int]:
-    """k-sparse probing: the latents ranked by mean-code gap, kept while each raises the F1 by > τ_fs."""
-    gap = codes[target].mean(axis=0) - codes[~target].mean(axis=0)                      # [d_sae]
+def mean_gaps(codes: np.ndarray, groups: np.ndarray, names: list) -> np.ndarray:
+    """[len(names), d_sae]: for each name, the mean code of the rows of that group minus that of the other rows,
+    from one product with the one-hot groups (no per-group copies of the [rows, d_sae] codes)."""
+    onehot = (groups[:, None] == np.asarray(names)[None, :]).astype(codes.dtype)     # [rows, groups]
+    sums = onehot.T @ codes                                                           # [groups, d_sae]
+    sizes = onehot.sum(axis=0)[:, None]                                               # [groups, 1]
+    return sums / np.maximum(sizes, 1) - (codes.sum(axis=0) - sums) / np.maximum(len(codes) - sizes, 1)
+
+
+def _main_latents(codes: np.ndarray, target: np.ndarray, seed: int, gap: np.ndarray) -> list[int]:
+    """k-sparse probing: the latents ranked by mean-code gap [d_sae], kept while each raises the F1 by > τ_fs."""
     ranked = np.argsort(-gap, kind="stable")[:MAX_MAIN]
     main = [int(ranked[0])]
     best = _sparse_probe_f1(codes[:, main], target, seed)
