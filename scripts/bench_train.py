@@ -125,11 +125,11 @@ def score_on_rows(run_dir: Path, path: str, rows: int = 16_384) -> dict:
             "peer_dead": float(1 - active.any(dim=0).float().mean())}
 
 
-def flops_per_token(variant: str, d_in: int, d_sae: int) -> tuple[int, str]:
+def flops_per_token(variant: str, d_in: int, d_sae: int, device: str = "cpu") -> tuple[int, str]:
     from sae import variants
     if "k" in variants.get(variant).KNOBS:
         return 2 * d_in * d_sae, "encoder-only 2·d·m"
-    if variants.get(variant).sparse_decoding:   # sparse codes: the encoder's product and its gradient stay dense
+    if variants.get(variant).sparse_decoding and device == "cpu":   # sparse codes (CPU only): the encoder stays dense
         return 4 * d_in * d_sae, "dense encoder 4·d·m"
     return 10 * d_in * d_sae, "dense 10·d·m"
 
@@ -196,7 +196,7 @@ def main() -> None:
                 # it: these machines drift by several percent within minutes; the stricter of the two is used
                 row.update(matmul_gflops=max(before, after), matmul_gflops_before=before, matmul_gflops_after=after)
                 if "error" not in row:
-                    flops, rule = flops_per_token(name, row["d_in"], row["d_sae"])
+                    flops, rule = flops_per_token(name, row["d_in"], row["d_sae"], device)
                     limit = row["matmul_gflops"] * 1e9 / flops
                     row.update(roofline_rule=rule, roofline_tokens_per_s=limit,
                                roofline_fraction=row["tokens_per_s"] / limit)

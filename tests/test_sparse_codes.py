@@ -49,42 +49,38 @@ def test_sparse_codes_decode_and_gradients_match_dense_autograd(compiled, monkey
 
 
 def test_dense_codes_or_a_sync_free_device_keep_the_dense_product(monkeypatch):
-    W_dec = torch.randn(512, 40)
-    dense = sparse_codes(density=0.5)
-    assert autograd.list_entries(dense) is None                                # above SPARSE_CODES_DENSITY
+    assert autograd.list_entries(sparse_codes(density=0.5)) is None            # above SPARSE_CODES_DENSITY
     assert autograd.list_entries(torch.zeros(8, 512)) is None                  # nothing fires
     monkeypatch.setattr(kernels.autograd, "SYNC_FREE_ON_CPU", True)            # what a GPU does: no host reads
     assert autograd.list_entries(sparse_codes()) is None
-
-
 
 
 def test_the_variants_that_say_they_decode_sparse_are_the_ones_tested_here():
     assert {name for name in variants.names() if variants.get(name).sparse_decoding} == {"jumprelu", "gated", "l1"}
 
 
-@pytest.mark.parametrize("variant,knobs", [("jumprelu", {"target_l0": 8.0}),
-                                           ("jumprelu", {"target_l0": 8.0, "sparsity_penalty": "tanh"}),
-                                           ("gated", {"start_l0": 8.0}), ("l1", {})])
+@pytest.mark.parametrize("variant,knobs", [("jumprelu", {"target_l0": 4.0}),
+                                           ("jumprelu", {"target_l0": 4.0, "sparsity_penalty": "tanh"}),
+                                           ("jumprelu", {"pre_act_coefficient": 0.0}),      # λ, no target
+                                           ("gated", {"start_l0": 8.0}), ("gated", {"start_l0": 8.0, "p_end": 0.5}),
+                                           ("l1", {}), ("l1", {"pre_act_coefficient": 0.0})])
 def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(variant, knobs, monkeypatch):
-    """A step's loss and every parameter's gradient equal those of the same step with the dense decoder, and
-    the sparse decoder is the one used once the codes are sparse."""
+    """A step's loss and every parameter's gradient equal those of the same step on the dense path (progress 0.5:
+    gated's p-annealed penalty is mid-way), and the listed path is the one taken once the codes are sparse."""
     torch.manual_seed(0)
     x = torch.randn(256, 32)
     sae = variants.create(variant, 32, 256, **knobs)
     sae.init_from_data(x)
-    if variant == "l1":                      # l1 starts dense; make it sparse as training would
+    if variant == "l1" or "target_l0" not in knobs and variant == "jumprelu":   # these start dense: sparsify them
         with torch.no_grad():
             sae.b_enc -= torch.quantile(sae.pre_acts(x), 0.97, dim=0)
     calls = []
+    listing = autograd.list_entries
 
-    def counted(original):
-        def wrapped(*args, **kwargs):
-            found = original(*args, **kwargs)
-            calls.append(found is not None)
-            return found
-        return wrapped
-    patched = [(f"sae.variants.{variant}.list_entries", autograd.list_entries)]
+    def counted(*args, **kwargs):
+        found = listing(*args, **kwargs)
+        calls.append(found is not None)
+        return found
 
     def step():
         sae.zero_grad()
@@ -92,14 +88,34 @@ def test_penalty_variants_train_through_the_sparse_decoder_with_dense_gradients(
         out.loss.backward()
         return out.loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
 
-    for name, original in patched:
-        monkeypatch.setattr(name, counted(original))
+    monkeypatch.setattr(f"sae.variants.{variant}.list_entries", counted)
     sparse_loss, sparse_grads = step()
     assert calls and all(calls)
-    for name, _ in patched:                                   # the dense path, as before
-        monkeypatch.setattr(name, lambda *a, **k: None)
+    monkeypatch.setattr(f"sae.variants.{variant}.list_entries", lambda *a, **k: None)   # the dense path
     dense_loss, dense_grads = step()
     torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
-    assert sparse_grads.keys() == dense_grads.keys()
+    assert sparse_grads.keys() == dense_grads.keys() == {name for name, p in sae.named_parameters() if p.requires_grad}
     for name in dense_grads:
         torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_encode_centred_equals_the_plain_centred_product_with_its_gradients(with_bias):
+    from sae.variants.base import encode_centred
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=generator) + 3.0                    # a large mean, as residual streams have
+    W, b_dec = torch.randn(48, 700, generator=generator), torch.randn(48, generator=generator) + 3.0
+    bias = torch.randn(700, generator=generator) if with_bias else None
+    upstream = torch.randn(300, 700, generator=generator)
+
+    def grads(encode):
+        leaves = [t.clone().requires_grad_() for t in (W, b_dec) + ((bias,) if with_bias else ())]
+        out = encode(*leaves)
+        (out * upstream).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    got, got_grads = grads(lambda W, b_dec, *b: encode_centred(x, W, b_dec, *b))
+    want, want_grads = grads(lambda W, b_dec, *b: (x - b_dec) @ W + (b[0] if b else 0))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)

@@ -65,7 +65,7 @@ def fitted_once(kind: str, fit, x: np.ndarray, y: np.ndarray, seed: int):
     digest = hashlib.blake2b(digest_size=16)
     for array in (x, y):
         digest.update(repr((array.shape, array.dtype.str)).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(np.ascontiguousarray(array))         # the buffer itself: no copy of a contiguous array
     key = (kind, digest.hexdigest(), seed)
     if key not in _FITTED:
         if len(_FITTED) >= 64:
@@ -85,11 +85,10 @@ def balanced_probe(train_x, train_y, seed: int):
     return probe.fit(train_x, train_y)
 
 
-def _fit_score(train_x, train_y, test_x, test_y, seed: int, probe=None) -> float:
+def balanced_score(probe, x, y) -> float:
+    """A fitted probe's balanced accuracy on x, y."""
     from sklearn.metrics import balanced_accuracy_score
-
-    probe = balanced_probe(train_x, train_y, seed) if probe is None else probe
-    return float(balanced_accuracy_score(test_y, probe.predict(test_x)))
+    return float(balanced_accuracy_score(y, probe.predict(x)))
 
 
 def top_k_latents(codes: np.ndarray, positive: np.ndarray, k: int) -> np.ndarray:
@@ -122,10 +121,10 @@ def sparse_probing(doc_ids: np.ndarray, labels: np.ndarray, codes: np.ndarray, r
         tasks.append(label)
         for k in k_values:
             chosen = top_k_latents(codes[train], target[train], min(k, codes.shape[1]))
-            scores[str(k)].append(_fit_score(codes[train][:, chosen], target[train],
-                                             codes[test][:, chosen], target[test], seed))
+            probe = balanced_probe(codes[train][:, chosen], target[train], seed)
+            scores[str(k)].append(balanced_score(probe, codes[test][:, chosen], target[test]))
         full = fitted_once("balanced", balanced_probe, raw[train], target[train], seed)   # the same for every SAE
-        scores["full"].append(_fit_score(raw[train], target[train], raw[test], target[test], seed, full))
+        scores["full"].append(balanced_score(full, raw[test], target[test]))
     if not tasks:
         return None
     result = {key: float(np.mean(values)) for key, values in scores.items()}

@@ -19,14 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sae.evaluate.probing import balanced_probe, fitted_once, is_probe_test
+from sae.evaluate.probing import balanced_probe, balanced_score, fitted_once, is_probe_test
 
 N_LATENTS = 20
-
-
-def _accuracy(probe, x, y) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-    return float(balanced_accuracy_score(y, probe.predict(x)))
 
 
 def tpp_score(doc_ids: np.ndarray, labels: np.ndarray, codes: np.ndarray, raw: np.ndarray, W_dec: torch.Tensor,
@@ -45,7 +40,7 @@ def tpp_score(doc_ids: np.ndarray, labels: np.ndarray, codes: np.ndarray, raw: n
     n = max(1, min(int(n_latents), codes.shape[1]))
     probes = {label: fitted_once("balanced", balanced_probe, raw[train], labels[train] == label, seed)
               for label in tasks}                                 # on the raw activations: the same for every SAE
-    clean = {label: _accuracy(probes[label], raw[test], labels[test] == label) for label in tasks}
+    clean = {label: balanced_score(probes[label], raw[test], labels[test] == label) for label in tasks}
     targeted, collateral, targeted_norm, collateral_norm = [], [], [], []
     for i in tasks:
         positive = labels[train] == i
@@ -53,7 +48,7 @@ def tpp_score(doc_ids: np.ndarray, labels: np.ndarray, codes: np.ndarray, raw: n
         chosen = np.argsort(-gap, kind="stable")[:n]
         ablated = raw[test] - codes[test][:, chosen] @ W[chosen]                           # [test docs, d_in]
         for j in tasks:
-            drop = clean[j] - _accuracy(probes[j], ablated, labels[test] == j)
+            drop = clean[j] - balanced_score(probes[j], ablated, labels[test] == j)
             margin = max(clean[j] - 0.5, 1e-6)
             (targeted if i == j else collateral).append(drop)
             (targeted_norm if i == j else collateral_norm).append(drop / margin)

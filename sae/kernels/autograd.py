@@ -423,7 +423,8 @@ def dense_codes(values: torch.Tensor, indices: torch.Tensor, d_sae: int,
     return codes.index_put_((bag_ids(offsets), indices), values, accumulate=True)
 
 
-# Above this share of nonzero codes the dense products beat the sparse decoder (scripts/bench_sparse_codes.py).
+# The most listed entries (nonzero codes, and for jumprelu its kernel's window) the sparse path takes, as a share of
+# all: below the crossover with the dense products, near 1/9 at the bench's shape (scripts/bench_sparse_codes.py).
 SPARSE_CODES_DENSITY = 1 / 16
 
 

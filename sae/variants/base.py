@@ -20,6 +20,7 @@ from torch import nn
 
 from sae import distributed
 from sae.kernels import native
+from sae.kernels.matmul import addmm
 from sae.errors import UserError
 
 REGISTRY: dict[str, type["SAE"]] = {}
@@ -238,6 +239,17 @@ class SAE(nn.Module):
         self.W_enc[:, dead] = directions.T * alive_norm * 0.2
         self.b_enc[dead] = 0.0
         return len(dead)
+
+
+def encode_centred(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """(x − b_dec) W_enc (+ bias) -> [batch, d_sae], with b_dec's gradient through a vector product: the product
+    reads x centred on a detached b_dec (so a bf16 product rounds the centred rows, not the raw ones), and
+    b_dec's gradient −W_enc Σ_batch grad comes from (b_dec.detach() − b_dec) W_enc, a bias term whose value is
+    exactly zero. Autograd of the plain form would compute the [batch, d_in] gradient of x − b_dec instead, a
+    second dense product of the encoder's size, only to sum it."""
+    zero = (b_dec.detach() - b_dec) @ W_enc                   # [d_sae], value 0: carries b_dec's gradient
+    return addmm(zero if bias is None else bias + zero, x - b_dec.detach(), W_enc)
 
 
 @torch.no_grad()

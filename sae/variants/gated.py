@@ -23,8 +23,8 @@ from torch import nn
 from sae.errors import UserError
 from sae.kernels.autograd import count_latents, decode_listed, list_entries
 from sae.kernels.matmul import addmm, mm
-from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
-                               register, squared_error)
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, encode_centred, fired, firing_quantile,
+                               kaiming_pair, register, squared_error)
 
 
 @register
@@ -72,9 +72,8 @@ class GatedSAE(SAE):
         self.b_mag[latents] = -quantile * self.r_mag[latents].exp()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """(x − b_dec) W_enc -> [batch, d_sae], as x W − b_dec W: b_dec's gradient is then a product with a vector,
-        not the [batch, d_in] gradient of x − b_dec (a second dense product of the encoder's size)."""
-        return addmm(-(self.b_dec @ self.W_enc), x, self.W_enc)
+        """(x − b_dec) W_enc -> [batch, d_sae] (b_dec's gradient without a second dense product: encode_centred)."""
+        return encode_centred(x, self.W_enc, self.b_dec)
 
     def paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         projected = self.project(x)                             # [batch, d_sae]

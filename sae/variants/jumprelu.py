@@ -31,8 +31,8 @@ from torch import nn
 from sae.errors import UserError
 from sae.kernels.autograd import count_latents, decode_listed, list_entries
 from sae.kernels.matmul import addmm
-from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, kaiming_pair,
-                               register, squared_error)
+from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, encode_centred, fired, firing_quantile,
+                               kaiming_pair, register, squared_error)
 
 INITIAL_THRESHOLD = 0.1   # scaled units (inputs have about unit RMS per coordinate); before init_from_data
 INITIAL_L0 = 64
@@ -138,9 +138,7 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()                          # [d_sae]
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        # x W + (b_enc − b_dec W): b_dec folded into the bias, so that its gradient is a product with a vector, not
-        # the [batch, d_in] gradient of x − b_dec (a second dense product of the encoder's size)
-        return addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)   # [batch, d_sae]
+        return encode_centred(x, self.W_enc, self.b_dec, self.b_enc)   # [batch, d_sae]
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
@@ -155,7 +153,8 @@ class JumpReLUSAE(SAE):
         # Once codes are sparse, every term but the pre-activation loss lives on the entries above θ − ε/2: the
         # firing codes and the kernel's window, where the threshold's pseudo-gradients are (list_entries: on the
         # CPU, at most 1/16 of the entries). The codes, the decode and the L0 term are then [n] vectors.
-        listing = list_entries(pre - (threshold - eps / 2))
+        # (a hair wider than the window: an entry at its edge, rounded either way, is listed; extra entries are harmless)
+        listing = list_entries(pre.detach() - (threshold.detach() - eps * (0.5 + 1e-6)))
         if listing is None:
             pre_on, threshold_on = pre, threshold                 # [batch, d_sae], [d_sae]
         else:
