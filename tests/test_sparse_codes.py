@@ -51,6 +51,9 @@ def test_sparse_codes_decode_and_gradients_match_dense_autograd(compiled, monkey
 def test_dense_codes_or_a_sync_free_device_keep_the_dense_product(monkeypatch):
     assert autograd.list_entries(sparse_codes(density=0.5)) is None            # above SPARSE_CODES_DENSITY
     assert autograd.list_entries(torch.zeros(8, 512)) is None                  # nothing fires
+    poisoned = sparse_codes().detach().clone()
+    poisoned[3, 7] = float("nan")
+    assert autograd.list_entries(poisoned) is None                             # a NaN must reach the loss
     monkeypatch.setattr(kernels.autograd, "SYNC_FREE_ON_CPU", True)            # what a GPU does: no host reads
     assert autograd.list_entries(sparse_codes()) is None
 

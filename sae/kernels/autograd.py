@@ -437,11 +437,13 @@ class Listing(NamedTuple):
 
 def list_entries(support: torch.Tensor, max_density: float = SPARSE_CODES_DENSITY) -> Listing | None:
     """The entries of support [batch, d_sae] (read without grad) that are > 0, when there are some and at most
-    max_density of all; None otherwise, and on devices where listing them would be a host sync (a GPU keeps
-    its dense products, which its tensor cores make cheap)."""
+    max_density of all; None otherwise, when support is not finite, and on devices where listing them would be
+    a host sync (a GPU keeps its dense products, which its tensor cores make cheap)."""
     if sync_free(support) or support.dim() != 2:
         return None
     support = support.detach()
+    if not bool(torch.isfinite(support.sum())):
+        return None             # a NaN is never "> 0": the dense path lets it reach the loss, where the trainer stops
     most = int(max_density * support.numel())
     counted = native.count_above(support, 0.0)
     if counted is not None:
