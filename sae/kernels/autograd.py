@@ -445,16 +445,16 @@ def list_entries(support: torch.Tensor, max_density: float = SPARSE_CODES_DENSIT
     if not bool(torch.isfinite(support.sum())):
         return None             # a NaN is never "> 0": the dense path lets it reach the loss, where the trainer stops
     most = int(max_density * support.numel())
-    counted = native.count_above(support, 0.0)
-    if counted is not None:
-        if counted > most or counted == 0:
+    offsets = native.offsets_above(support, 0.0)                      # [batch + 1], where the kernels are here
+    if offsets is not None:
+        if not 0 < int(offsets[-1]) <= most:
             return None
-        rows, cols, _ = native.entries_above(support, 0.0)           # [n] each, token by token
-    else:
-        above = support > 0
-        if not 0 < int(above.sum()) <= most:
-            return None
-        rows, cols = above.nonzero(as_tuple=True)                     # [n] each, row-major
+        rows, cols, _ = native.entries_above(support, 0.0, offsets)   # [n] each, token by token
+        return Listing(rows, cols, offsets)
+    above = support > 0
+    if not 0 < int(above.sum()) <= most:
+        return None
+    rows, cols = above.nonzero(as_tuple=True)                         # [n] each, row-major
     offsets = torch.zeros(support.shape[0] + 1, dtype=torch.int64, device=support.device)   # [batch + 1]
     offsets[1:] = torch.bincount(rows, minlength=support.shape[0]).cumsum(0)
     return Listing(rows, cols, offsets)

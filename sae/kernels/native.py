@@ -222,32 +222,34 @@ def decoder_backward(grad_out: torch.Tensor, W: torch.Tensor, ids: torch.Tensor,
     return sampled, grad_W
 
 
-def count_above(pre: torch.Tensor, bound: float) -> int | None:
-    """How many entries of pre [batch, width] are greater than bound (one pass, no temporaries); None where
-    entries_above would be None."""
+def offsets_above(pre: torch.Tensor, bound: float) -> torch.Tensor | None:
+    """[batch + 1] CSR row pointers of the entries of pre [batch, width] greater than bound (offsets[-1]: how
+    many; one pass, no temporaries). None when the kernels are not here or pre is not a contiguous CPU fp32
+    matrix (or bound is not a finite number)."""
     lib = library()
     if lib is None or pre.dim() != 2 or not _plain(pre, torch.float32) or not math.isfinite(bound):
         return None
     counts = torch.empty(pre.shape[0], dtype=torch.int64)  # [batch]
-    return int(lib.sae_count_above(pre.data_ptr(), pre.shape[0], pre.shape[1], bound, counts.data_ptr()))
+    lib.sae_count_above(pre.data_ptr(), pre.shape[0], pre.shape[1], bound, counts.data_ptr())
+    offsets = torch.zeros(pre.shape[0] + 1, dtype=torch.int64)    # [batch + 1]
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
 
 
-def entries_above(pre: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def entries_above(pre: torch.Tensor, bound: float, offsets: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(rows, cols, values) [n] of the entries of pre [batch, width] greater than bound, row by row and in
-    column order within a row (so sorted by rows·width + cols). None when the kernels are not here or pre
-    is not a contiguous CPU fp32 matrix (or bound is not a finite number)."""
-    lib = library()
-    if lib is None or pre.dim() != 2 or not _plain(pre, torch.float32) or not math.isfinite(bound):
+    column order within a row (so sorted by rows·width + cols). offsets: offsets_above(pre, bound), when the
+    caller has it. None where offsets_above would be None."""
+    offsets = offsets_above(pre, bound) if offsets is None else offsets
+    if offsets is None:
         return None
     batch, width = pre.shape
-    counts = torch.empty(batch, dtype=torch.int64)         # [batch]
-    total = lib.sae_count_above(pre.data_ptr(), batch, width, bound, counts.data_ptr())
-    offsets = torch.zeros(batch + 1, dtype=torch.int64)    # [batch + 1]
-    torch.cumsum(counts, 0, out=offsets[1:])
+    total = int(offsets[-1])
     rows, cols = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
     values = torch.empty(total)                           # [total]
-    lib.sae_entries_above(pre.data_ptr(), batch, width, bound, offsets.data_ptr(), rows.data_ptr(),
-                          cols.data_ptr(), values.data_ptr())
+    library().sae_entries_above(pre.data_ptr(), batch, width, bound, offsets.data_ptr(), rows.data_ptr(),
+                                cols.data_ptr(), values.data_ptr())
     return rows, cols, values
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from sae import distributed
 from sae.kernels import native
+from sae.kernels.autograd import Listing, count_latents
 from sae.kernels.matmul import addmm
 from sae.errors import UserError
 
@@ -312,6 +313,9 @@ def firing_quantile(pre: torch.Tensor, l0: float, d_sae: int) -> torch.Tensor:
     return pre.kthvalue(rank, dim=0).values
 
 
-def fired(codes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """[batch, d_sae] codes -> [d_sae] number of tokens on which each latent fired (code > τ)."""
+def fired(codes: torch.Tensor, threshold: float = 0.0, listing: Listing | None = None, d_sae: int = 0) -> torch.Tensor:
+    """[batch, d_sae] codes -> [d_sae] number of tokens on which each latent fired (code > τ); or codes [n] at a
+    listing's entries (sae.kernels.autograd.list_entries), the rest zero, of d_sae latents."""
+    if listing is not None:
+        return count_latents(listing.cols, (codes.detach() > threshold).long(), d_sae)
     return (codes.detach() > threshold).sum(dim=0)

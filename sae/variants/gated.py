@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.kernels.autograd import count_latents, decode_listed, list_entries
+from sae.kernels.autograd import decode_listed, list_entries
 from sae.kernels.matmul import addmm, mm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, encode_centred, fired, firing_quantile,
                                kaiming_pair, register, squared_error)
@@ -62,7 +62,7 @@ class GatedSAE(SAE):
         (b_enc = b_mag = −quantile: at step 0 the codes are those of a ReLU with that bias)."""
         super().init_from_data(x)
         if self.knobs["start_l0"] > 0:
-            self.sparse_start(mm(x - self.b_dec, self.W_enc), torch.ones(self.d_sae, dtype=torch.bool, device=x.device))
+            self.sparse_start(self.project(x), torch.ones(self.d_sae, dtype=torch.bool, device=x.device))
 
     @torch.no_grad()
     def sparse_start(self, projected: torch.Tensor, latents: torch.Tensor) -> None:
@@ -106,7 +106,7 @@ class GatedSAE(SAE):
             codes = torch.relu(open_projected * self.r_mag[cols].exp() + self.b_mag[cols])
             x_hat = decode_listed(codes, listing, self.W_dec, self.b_dec)
             gate_hat = decode_listed(gate, listing, self.W_dec.detach(), self.b_dec.detach())
-            counts = count_latents(cols, (codes.detach() > 0).long(), self.d_sae)   # [d_sae]
+            counts = fired(codes, listing=listing, d_sae=self.d_sae)   # [d_sae]
         recon = squared_error(x_hat, x_target)
         p = 1.0 + (self.knobs.get("p_end", 1.0) - 1.0) * ctx.progress          # p-annealing (1: the paper's L1)
         penalty = gate.sum() if p == 1.0 else (gate + 1e-12).pow(p).mul(gate > 0).sum()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sae.errors import UserError
-from sae.kernels.autograd import count_latents, decode_listed, list_entries
+from sae.kernels.autograd import decode_listed, list_entries
 from sae.kernels.matmul import addmm
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, encode_centred, fired, firing_quantile,
                                kaiming_pair, register, squared_error)
@@ -153,7 +153,7 @@ class JumpReLUSAE(SAE):
         # Once codes are sparse, every term but the pre-activation loss lives on the entries above θ − ε/2: the
         # firing codes and the kernel's window, where the threshold's pseudo-gradients are (list_entries: on the
         # CPU, at most 1/16 of the entries). The codes, the decode and the L0 term are then [n] vectors.
-        # (a hair wider than the window: an entry at its edge, rounded either way, is listed; extra entries are harmless)
+        # (a hair wider than the window: an entry at its edge, rounded either way, is listed; extra ones do no harm)
         listing = list_entries(pre.detach() - (threshold.detach() - eps * (0.5 + 1e-6)))
         if listing is None:
             pre_on, threshold_on = pre, threshold                 # [batch, d_sae], [d_sae]
@@ -164,7 +164,7 @@ class JumpReLUSAE(SAE):
             x_hat, counts = self.decode_scaled(codes), fired(codes)
         else:
             x_hat = decode_listed(codes, listing, self.W_dec, self.b_dec)
-            counts = count_latents(listing.cols, (codes.detach() > 0).long(), self.d_sae)   # [d_sae]
+            counts = fired(codes, listing=listing, d_sae=self.d_sae)     # [d_sae]
         recon = squared_error(x_hat, x_target)
         if self.knobs["sparsity_penalty"] == "tanh":
             sparsity = torch.tanh(TANH_SCALE * codes).sum() / batch

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sae.kernels.autograd import count_latents, decode_listed, list_entries
+from sae.kernels.autograd import decode_listed, list_entries
 from sae.variants.base import (SAE, Knob, LossOutput, StepContext, batch_fvu, fired, firing_quantile, register,
                                squared_error)
 from sae.variants.relu import ReLUAutoencoder
@@ -49,7 +49,7 @@ class L1SAE(ReLUAutoencoder):
         else:
             codes = pre[listing.rows, listing.cols]                  # [n], each > 0
             x_hat = decode_listed(codes, listing, self.W_dec, self.b_dec)
-            counts = count_latents(listing.cols, torch.ones_like(listing.cols), self.d_sae)   # [d_sae]
+            counts = fired(codes, listing=listing, d_sae=self.d_sae)     # [d_sae]
             l1 = (codes * norms[listing.cols]).sum() / pre.shape[0]
         recon = squared_error(x_hat, x_target)
         terms = {"l1": self.knobs["l1_coefficient"] * ctx.sparsity_scale * l1}
